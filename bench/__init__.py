@@ -1,0 +1,66 @@
+"""Benchmark entry points, run as ``edgesplit bench NAME [--quick] [--json PATH]``.
+
+Each benchmark is a module ``edgesplit.bench.<name>`` with two functions:
+
+- ``run(quick: bool = False, progress: bool = True) -> dict``: measure on this machine and
+  return JSON-serialisable results (include a ``"machine"`` entry from :func:`machine_info`);
+- ``render(result: dict) -> str``: a human-readable table of those results.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+BENCHMARKS = ("accuracy", "linksim")
+
+
+def machine_info() -> dict:
+    """Where and when a benchmark ran, recorded with its results."""
+    import torch
+
+    return {
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def load(name: str):
+    """Import the benchmark module ``name``, with a clear error for unknown names."""
+    if name not in BENCHMARKS:
+        raise SystemExit(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}")
+    return importlib.import_module(f"edgesplit.bench.{name}")
+
+
+def run_benchmark(name: str, quick: bool = False, json_path: str | None = None, progress: bool = True) -> dict:
+    """Run a benchmark, print its table, and write its results as JSON when asked."""
+    module = load(name)
+    started = time.time()
+    result = module.run(quick=quick, progress=progress)
+    result.setdefault("benchmark", name)
+    result.setdefault("quick", quick)
+    result["seconds"] = round(time.time() - started, 2)
+    print(module.render(result))
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"results written to {json_path}")
+    return result
+
+
+def table(headers: list[str], rows: list[list]) -> str:
+    """A plain-text table with aligned columns."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""Graph analysis, cost counting and (later) cuts, pruning, quantization and bundle I/O."""

@@ -1,0 +1,134 @@
+"""``edgesplit``: the command line (train, demo, bench, node, linksim, info).
+
+Examples::
+
+    edgesplit demo                      # local cluster on loopback, node killed halfway
+    edgesplit train resnet_fm --epochs 10
+    edgesplit bench accuracy --quick --json results/accuracy.json
+    edgesplit node --port 8001          # same as edge-node
+    edgesplit linksim --listen 127.0.0.1:9000 --target 127.0.0.1:8001 --rate 5 --delay 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+    from edgesplit.models import WEIGHTS_DIR
+    from edgesplit.models.train import Recipe, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, max_lr=args.lr, seed=args.seed,
+                    train_limit=args.limit)
+    card = train(args.model, recipe, out_dir=args.out or WEIGHTS_DIR, data_root=args.data)
+    for e in card["exits"]:
+        print(f"{e['name']:>10} (cut {e['cut']}): {100 * e['test_accuracy']:.2f}% top-1")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import render_summary, run_demo
+
+    summary = run_demo(samples=args.samples, cut=args.cut, threshold=args.threshold, codec=args.codec,
+                       deadline_s=args.deadline, kill=not args.no_kill, rate_hz=args.rate,
+                       progress=not args.no_progress)
+    print(render_summary(summary))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0 if summary["lost"] == 0 and summary["duplicated"] == 0 else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from edgesplit.bench import run_benchmark
+
+    run_benchmark(args.name, quick=args.quick, json_path=args.json, progress=not args.no_progress)
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from edgesplit.models import build_model
+    from edgesplit.partitioner.flops import block_macs
+
+    model = build_model(args.model)
+    macs = [0] + block_macs(model)
+    print(f"{model.name}: {model.num_blocks} blocks, exits at cuts {model.exit_cuts}")
+    print(f"{'cut':>4}  {'after':<12}{'crossing shape':<18}{'fp32 bytes':>12}{'head MACs':>14}")
+    total = 0
+    for cut, m in zip(model.cut_points(), macs):
+        total += m
+        print(f"{cut.index:>4}  {cut.name:<12}{str(list(cut.shape)):<18}{4 * cut.numel:>12}{total:>14,}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="edgesplit", description=__doc__.split("\n")[0].strip("`: "))
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a zoo model jointly at all its exits")
+    t.add_argument("model", nargs="?", default="resnet_fm")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--limit", type=int, help="train on the first N images only")
+    t.add_argument("--threads", type=int, default=0)
+    t.add_argument("--data", help="folder with the Fashion-MNIST IDX files")
+    t.add_argument("--out", help="where to write weights and card (default: the shipped weights folder)")
+    t.set_defaults(func=_train)
+
+    d = sub.add_parser("demo", help="local cluster on loopback with the shipped model; node killed halfway")
+    d.add_argument("--samples", type=int, default=1000)
+    d.add_argument("--cut", type=int, default=4)
+    d.add_argument("--threshold", type=float, default=0.9)
+    d.add_argument("--codec", default="int8", choices=["fp32", "fp16", "int8", "int8-channel"])
+    d.add_argument("--deadline", type=float, default=1.0, help="offload deadline in seconds")
+    d.add_argument("--rate", type=float, default=50.0, help="requests per second, like a camera (0: flat out)")
+    d.add_argument("--no-kill", action="store_true", help="leave the node running")
+    d.add_argument("--no-progress", action="store_true")
+    d.add_argument("--json", help="write the summary here")
+    d.set_defaults(func=_demo)
+
+    b = sub.add_parser("bench", help="run a benchmark")
+    b.add_argument("name")
+    b.add_argument("--quick", action="store_true", help="about a minute")
+    b.add_argument("--json", help="write machine-readable results here")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(func=_bench)
+
+    i = sub.add_parser("info", help="show a model's cuts, crossing tensors and costs")
+    i.add_argument("model", nargs="?", default="resnet_fm")
+    i.set_defaults(func=_info)
+
+    sub.add_parser("node", help="run an edge node (same options as edge-node)", add_help=False)
+    sub.add_parser("linksim", help="run the link emulator (see 'edgesplit linksim --help')", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "node":
+        from .node import main as node_main
+
+        return node_main(argv[1:])
+    if argv and argv[0] == "linksim":
+        from .linksim import main as linksim_main
+
+        return linksim_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except FileNotFoundError as exc:
+        print(f"edgesplit: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Prometheus metrics of an edge node and a device runner, on a registry you can pass in.
+
+Names follow Prometheus conventions: ``edgesplit_`` prefix, base units (seconds, bytes),
+``_total`` counters, histogram buckets that fit Raspberry-Pi-class latencies.
+
+Example::
+
+    >>> from prometheus_client import CollectorRegistry
+    >>> m = NodeMetrics(CollectorRegistry())
+    >>> m.requests.labels(model="resnet_fm", code="OK").inc()
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+# 0.5 ms .. 10 s: an edge tail takes milliseconds, a Pi-class full model up to seconds.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class NodeMetrics:
+    """Metrics of one edge node's data plane."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = REGISTRY if registry is None else registry
+        self.registry = registry
+        self.request_seconds = Histogram(
+            "edgesplit_node_request_duration_seconds",
+            "Time from receiving an inference request to answering it.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.compute_seconds = Histogram(
+            "edgesplit_node_compute_duration_seconds",
+            "Model execution time of one inference request on the node.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.received_bytes = Counter(
+            "edgesplit_node_received_bytes_total", "Tensor payload bytes received.", ["model"], registry=registry
+        )
+        self.sent_bytes = Counter(
+            "edgesplit_node_sent_bytes_total", "Tensor payload bytes sent in answers.", ["model"], registry=registry
+        )
+        self.requests = Counter(
+            "edgesplit_node_requests_total", "Inference requests answered, by gRPC status code.",
+            ["model", "code"], registry=registry,
+        )
+        self.inflight = Gauge(
+            "edgesplit_node_inflight_requests", "Inference requests being processed now.", registry=registry
+        )
+
+
+class DeviceMetrics:
+    """Metrics of a device runner: where requests ran and how long each part took."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = REGISTRY if registry is None else registry
+        self.registry = registry
+        self.answers = Counter(
+            "edgesplit_device_answers_total", "Requests answered, by where they were computed and which exit.",
+            ["where", "exit"], registry=registry,
+        )
+        self.offload_failures = Counter(
+            "edgesplit_device_offload_failures_total", "Offload attempts that failed, by reason.",
+            ["reason"], registry=registry,
+        )
+        self.latency = Histogram(
+            "edgesplit_device_request_duration_seconds", "End-to-end latency of a request, by part.",
+            ["part"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.sent_bytes = Counter(
+            "edgesplit_device_sent_bytes_total", "Encoded tensor bytes offloaded.", registry=registry
+        )
