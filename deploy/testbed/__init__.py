@@ -1,0 +1,1 @@
+"""Multi-host test bed: device, edge nodes and controller in their own network namespaces."""
