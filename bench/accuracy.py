@@ -8,6 +8,7 @@ accuracy of the cascade (first exit whose max-softmax clears the threshold answe
 from __future__ import annotations
 
 import torch
+
 from edgesplit.bench import machine_info, table
 from edgesplit.models import load_trained
 from edgesplit.models.datasets import load_images, to_tensor

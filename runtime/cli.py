@@ -18,6 +18,7 @@ import sys
 
 def _train(args: argparse.Namespace) -> int:
     import torch
+
     from edgesplit.models import WEIGHTS_DIR
     from edgesplit.models.train import Recipe, train
 

@@ -14,9 +14,10 @@ import time
 from collections import Counter
 
 import torch
+from tqdm import tqdm
+
 from edgesplit.models import load_trained
 from edgesplit.models.datasets import load_images, to_tensor
-from tqdm import tqdm
 
 from .client import EdgeClient
 from .device import WHERE_EDGE, Answer, DeviceRunner

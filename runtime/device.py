@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
 from edgesplit.models.split_model import SplitModel, confidence
 
 from . import codec as codecs
@@ -83,6 +84,7 @@ class DeviceRunner:
         fallback: str = "complete",
         breaker: CircuitBreaker | None = None,
         metrics: DeviceMetrics | None = None,
+        latency_target_s: float | None = None,
     ) -> None:
         self.model = model.eval()
         self.cut = model.check_cut(cut)
@@ -97,7 +99,28 @@ class DeviceRunner:
         self.fallback = fallback
         self.breaker = breaker or CircuitBreaker()
         self.metrics = metrics
+        self.latency_target_s = latency_target_s
         self._ids = itertools.count()
+        # With a latency target, the offload deadline leaves room to complete locally in time.
+        self.local_tail_s = self._measure_local_tail() if latency_target_s else 0.0
+
+    def _measure_local_tail(self, repeats: int = 3) -> float:
+        """Median time to run the tail on this device (what a fallback costs)."""
+        h = torch.zeros(1, *self.model.cut_points()[self.cut].shape)
+        times = []
+        with torch.inference_mode():
+            for _ in range(repeats):
+                started = time.perf_counter()
+                self.model.run(h, self.cut)
+                times.append(time.perf_counter() - started)
+        return sorted(times)[len(times) // 2]
+
+    def offload_deadline(self, elapsed_s: float) -> float:
+        """Seconds the node may take: fixed, or what the latency target leaves after the head
+        and a local completion."""
+        if self.latency_target_s is None:
+            return self.deadline_s
+        return max(0.005, self.latency_target_s - elapsed_s - self.local_tail_s)
 
     def _thresholds(self, thresholds: float | Mapping[int, float]) -> dict[int, float]:
         if isinstance(thresholds, Mapping):
@@ -151,7 +174,8 @@ class DeviceRunner:
             latency.device = time.perf_counter() - started
             call_started = time.perf_counter()
             try:
-                result = self.client.infer(self.tail_model_name, encoded, self.deadline_s, str(request_id))
+                deadline = self.offload_deadline(latency.device)
+                result = self.client.infer(self.tail_model_name, encoded, deadline, str(request_id))
             except Exception as exc:  # any failure: complete locally
                 latency.transfer = time.perf_counter() - call_started  # time lost on the attempt
                 self.breaker.failure()

@@ -9,11 +9,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
+
 from edgesplit.models import load_trained
 from edgesplit.runtime.dataplane import DataPlane
 from edgesplit.runtime.grpc_server import NodeServer, start_node_server
 from edgesplit.runtime.metrics import NodeMetrics
-from prometheus_client import CollectorRegistry
 
 torch.set_num_threads(1)
 

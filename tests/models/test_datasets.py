@@ -4,6 +4,7 @@ import gzip
 
 import numpy as np
 import pytest
+
 from edgesplit.models import datasets
 from edgesplit.models.datasets import (
     DatasetNotFoundError,

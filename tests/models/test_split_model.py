@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from edgesplit.models import MODELS, build_model
 
 

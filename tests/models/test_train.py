@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+
 from edgesplit.models import WEIGHTS_DIR, load_trained
 from edgesplit.models.train import Recipe, train
 from edgesplit.models.weights_io import sha256_file

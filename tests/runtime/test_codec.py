@@ -12,6 +12,10 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
 from edgesplit.runtime import codec as codec_module
 from edgesplit.runtime.codec import (
     CODECS,
@@ -23,9 +27,6 @@ from edgesplit.runtime.codec import (
     encode,
     encoded_nbytes,
 )
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 TINY = float(np.finfo(np.float32).smallest_subnormal)

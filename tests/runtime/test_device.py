@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import torch
+
 from edgesplit.models.datasets import load_sample, to_tensor
 from edgesplit.runtime.client import EdgeClient
 from edgesplit.runtime.device import WHERE_DEVICE, WHERE_EDGE, WHERE_FALLBACK, DeviceRunner

@@ -11,12 +11,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from edgesplit.models.split_model import SplitModel
-from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2, inference_pb2_grpc
-from edgesplit.runtime.codec import encode
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from torch import nn
+
+from edgesplit.models.split_model import SplitModel
+from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2, inference_pb2_grpc
+from edgesplit.runtime.codec import encode
 
 from ..conftest import start_in_thread, stop_in_thread
 

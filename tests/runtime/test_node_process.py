@@ -8,6 +8,7 @@ import urllib.request
 
 import grpc
 import torch
+
 from edgesplit.protos import inference_pb2_grpc
 from edgesplit.runtime.launcher import NodeProcess
 

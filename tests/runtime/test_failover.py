@@ -1,0 +1,111 @@
+"""Failover across nodes: retries only on UNAVAILABLE / RESOURCE_EXHAUSTED, never on a spent
+deadline or a bad request; deadlines derived from a latency target."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from edgesplit.models.split_model import SplitModel
+from edgesplit.runtime.client import EdgeClient, OffloadError
+from edgesplit.runtime.codec import encode
+from edgesplit.runtime.device import WHERE_EDGE, DeviceRunner
+from edgesplit.runtime.failover import FailoverClient
+
+from ..conftest import start_in_thread, stop_in_thread
+from .test_grpc_server import Sleep
+
+
+def slow_model(seconds: float) -> SplitModel:
+    return SplitModel("slow", [("sleep", Sleep(seconds)), ("id", nn.Identity())], {}, (4,), 4)
+
+
+@pytest.fixture
+def slow_nodes():
+    started = [start_in_thread(slow_model(0.4), max_inflight=1) for _ in range(2)]
+    yield [n for n, _ in started]
+    for n, t in started:
+        stop_in_thread(n, t)
+
+
+def dead_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+X = encode(torch.ones(1, 4), "fp32")
+
+
+def test_unavailable_node_fails_over_and_its_breaker_opens(slow_nodes):
+    client = FailoverClient([EdgeClient(dead_address()), EdgeClient(slow_nodes[0].address)], failure_threshold=2,
+                            reset_seconds=60)
+    for _ in range(4):
+        result = client.infer("slow", X, timeout=5)
+        assert result.logits.shape == (1, 4)
+    dead, alive = client.targets
+    assert client.attempts[alive] == 4
+    assert client.attempts[dead] == 1, "preferred node switches after the first failover"
+    client.close()
+
+
+def test_resource_exhausted_goes_to_the_next_node(slow_nodes):
+    a, b = slow_nodes
+    client = FailoverClient([EdgeClient(a.address), EdgeClient(b.address)])
+    occupy = threading.Thread(target=lambda: EdgeClient(a.address).infer("slow", X, timeout=5))
+    occupy.start()
+    while a.plane.inflight == 0:
+        time.sleep(0.01)
+    client.infer("slow", X, timeout=5)
+    occupy.join()
+    assert client.attempts == {a.address: 1, b.address: 1}
+    assert client.breakers[0].state == "closed", "a full node is alive: no failure counted"
+    client.close()
+
+
+def test_spent_deadline_is_not_retried(slow_nodes):
+    a, b = slow_nodes
+    client = FailoverClient([EdgeClient(a.address), EdgeClient(b.address)])
+    with pytest.raises(OffloadError) as err:
+        client.infer("slow", X, timeout=0.1)
+    assert err.value.reason == "DEADLINE_EXCEEDED"
+    assert client.attempts[b.address] == 0
+    client.close()
+
+
+def test_bad_request_is_not_retried(slow_nodes):
+    a, b = slow_nodes
+    client = FailoverClient([EdgeClient(a.address), EdgeClient(b.address)])
+    with pytest.raises(OffloadError) as err:
+        client.infer("nope", X, timeout=5)
+    assert err.value.reason == "NOT_FOUND"
+    assert client.attempts == {a.address: 1, b.address: 0}
+    client.close()
+
+
+def test_device_runner_fails_over_between_real_nodes(trained_model):
+    nodes = [start_in_thread(trained_model) for _ in range(2)]
+    try:
+        client = FailoverClient([EdgeClient(n.address) for n, _ in nodes])
+        runner = DeviceRunner(trained_model, cut=4, thresholds=1.01, client=client, deadline_s=5)
+        x = torch.randn(1, 1, 28, 28)
+        assert runner.infer(x).where == WHERE_EDGE
+        stop_in_thread(*nodes[0])
+        answers = [runner.infer(x) for _ in range(5)]
+        assert all(a.where == WHERE_EDGE for a in answers)
+        client.close()
+    finally:
+        stop_in_thread(*nodes[1])
+
+
+def test_deadline_leaves_room_for_local_completion(trained_model):
+    runner = DeviceRunner(trained_model, cut=4, thresholds=1.01, client=None, latency_target_s=0.2)
+    assert 0 < runner.local_tail_s < 0.2
+    assert runner.offload_deadline(0.01) == pytest.approx(0.2 - 0.01 - runner.local_tail_s)
+    assert runner.offload_deadline(1.0) == 0.005
+    assert DeviceRunner(trained_model, cut=4, deadline_s=0.7).offload_deadline(0.5) == 0.7
