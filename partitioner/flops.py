@@ -12,8 +12,9 @@ Example::
 from __future__ import annotations
 
 import torch
-from edgesplit.models.split_model import SplitModel
 from torch import nn
+
+from edgesplit.models.split_model import SplitModel
 
 
 def _module_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:

@@ -1,4 +1,4 @@
-"""``edgesplit``: the command line (train, demo, bench, node, linksim, info).
+"""``edgesplit``: the command line (train, demo, bench, info, node, linksim, certs).
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     edgesplit bench accuracy --quick --json results/accuracy.json
     edgesplit node --port 8001          # same as edge-node
     edgesplit linksim --listen 127.0.0.1:9000 --target 127.0.0.1:8001 --rate 5 --delay 20
+    edgesplit certs --out certs --host device --host node1=198.18.0.11,localhost
 """
 
 from __future__ import annotations
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("node", help="run an edge node (same options as edge-node)", add_help=False)
     sub.add_parser("linksim", help="run the link emulator (see 'edgesplit linksim --help')", add_help=False)
+    sub.add_parser("certs", help="make a CA and certificates for a cluster (mutual TLS)", add_help=False)
     return p
 
 
@@ -121,6 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         from .linksim import main as linksim_main
 
         return linksim_main(argv[1:])
+    if argv and argv[0] == "certs":
+        from .tls import main as certs_main
+
+        return certs_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

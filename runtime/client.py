@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 import torch
+
 from edgesplit.protos import inference_pb2, inference_pb2_grpc
 
 from . import codec
@@ -31,6 +32,11 @@ CHANNEL_OPTIONS = (
     ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
     ("grpc.enable_retries", 0),
+    # Notice a dead connection (link down, peer gone) within about two seconds.
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
 )
 
 

@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
+
 from edgesplit.models.split_model import SplitModel
 
 from . import codec

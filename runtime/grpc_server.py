@@ -15,15 +15,18 @@ Example::
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
 import numpy as np
-from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2, inference_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2, inference_pb2_grpc
+
 from . import codec
+from .auth import TokenAuthInterceptor
 from .dataplane import DataPlane, DataPlaneError, InferInput
 
 SERVER_NAME = "edgesplit"
@@ -209,6 +212,50 @@ class ControlServicer(edgesplit_pb2_grpc.EdgeSplitControlServicer):
         return edgesplit_pb2.SegmentProfileResponse(profiles=profiles)
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid protobuf message."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+
+class RejectUndecodable(grpc.aio.ServerInterceptor):
+    """Answer INVALID_ARGUMENT to undecodable request bytes (gRPC itself would say UNKNOWN)."""
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or handler.request_streaming or handler.response_streaming:
+            return handler
+        deserialize, behaviour = handler.request_deserializer, handler.unary_unary
+
+        def safe_deserialize(data: bytes):
+            try:
+                return deserialize(data) if deserialize else data
+            except Exception as exc:
+                return _Undecodable(exc)
+
+        async def guarded(request, context):
+            if isinstance(request, _Undecodable):
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"request to {details.method} is not a valid protobuf message: {request.error}",
+                )
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=safe_deserialize, response_serializer=handler.response_serializer
+        )
+
+
+# Keepalive pings from devices detect dead connections during link outages; allow them.
+SERVER_OPTIONS = (
+    ("grpc.so_reuseport", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
+)
+
+
 @dataclass
 class NodeServer:
     """A started node server and what is needed to stop it gracefully."""
@@ -233,13 +280,29 @@ async def start_node_server(
     weights_sha256: str = "",
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     credentials: grpc.ServerCredentials | None = None,
+    token: str | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> NodeServer:
-    """Start a grpc.aio server with the data plane, control plane, health and reflection."""
-    server = grpc.aio.server(options=[
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ])
+    """Start a grpc.aio server with the data plane, control plane, health and reflection.
+
+    ``credentials`` (see :func:`edgesplit.runtime.tls.server_credentials`) makes the port
+    TLS, mutual TLS when they hold a CA. With ``token``, every call but the health service
+    must carry ``authorization: Bearer <token>`` (:class:`~edgesplit.runtime.auth.TokenAuthInterceptor`,
+    run before ``interceptors``).
+    """
+    chain: list[grpc.aio.ServerInterceptor] = []
+    if token is not None:
+        chain.append(TokenAuthInterceptor(token))
+    chain.extend(interceptors)
+    chain.append(RejectUndecodable())
+    server = grpc.aio.server(
+        interceptors=chain or None,
+        options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            *SERVER_OPTIONS,
+        ],
+    )
     inference = InferenceServicer(plane)
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
     edgesplit_pb2_grpc.add_EdgeSplitControlServicer_to_server(ControlServicer(plane, node_name, weights_sha256), server)
@@ -260,3 +323,25 @@ async def start_node_server(
     for name in ("", *services[:2]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return NodeServer(server, bound, health_servicer, inference)
+
+
+async def start_health_server(
+    health_servicer: health.aio.HealthServicer,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    credentials: grpc.ServerCredentials | None = None,
+) -> tuple[grpc.aio.Server, int]:
+    """Serve only ``grpc.health.v1`` (the node's own health servicer) on a separate address.
+
+    For probes that cannot present the data port's client certificate or token (a kubelet
+    gRPC probe): the answer is SERVING or NOT_SERVING and nothing else. Returns the started
+    server and its port; stop it after the node server.
+    """
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)])
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"could not bind {address} for health checks")
+    await server.start()
+    return server, bound

@@ -187,14 +187,23 @@ def test_metrics_count_requests_by_status(stub, node, trained_model):
     with pytest.raises(grpc.RpcError):
         stub.ModelInfer(infer_request("nope", torch.zeros(1, 16, 28, 28)), timeout=10)
     reg = node.registry
-    assert reg.get_sample_value("edgesplit_node_requests_total", {"model": "resnet_fm.from.4", "code": "OK"}) == 1
-    assert reg.get_sample_value("edgesplit_node_requests_total", {"model": "unknown", "code": "NOT_FOUND"}) == 1
-    assert (
-        reg.get_sample_value("edgesplit_node_received_bytes_total", {"model": "resnet_fm.from.4"}) == 16 * 28 * 28 * 4
-    )
-    assert reg.get_sample_value("edgesplit_node_sent_bytes_total", {"model": "resnet_fm.from.4"}) == 40
-    assert reg.get_sample_value("edgesplit_node_request_duration_seconds_count", {"model": "resnet_fm.from.4"}) == 1
-    assert reg.get_sample_value("edgesplit_node_inflight_requests") == 0
+    expected = [
+        ("edgesplit_node_requests_total", {"model": "resnet_fm.from.4", "code": "OK"}, 1),
+        ("edgesplit_node_requests_total", {"model": "unknown", "code": "NOT_FOUND"}, 1),
+        ("edgesplit_node_received_bytes_total", {"model": "resnet_fm.from.4"}, 16 * 28 * 28 * 4),
+        ("edgesplit_node_sent_bytes_total", {"model": "resnet_fm.from.4"}, 40),
+        ("edgesplit_node_request_duration_seconds_count", {"model": "resnet_fm.from.4"}, 1),
+        ("edgesplit_node_inflight_requests", {}, 0),
+    ]
+    # Metrics are recorded as the handler finishes, which may be just after the client has
+    # its answer; give the server thread a moment.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        actual = [reg.get_sample_value(name, labels) for name, labels, _ in expected]
+        if actual == [value for _, _, value in expected]:
+            break
+        time.sleep(0.02)
+    assert actual == [value for _, _, value in expected]
 
 
 class Sleep(nn.Module):
