@@ -16,7 +16,7 @@ import platform
 import time
 from pathlib import Path
 
-BENCHMARKS = ("accuracy", "linksim")
+BENCHMARKS = ("accuracy", "linksim", "chaos")
 
 
 def machine_info() -> dict:
