@@ -315,11 +315,7 @@ async def start_node_server(
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(services, server)
-    address = f"{host}:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"could not bind {address}")
-    await server.start()
+    bound = await _bind_and_start(server, host, port, credentials)
     for name in ("", *services[:2]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return NodeServer(server, bound, health_servicer, inference)
@@ -339,9 +335,16 @@ async def start_health_server(
     """
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)])
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, await _bind_and_start(server, host, port, credentials)
+
+
+async def _bind_and_start(
+    server: grpc.aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None
+) -> int:
+    """Bind ``host:port`` (TLS when ``credentials``), start the server, return the bound port."""
     address = f"{host}:{port}"
     bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
-        raise OSError(f"could not bind {address} for health checks")
+        raise OSError(f"could not bind {address}")
     await server.start()
-    return server, bound
+    return bound
