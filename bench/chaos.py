@@ -23,14 +23,10 @@ import time
 from pathlib import Path
 
 from edgesplit.bench import machine_info, table
+from edgesplit.runtime.demo import percentile
 
 EDGE_PORT = 8001
 FP16_LOGIT_TOLERANCE = 0.05  # fp16 crossing tensor: logits agree to about 1e-2
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))] if ordered else 0.0
 
 
 class Chaos:
@@ -105,8 +101,8 @@ def analyse(records: list[dict], sent: int, events: list[dict]) -> dict:
         "max_abs_logit_diff_offloaded": max((r["max_abs_diff"] for r in edge), default=0.0),
         "logit_tolerance": FP16_LOGIT_TOLERANCE,
         "accuracy": sum(r["prediction"] == r["label"] for r in records) / max(1, len(records)),
-        "latency_p50_ms": 1000 * _percentile(latencies, 50),
-        "latency_p99_ms": 1000 * _percentile(latencies, 99),
+        "latency_p50_ms": 1000 * percentile(latencies, 50),
+        "latency_p99_ms": 1000 * percentile(latencies, 99),
         "latency_mean_ms": 1000 * statistics.fmean(latencies) if latencies else 0.0,
         "share_offloaded": len(edge) / max(1, len(records)),
         "where": {w: where.count(w) for w in sorted(set(where))},
@@ -156,7 +152,7 @@ def run(quick: bool = False, progress: bool = True, requests: int | None = None,
             thread.start()
             while device.poll() is None:
                 if progress:
-                    done = sum(1 for _ in open(out_path)) if out_path.exists() else 0
+                    done = out_path.read_bytes().count(b"\n") if out_path.exists() else 0
                     print(f"\rchaos: {done}/{requests} answered, {len(chaos.events)} events", end="", flush=True)
                 time.sleep(0.5)
             chaos.stop()
@@ -168,7 +164,7 @@ def run(quick: bool = False, progress: bool = True, requests: int | None = None,
         finally:
             for node in nodes.values():
                 node.close()
-    records = [json.loads(line) for line in open(out_path)]
+    records = [json.loads(line) for line in out_path.read_text().splitlines()]
     result = analyse(records, requests, chaos.events)
     result.update(events=[{**e, "t": round(e["t"] - records[0]["t"], 3)} for e in chaos.events],
                   codec="fp16", cut=4, threshold=0.9, device_link_mbit=50, seed=seed, machine=machine_info())

@@ -17,7 +17,7 @@ from torch import nn
 from edgesplit.models.split_model import SplitModel
 
 
-def _module_macs(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> int:
+def _module_macs(module: nn.Module, out: torch.Tensor) -> int:
     if isinstance(module, nn.Conv2d):
         kh, kw = module.kernel_size
         per_output = (module.in_channels // module.groups) * kh * kw
@@ -33,7 +33,7 @@ def macs_of(module: nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:
 
     def hook(m, i, o):
         nonlocal total
-        total += _module_macs(m, i[0], o)
+        total += _module_macs(m, o)
 
     handles = [m.register_forward_hook(hook) for m in module.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     try:

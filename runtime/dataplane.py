@@ -182,8 +182,6 @@ class DataPlane:
         try:
             loop = asyncio.get_running_loop()
             y, seconds = await loop.run_in_executor(self._executor, self._run, segment, x)
-        except DataPlaneError:
-            raise
         except Exception as exc:  # a model failure must not take the node down
             raise DataPlaneError(
                 DataPlaneError.INTERNAL, f"{segment.name} failed: {type(exc).__name__}: {exc}"

@@ -18,6 +18,7 @@ from torch import nn
 from edgesplit.models.split_model import SplitModel
 from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2, inference_pb2_grpc
 from edgesplit.runtime.codec import encode
+from edgesplit.runtime.grpc_server import set_parameter
 
 from ..conftest import start_in_thread, stop_in_thread
 
@@ -31,13 +32,7 @@ def infer_request(model_name, tensor, codec="fp32", **overrides):
         name="input", datatype=overrides.get("datatype", enc.datatype), shape=list(overrides.get("shape", enc.shape))
     )
     for k, v in enc.params.items():
-        p = inp.parameters[k]
-        if isinstance(v, float):
-            p.double_param = v
-        elif isinstance(v, int):
-            p.int64_param = v
-        else:
-            p.string_param = v
+        set_parameter(inp.parameters[k], v)
     req.raw_input_contents.append(overrides.get("data", enc.data))
     return req
 
