@@ -1,15 +1,22 @@
 """Accuracy of the link emulator: does ``edgesplit linksim`` give the rate and delay it is set to?
 
-The goal (from the issue): measured throughput within 10 % of the setting from 0.25 to
-100 Mbit/s on loopback, and added one-way delay within 1 ms of the setting. Everything runs
-on 127.0.0.1: a small server (sink, source and echo) in a thread, the emulator in front of
-it, and the client here.
+The goals: measured throughput within 10 % of the setting from 0.25 to 100 Mbit/s on
+loopback, added one-way delay within 1 ms of the setting, and one request of B bytes taking
+B/rate + delay within 10 % (plus 1 ms of timer resolution). Everything runs on 127.0.0.1: a
+small server (sink, source, echo and timestamping receiver) in a thread, the emulator in
+front of it, and the client here.
 
 - Throughput, each direction: a transfer sized to last a few seconds at the set rate
   (``quick``: about 1.5 s), timed from the first byte sent to the sink's acknowledgement
   (up) or from the request to the last byte (down).
 - Delay: round trips of 64 bytes through the emulator, each paired with one straight to the
   echo server; the added one-way delay is ``median(rtt_emulated - rtt_direct) / 2``.
+- Per-request latency: at several rates and delays, messages of a few hundred bytes to
+  100 KB sent one at a time over an idle link (25 ms apart); the server notes when the last
+  byte arrived (same process, same clock), so the one-way time is measured directly. The
+  median of 9 repetitions (``quick``: 3, and no request that takes more than 0.5 s at the
+  rate) is compared with ``bytes / rate + delay``: what a serialising link gives, with no
+  free burst for small messages.
 
 Run: ``edgesplit bench linksim [--quick]``, or::
 
@@ -22,18 +29,26 @@ from __future__ import annotations
 import socket
 import socketserver
 import statistics
+import struct
 import sys
 import threading
 import time
 
 from edgesplit.bench import machine_info, table
-from edgesplit.runtime.linksim import LinkEmulatorThread
+from edgesplit.linksim import LinkEmulatorThread
 
 RATES_MBPS = (0.25, 1.0, 5.0, 20.0, 100.0)
 DELAYS_MS = (0.0, 5.0, 20.0, 50.0)
 RATE_TOLERANCE = 0.10  # relative
 DELAY_TOLERANCE_MS = 1.0  # absolute
 PING_BYTES = 64
+REQUEST_RATES_MBPS = (0.5, 2.0, 10.0, 50.0)
+REQUEST_BYTES = (300, 1_000, 3_136, 10_000, 30_000, 100_000)
+REQUEST_DELAYS_MS = (0.0, 10.0)
+REQUEST_TOLERANCE = 0.10  # relative to bytes / rate + delay ...
+REQUEST_SLACK_MS = 1.0  # ... plus this much (asyncio timers have a resolution of 1 ms)
+REQUEST_IDLE_SECONDS = 0.025  # pause between requests: each finds the link idle
+QUICK_REQUEST_SECONDS = 0.5  # --quick skips requests that take longer than this at the rate
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> None:
@@ -47,9 +62,22 @@ def _recv_exactly(sock: socket.socket, n: int) -> None:
         left -= got
 
 
+def _recv_head(sock: socket.socket, n: int) -> bytes | None:
+    """Read exactly ``n`` bytes; None if the connection closes first."""
+    head = bytearray()
+    while len(head) < n:
+        chunk = sock.recv(n - len(head))
+        if not chunk:
+            return None
+        head += chunk
+    return bytes(head)
+
+
 class _Handler(socketserver.BaseRequestHandler):
     """One opcode byte, then: ``u`` + length: sink, answer b"k"; ``d`` + length: send that
-    many bytes; ``e``: echo until closed."""
+    many bytes; ``e``: echo until closed; ``t``: messages that start with their own length
+    (8 bytes, counted in it), each answered with the ``perf_counter()`` at which its last
+    byte arrived (8-byte double), until closed."""
 
     def handle(self) -> None:
         sock: socket.socket = self.request
@@ -60,12 +88,14 @@ class _Handler(socketserver.BaseRequestHandler):
                 while data := sock.recv(65536):
                     sock.sendall(data)
                 return
-            head = bytearray()
-            while len(head) < 8:
-                chunk = sock.recv(8 - len(head))
-                if not chunk:
-                    return
-                head += chunk
+            if op == b"t":
+                while (head := _recv_head(sock, 8)) is not None:
+                    _recv_exactly(sock, int.from_bytes(head, "big") - 8)
+                    sock.sendall(struct.pack("!d", time.perf_counter()))
+                return
+            head = _recv_head(sock, 8)
+            if head is None:
+                return
             n = int.from_bytes(head, "big")
             if op == b"u":
                 _recv_exactly(sock, n)
@@ -118,10 +148,69 @@ def _round_trip(sock: socket.socket, payload: bytes) -> float:
     return time.perf_counter() - start
 
 
+def _one_way(sock: socket.socket, n: int) -> float:
+    """Seconds from sending an ``n``-byte message (``t`` protocol) to its last byte's arrival."""
+    message = n.to_bytes(8, "big") + bytes(n - 8)
+    start = time.perf_counter()
+    sock.sendall(message)
+    (arrived,) = struct.unpack("!d", _recv_head(sock, 8) or b"")
+    return arrived - start
+
+
+def measure_request_latency(port: int, n: int, repeats: int) -> float:
+    """Median one-way time in seconds of ``repeats`` messages of ``n`` bytes sent one at a
+    time, each over an idle link, over one connection to a ``t`` server (through the emulator
+    when ``port`` is its)."""
+    times = []
+    with _connect(port) as s:
+        s.sendall(b"t")
+        _one_way(s, 64)  # the connection is set up end to end
+        for _ in range(repeats):
+            time.sleep(REQUEST_IDLE_SECONDS)
+            times.append(_one_way(s, n))
+    return statistics.median(times)
+
+
+def _request_latency(
+    link: LinkEmulatorThread, target: int, repeats: int, say, max_seconds: float | None = None
+) -> list[dict]:
+    rows: list[dict] = []
+    for rate in REQUEST_RATES_MBPS:
+        for delay in REQUEST_DELAYS_MS:
+            link.update(rate_mbps=rate, delay_ms=delay, jitter_ms=0.0)
+            for n in REQUEST_BYTES:
+                if max_seconds is not None and n * 8 / (rate * 1e6) > max_seconds:
+                    continue
+                measured = measure_request_latency(link.port, n, repeats) * 1000
+                direct = measure_request_latency(target, n, 3) * 1000
+                expected = n * 8 / (rate * 1000) + delay
+                error = measured - expected
+                rows.append(
+                    {
+                        "rate_mbit": rate,
+                        "bytes": n,
+                        "delay_ms": delay,
+                        "measured_ms": round(measured, 3),
+                        "expected_ms": round(expected, 3),
+                        "error_ms": round(error, 3),
+                        "error_pct": round(100 * error / expected, 2),
+                        "direct_ms": round(direct, 3),
+                        "repeats": repeats,
+                        "ok": abs(error) <= REQUEST_TOLERANCE * expected + REQUEST_SLACK_MS,
+                    }
+                )
+                say(
+                    f"request {n} B at {rate:g} Mbit/s, delay {delay:g} ms: {measured:.2f} ms "
+                    f"(expected {expected:.2f}, {100 * error / expected:+.1f} %)"
+                )
+    return rows
+
+
 def run(quick: bool = False, progress: bool = True) -> dict:
-    """Measure throughput and added delay through the emulator at each setting."""
+    """Measure throughput, added delay and per-request latency through the emulator."""
     seconds = 1.5 if quick else 4.0
     pings = 40 if quick else 200
+    repeats = 3 if quick else 9
 
     def say(msg: str) -> None:
         if progress:
@@ -133,6 +222,7 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     target = server.server_address[1]
     throughput: list[dict] = []
     delays: list[dict] = []
+    requests: list[dict] = []
     try:
         with LinkEmulatorThread("127.0.0.1", target, control_port=None) as link:
             for rate in RATES_MBPS:
@@ -185,6 +275,9 @@ def run(quick: bool = False, progress: bool = True) -> dict:
                 }
                 delays.append(row)
                 say(f"delay {delay:g} ms: added {added:.3f} ms one way")
+            requests = _request_latency(
+                link, target, repeats, say, QUICK_REQUEST_SECONDS if quick else None
+            )
     finally:
         server.shutdown()
         server.server_close()
@@ -194,16 +287,19 @@ def run(quick: bool = False, progress: bool = True) -> dict:
         "goals": {
             "rate_tolerance_pct": 100 * RATE_TOLERANCE,
             "delay_tolerance_ms": DELAY_TOLERANCE_MS,
+            "request_tolerance_pct": 100 * REQUEST_TOLERANCE,
+            "request_slack_ms": REQUEST_SLACK_MS,
         },
         "transfer_seconds": seconds,
         "throughput": throughput,
         "delay": delays,
-        "all_ok": all(r["ok"] for r in throughput + delays),
+        "request_latency": requests,
+        "all_ok": all(r["ok"] for r in throughput + delays + requests),
     }
 
 
 def render(result: dict) -> str:
-    """Tables of measured vs set rate and delay, with pass/fail against the goals."""
+    """Tables of measured vs set rate, delay and request latency, with pass/fail against the goals."""
     goals = result["goals"]
     rate_rows = [
         [
@@ -226,6 +322,19 @@ def render(result: dict) -> str:
         ]
         for r in result["delay"]
     ]
+    request_rows = [
+        [
+            f"{r['rate_mbit']:g} Mbit/s",
+            f"{r['delay_ms']:g} ms",
+            f"{r['bytes']:,} B",
+            f"{r['expected_ms']:.2f}",
+            f"{r['measured_ms']:.2f}",
+            f"{r['error_ms']:+.2f} ms",
+            f"{r['error_pct']:+.1f} %",
+            "pass" if r["ok"] else "FAIL",
+        ]
+        for r in result.get("request_latency", [])
+    ]
     machine = result.get("machine", {})
     lines = [
         f"link emulator accuracy ({'quick' if result.get('quick') else 'full'} run, "
@@ -237,6 +346,14 @@ def render(result: dict) -> str:
         f"added one-way delay (goal: within {goals['delay_tolerance_ms']:g} ms of the setting; "
         "median of paired round trips / 2)",
         table(["setting", "measured ms", "error", "p10 .. p90 ms", "result"], delay_rows),
+        "",
+        f"one-way time of one request over an idle link (goal: bytes / rate + delay, within "
+        f"{goals.get('request_tolerance_pct', 10):g} % + {goals.get('request_slack_ms', 1):g} ms; "
+        "median of repetitions)",
+        table(
+            ["rate", "delay", "request", "expected ms", "measured ms", "error", "error %", "result"],
+            request_rows,
+        ),
         "",
         "all within goals" if result["all_ok"] else "SOME MEASUREMENTS MISSED THE GOALS",
     ]

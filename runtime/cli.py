@@ -107,26 +107,50 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("model", nargs="?", default="resnet_fm")
     i.set_defaults(func=_info)
 
-    sub.add_parser("node", help="run an edge node (same options as edge-node)", add_help=False)
-    sub.add_parser("linksim", help="run the link emulator (see 'edgesplit linksim --help')", add_help=False)
-    sub.add_parser("certs", help="make a CA and certificates for a cluster (mutual TLS)", add_help=False)
+    from .node.settings import configure_parser as node_flags
+
+    n = sub.add_parser("node", help="run an edge node (the same as edge-node)",
+                       description="Serve a model's segments over gRPC.")
+    node_flags(n)
+    n.set_defaults(func=_node)
+
+    from edgesplit.linksim import configure_parser as linksim_flags
+
+    ls = sub.add_parser("linksim", help="run the link emulator between a device and a node",
+                        description="TCP proxy that emulates a link: rate, delay, jitter, loss, outages, traces.")
+    linksim_flags(ls)
+    ls.set_defaults(func=_linksim)
+
+    from .transport.tls import CERTS_DESCRIPTION, CERTS_EPILOG
+    from .transport.tls import configure_parser as certs_flags
+
+    c = sub.add_parser("certs", help="make a CA and certificates for a cluster (mutual TLS)",
+                       description=CERTS_DESCRIPTION, epilog=CERTS_EPILOG)
+    certs_flags(c)
+    c.set_defaults(func=_certs)
     return p
+
+
+def _node(args: argparse.Namespace) -> int:
+    from .node.server import run
+
+    return run(args)
+
+
+def _linksim(args: argparse.Namespace) -> int:
+    from edgesplit.linksim import run
+
+    return run(args)
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from .transport.tls import run
+
+    return run(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "node":
-        from .node import main as node_main
-
-        return node_main(argv[1:])
-    if argv and argv[0] == "linksim":
-        from .linksim import main as linksim_main
-
-        return linksim_main(argv[1:])
-    if argv and argv[0] == "certs":
-        from .tls import main as certs_main
-
-        return certs_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

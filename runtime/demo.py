@@ -19,9 +19,9 @@ from tqdm import tqdm
 from edgesplit.models import load_trained
 from edgesplit.models.datasets import load_images, to_tensor
 
-from .client import EdgeClient
-from .device import WHERE_EDGE, Answer, DeviceRunner
-from .launcher import NodeProcess
+from .device.runner import WHERE_EDGE, Answer, DeviceRunner
+from .node.launcher import NodeProcess
+from .transport.client import EdgeClient
 
 
 def percentile(values: list[float], q: float) -> float:

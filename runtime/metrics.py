@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 # 0.5 ms .. 10 s: an edge tail takes milliseconds, a Pi-class full model up to seconds.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
 
 class NodeMetrics:
@@ -32,7 +32,7 @@ class NodeMetrics:
         )
         self.compute_seconds = Histogram(
             "edgesplit_node_compute_duration_seconds",
-            "Model execution time of one inference request on the node.",
+            "Model execution time of one batch on the node.",
             ["model"], buckets=LATENCY_BUCKETS, registry=registry,
         )
         self.received_bytes = Counter(
@@ -46,7 +46,15 @@ class NodeMetrics:
             ["model", "code"], registry=registry,
         )
         self.inflight = Gauge(
-            "edgesplit_node_inflight_requests", "Inference requests being processed now.", registry=registry
+            "edgesplit_node_inflight_requests", "Inference requests queued or running now.", registry=registry
+        )
+        self.batch_size = Histogram(
+            "edgesplit_node_batch_size", "Rows in each batch the node ran.",
+            ["model"], buckets=BATCH_BUCKETS, registry=registry,
+        )
+        self.queue_seconds = Histogram(
+            "edgesplit_node_queue_wait_seconds", "Time a request waited in its model's queue before its batch ran.",
+            ["model"], buckets=LATENCY_BUCKETS, registry=registry,
         )
 
 
@@ -70,4 +78,7 @@ class DeviceMetrics:
         )
         self.sent_bytes = Counter(
             "edgesplit_device_sent_bytes_total", "Encoded tensor bytes offloaded.", registry=registry
+        )
+        self.plan_epoch = Gauge(
+            "edgesplit_device_plan_epoch", "Epoch of the plan in force on the device.", registry=registry
         )

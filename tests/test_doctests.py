@@ -11,10 +11,16 @@ MODULES = [
     "edgesplit.models.split_model",
     "edgesplit.partitioner.flops",
     "edgesplit.runtime.codec",
-    "edgesplit.runtime.dataplane",
-    "edgesplit.runtime.device",
+    "edgesplit.runtime.node.dataplane",
+    "edgesplit.runtime.device.runner",
     "edgesplit.runtime.metrics",
-    "edgesplit.runtime.resilience",
+    "edgesplit.runtime.device.breaker",
+    "edgesplit.runtime.inference",
+    "edgesplit.runtime.plan",
+    "edgesplit.runtime.metrics_http",
+    "edgesplit.runtime.node.registry",
+    "edgesplit.runtime.node.settings",
+    "edgesplit.runtime.transport.oip",
 ]
 
 

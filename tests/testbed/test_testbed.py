@@ -28,8 +28,8 @@ DEVICE_SCRIPT = r"""
 import json, sys, torch
 torch.set_num_threads(1)
 from edgesplit.models import load_trained
-from edgesplit.runtime.client import EdgeClient
-from edgesplit.runtime.device import DeviceRunner
+from edgesplit.runtime.transport.client import EdgeClient
+from edgesplit.runtime.device.runner import DeviceRunner
 
 model = load_trained("resnet_fm")
 runner = DeviceRunner(model, cut=4, thresholds=1.01, client=EdgeClient(sys.argv[1]), deadline_s=float(sys.argv[2]))
@@ -254,7 +254,7 @@ class TestTestbed:
     def test_offload_answered_then_link_cut_answered_locally(self, tmp_path):
         """Device in one namespace, node in another, a shaped link, an offloaded request
         answered, the link cut, the request answered locally."""
-        from edgesplit.runtime.launcher import NodeProcess
+        from edgesplit.runtime.node.launcher import NodeProcess
 
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with Testbed() as bed:

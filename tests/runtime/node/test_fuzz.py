@@ -8,6 +8,7 @@ bounded (resident set size measured before and after)."""
 from __future__ import annotations
 
 import math
+import time
 
 import grpc
 import numpy as np
@@ -17,9 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edgesplit.protos import inference_pb2, inference_pb2_grpc
-from edgesplit.runtime.launcher import NodeProcess
-
-from .test_grpc_server import infer_request
+from edgesplit.runtime.node.launcher import NodeProcess
+from tests.helpers import infer_request
 
 ALLOWED = {
     grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
@@ -42,7 +42,7 @@ def rss_kib(pid: int) -> int:
 
 @pytest.fixture(scope="module")
 def fuzz_node():
-    with NodeProcess(model="resnet_fm", extra_args=["--max-batch", "16"]) as node:
+    with NodeProcess(model="resnet_fm", extra_args=["--max-batch", "16", "--preferred-batch", "8"]) as node:
         channel = grpc.insecure_channel(node.address)
         stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
         yield node, stub, channel
@@ -70,9 +70,12 @@ def requests(draw):
         shape = draw(st.lists(dims, min_size=0, max_size=6))
     datatype = draw(st.sampled_from(["FP32", "FP16", "INT8", "UINT8", "BYTES", "BF16", "FP64", "", "fp32"]))
     req = inference_pb2.ModelInferRequest(model_name=name, id=draw(st.text(max_size=20)))
-    n_inputs = draw(st.integers(0, 2))
+    n_inputs = draw(st.sampled_from([0, 1, 1, 1, 2, 20, 300]))
     for i in range(n_inputs):
-        inp = req.inputs.add(name=f"in{i}", datatype=datatype, shape=shape)
+        name = "input" if i == 0 and draw(st.booleans()) else draw(st.sampled_from(["input", f"in{i}", ""]))
+        inp = req.inputs.add(name=name, datatype=datatype, shape=shape)
+        for j in range(draw(st.sampled_from([0, 0, 40, 500])) if i < 3 else 0):
+            inp.parameters[f"p{j}"].int64_param = j
         for key in draw(st.lists(st.sampled_from(["codec", "scale", "zero_point", "scales", "compression", "x"]),
                                  max_size=3)):
             kind = draw(st.integers(0, 3))
@@ -85,6 +88,10 @@ def requests(draw):
                 p.int64_param = draw(st.sampled_from([0, -129, 127, 1 << 62]))
             else:
                 p.bool_param = True
+    for j in range(draw(st.sampled_from([0, 0, 0, 40, 2000]))):
+        req.parameters[f"shared{j}"].string_param = "v"
+    for _ in range(draw(st.sampled_from([0, 0, 1, 30]))):
+        req.outputs.add(name=draw(st.sampled_from(["logits", "nope", ""])))
     raw_mode = draw(st.integers(0, 3))
     if raw_mode == 0:
         numel = int(np.prod([max(d, 0) for d in shape])) if shape else 1
@@ -126,6 +133,43 @@ def test_fuzzed_requests_get_proper_statuses_and_memory_stays_bounded(fuzz_node)
     print(f"node RSS {before / 1024:.1f} MiB -> {after / 1024:.1f} MiB after fuzzing (+{growth_mib:.1f} MiB)")
     assert growth_mib < 64, f"node memory grew by {growth_mib:.1f} MiB"
     assert {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND} <= seen
+
+
+def many_inputs_and_parameters(n: int = 14_000) -> inference_pb2.ModelInferRequest:
+    """The review's request: ~300 KB, n empty inputs and n shared parameters (once 13 s and 5.5 GiB)."""
+    req = inference_pb2.ModelInferRequest(model_name="resnet_fm.from.4")
+    for i in range(n):
+        req.inputs.add()
+        req.parameters[f"p{i}"].string_param = "x"
+    return req
+
+
+def test_many_inputs_and_parameters_are_refused_at_once_without_memory_growth(fuzz_node):
+    node, stub, _ = fuzz_node
+    request = many_inputs_and_parameters()
+    assert 200_000 < request.ByteSize() < 600_000
+    for _ in range(5):  # warm up
+        status_of(stub, infer_request("resnet_fm.from.4", torch.zeros(1, 16, 28, 28)))
+    before = rss_kib(node.proc.pid)
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(request, timeout=20)
+        times.append(time.perf_counter() - started)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "inputs" in err.value.details() and len(err.value.details()) < 200
+    growth_mib = (rss_kib(node.proc.pid) - before) / 1024
+    print(f"refused in {[round(1000 * t, 1) for t in times]} ms; RSS +{growth_mib:.1f} MiB")
+    assert min(times) < 0.1, f"refusal took {min(times):.3f} s"
+    assert growth_mib < 64
+    # With a valid model and 14,000 parameters on one input, the refusal is as cheap.
+    one = infer_request("resnet_fm.from.4", torch.zeros(1, 16, 28, 28))
+    for i in range(14_000):
+        one.inputs[0].parameters[f"p{i}"].string_param = "x"
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(one, timeout=20)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "parameters" in err.value.details()
 
 
 @settings(max_examples=150, deadline=None, derandomize=True)

@@ -13,28 +13,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from torch import nn
 
-from edgesplit.models.split_model import SplitModel
 from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2, inference_pb2_grpc
-from edgesplit.runtime.codec import encode
-from edgesplit.runtime.grpc_server import set_parameter
-
-from ..conftest import start_in_thread, stop_in_thread
+from tests.helpers import infer_request, sleepy_model, start_in_thread, stop_in_thread, wait_until
 
 SC = grpc.StatusCode
-
-
-def infer_request(model_name, tensor, codec="fp32", **overrides):
-    enc = encode(tensor, codec)
-    req = inference_pb2.ModelInferRequest(model_name=model_name, id="r1")
-    inp = req.inputs.add(
-        name="input", datatype=overrides.get("datatype", enc.datatype), shape=list(overrides.get("shape", enc.shape))
-    )
-    for k, v in enc.params.items():
-        set_parameter(inp.parameters[k], v)
-    req.raw_input_contents.append(overrides.get("data", enc.data))
-    return req
 
 
 @pytest.fixture
@@ -201,19 +184,8 @@ def test_metrics_count_requests_by_status(stub, node, trained_model):
     assert actual == [value for _, _, value in expected]
 
 
-class Sleep(nn.Module):
-    def __init__(self, seconds):
-        super().__init__()
-        self.seconds = seconds
-
-    def forward(self, x):
-        time.sleep(self.seconds)
-        return x
-
-
 def test_full_node_answers_resource_exhausted_and_recovers():
-    slow = SplitModel("slow", [("sleep", Sleep(0.6)), ("id", nn.Identity())], {}, (4,), 4)
-    running, thread = start_in_thread(slow, max_inflight=1)
+    running, thread = start_in_thread(sleepy_model(0.6), max_inflight=1)
     try:
         channel = grpc.insecure_channel(running.address)
         stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -222,9 +194,7 @@ def test_full_node_answers_resource_exhausted_and_recovers():
             target=lambda: results.append(stub.ModelInfer(infer_request("slow", torch.ones(1, 4))))
         )
         first.start()
-        deadline = time.monotonic() + 5
-        while running.plane.inflight == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: running.plane.inflight == 1, 5, "the first request in flight")
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(infer_request("slow", torch.ones(1, 4)), timeout=5)
         assert err.value.code() == SC.RESOURCE_EXHAUSTED and "limit" in err.value.details()

@@ -1,6 +1,6 @@
 """Circuit breaker: opens after repeated failures, lets one probe through when half-open."""
 
-from edgesplit.runtime.resilience import CircuitBreaker
+from edgesplit.runtime.device.breaker import CircuitBreaker
 
 
 class FakeClock:

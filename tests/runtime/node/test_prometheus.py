@@ -15,9 +15,8 @@ import pytest
 import torch
 
 from edgesplit.protos import inference_pb2_grpc
-from edgesplit.runtime.launcher import NodeProcess
-
-from .test_grpc_server import infer_request
+from edgesplit.runtime.node.launcher import NodeProcess
+from tests.helpers import infer_request
 
 pytestmark = pytest.mark.skipif(not shutil.which("prometheus"), reason="needs Debian's prometheus package")
 

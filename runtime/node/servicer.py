@@ -1,99 +1,66 @@
 """gRPC transport of a node: Open Inference Protocol and control servicers, health, reflection.
 
-The servicers convert protobuf messages to the data plane's types and delegate; every
-error is mapped to a gRPC status at one boundary (:func:`_answer`), so no request kills
-the node. The server is ``grpc.aio``; model execution happens in the data plane's worker
-threads.
+The servicers convert protobuf messages (:mod:`edgesplit.runtime.transport.oip`) to the
+data plane's types and delegate; every error is mapped to a gRPC status at one boundary
+(:func:`_answer`), so no request kills the node. The server is ``grpc.aio``; decoding,
+model execution and encoding happen in the data plane's worker threads.
 
 Example::
 
-    server = await start_node_server(DataPlane(model), port=0)
+    server = await start_node_server(DataPlane(registry), port=0)
     print(server.port)
     await server.stop(grace=5)
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2, inference_pb2_grpc
+from edgesplit.runtime import codec
+from edgesplit.runtime.inference import InferError
+from edgesplit.runtime.transport.auth import TokenAuthInterceptor
+from edgesplit.runtime.transport.oip import (
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    RequestLimits,
+    build_infer_response,
+    parse_infer_request,
+)
 
-from . import codec
-from .auth import TokenAuthInterceptor
-from .dataplane import DataPlane, DataPlaneError, InferInput
+from .dataplane import DataPlane
 
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # trailing metadata: milliseconds before a retry is worth it
 SERVER_NAME = "edgesplit"
-SERVER_VERSION = "0.1.0"
-DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024
-_MAX_DIM = 1 << 31
+SERVER_VERSION = "0.2.0"
+# Protocol extensions this server implements beyond the core (docs/protocol.md).
+EXTENSIONS = ("edgesplit_codec", "edgesplit_batching")
 _STATUS = {
-    DataPlaneError.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
-    DataPlaneError.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
-    DataPlaneError.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    DataPlaneError.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
-    DataPlaneError.INTERNAL: grpc.StatusCode.INTERNAL,
+    InferError.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    InferError.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    InferError.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    InferError.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
+    InferError.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    InferError.INTERNAL: grpc.StatusCode.INTERNAL,
+    InferError.CANCELLED: grpc.StatusCode.CANCELLED,
 }
-
-
-def parameter_value(p: inference_pb2.InferParameter) -> object:
-    """The Python value held by an InferParameter (None when unset)."""
-    kind = p.WhichOneof("parameter_choice")
-    return getattr(p, kind) if kind else None
-
-
-def set_parameter(p: inference_pb2.InferParameter, value: object) -> None:
-    if isinstance(value, bool):
-        p.bool_param = value
-    elif isinstance(value, int):
-        p.int64_param = value
-    elif isinstance(value, float):
-        p.double_param = value
-    else:
-        p.string_param = str(value)
-
-
-def request_to_inputs(request: inference_pb2.ModelInferRequest) -> list[InferInput]:
-    """Convert a ModelInferRequest's tensors (raw or typed contents) to data-plane inputs."""
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise DataPlaneError(
-            DataPlaneError.INVALID_ARGUMENT,
-            f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs; give one per input",
-        )
-    shared = {k: parameter_value(v) for k, v in request.parameters.items()}
-    inputs = []
-    for i, tensor in enumerate(request.inputs):
-        shape = tuple(int(d) for d in tensor.shape)
-        if any(d < 0 or d >= _MAX_DIM for d in shape):
-            raise DataPlaneError(DataPlaneError.INVALID_ARGUMENT, f"input {tensor.name!r}: invalid shape {list(shape)}")
-        params = dict(shared)
-        params.update({k: parameter_value(v) for k, v in tensor.parameters.items()})
-        if raw:
-            data = raw[i]
-        elif tensor.datatype == "FP32" and tensor.HasField("contents"):
-            data = np.asarray(tensor.contents.fp32_contents, dtype="<f4").tobytes()
-        else:
-            raise DataPlaneError(
-                DataPlaneError.INVALID_ARGUMENT,
-                f"input {tensor.name!r} has no data: send raw_input_contents, or fp32_contents for FP32",
-            )
-        inputs.append(InferInput(tensor.name, tensor.datatype, shape, data, params))
-    return inputs
 
 
 class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
     """Open Inference Protocol over a :class:`DataPlane`."""
 
-    def __init__(self, plane: DataPlane, ready: bool = True) -> None:
+    def __init__(self, plane: DataPlane, ready: bool = True, limits: RequestLimits = DEFAULT_LIMITS) -> None:
         self.plane = plane
         self.ready = ready
+        self.limits = limits
+        self.draining = False  # set by NodeServer.stop: new inference requests are refused
 
     async def ServerLive(self, request, context):
         return inference_pb2.ServerLiveResponse(live=True)
@@ -102,46 +69,50 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return inference_pb2.ServerReadyResponse(ready=self.ready)
 
     async def ModelReady(self, request, context):
-        return inference_pb2.ModelReadyResponse(ready=self.ready and request.name in self.plane.segments)
+        registry = self.plane.registry
+        served = request.name in registry and request.version in ("", registry.get(request.name).version)
+        return inference_pb2.ModelReadyResponse(ready=self.ready and served)
 
     async def ServerMetadata(self, request, context):
-        return inference_pb2.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=[])
+        return inference_pb2.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
 
     async def ModelMetadata(self, request, context):
         async def handle():
-            segment = self.plane.resolve(request.name)
+            model = self.plane.resolve(request.name, request.version)
             T = inference_pb2.ModelMetadataResponse.TensorMetadata
+            # The metadata names one datatype per tensor: the native FP32. FP16 and INT8 with
+            # codec parameters are accepted too; NodeInfo lists them (docs/protocol.md).
             return inference_pb2.ModelMetadataResponse(
-                name=segment.name, versions=["1"], platform="pytorch_torchscript",
-                inputs=[T(name="input", datatype="FP32", shape=[-1, *segment.input_shape])],
-                outputs=[T(name="logits", datatype="FP32", shape=[-1, *segment.output_shape])],
+                name=model.name, versions=[model.version], platform=model.platform,
+                inputs=[T(name=s.name, datatype=s.datatypes[0], shape=[-1, *s.shape]) for s in model.inputs],
+                outputs=[T(name=s.name, datatype=s.datatypes[0], shape=[-1, *s.shape]) for s in model.outputs],
             )
         return await _answer(handle, context)
 
     async def ModelInfer(self, request, context):
         started = time.perf_counter()
-        label = request.model_name if request.model_name in self.plane.segments else "unknown"
+        registry = self.plane.registry
+        label = request.model_name if request.model_name in registry else "unknown"
+        received = sum(len(b) for b in request.raw_input_contents)
         sent = 0
 
         async def handle():
-            nonlocal sent
-            result = await self.plane.infer(request.model_name, request_to_inputs(request))
-            response = inference_pb2.ModelInferResponse(model_name=result.model_name, model_version="1", id=request.id)
-            set_parameter(response.parameters["edge_compute_seconds"], float(result.compute_seconds))
-            set_parameter(response.parameters["edge_queue_seconds"], float(result.queue_seconds))
-            for out in result.outputs:
-                tensor = response.outputs.add(name=out.name, datatype=out.datatype, shape=list(out.shape))
-                if request.raw_input_contents:
-                    response.raw_output_contents.append(out.data)
-                else:
-                    values = codec.decode(out.data, out.datatype, out.shape).flatten().tolist()
-                    tensor.contents.fp32_contents.extend(values)
-                sent += len(out.data)
+            nonlocal sent, received
+            if self.draining:
+                raise InferError(InferError.UNAVAILABLE, "node is shutting down; send to another node")
+            req = parse_infer_request(request, self.limits, context.time_remaining())
+            received = sum(inp.nbytes for inp in req.inputs)
+            result = await self.plane.infer(req)
+            response = build_infer_response(result, request.id, raw=bool(request.raw_input_contents))
+            sent = sum(len(out.data) for out in result.outputs)
             return response
 
         code = "OK"
         try:
             return await _answer(handle, context)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
         except BaseException:
             code = _code_name(context)
             raise
@@ -150,7 +121,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             if metrics:
                 metrics.requests.labels(model=label, code=code).inc()
                 metrics.request_seconds.labels(model=label).observe(time.perf_counter() - started)
-                metrics.received_bytes.labels(model=label).inc(sum(len(b) for b in request.raw_input_contents))
+                metrics.received_bytes.labels(model=label).inc(received)
                 metrics.sent_bytes.labels(model=label).inc(sent)
 
 
@@ -163,53 +134,69 @@ async def _answer(handle, context):
     """Run a handler; turn every failure into a gRPC status (the one error boundary)."""
     try:
         return await handle()
-    except DataPlaneError as exc:
-        await context.abort(_STATUS[exc.code], exc.message)
+    except InferError as exc:
+        trailing = ()
+        if exc.retry_after_s is not None:  # gRPC's pushback: when a retry is worth it
+            trailing = ((PUSHBACK_KEY, str(max(1, round(1000 * exc.retry_after_s)))),)
+        await context.abort(_STATUS[exc.code], exc.message, trailing_metadata=trailing)
     except grpc.aio.AbortError:
+        raise
+    except asyncio.CancelledError:
         raise
     except Exception as exc:  # defensive: a bug must answer INTERNAL, not kill the node
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
 
 class ControlServicer(edgesplit_pb2_grpc.EdgeSplitControlServicer):
-    """edgesplit.v1 control plane: node identity, cuts, codecs and segment profiles."""
+    """edgesplit.v1 control plane: node identity, served models, codecs and segment profiles."""
 
-    def __init__(self, plane: DataPlane, node_name: str, weights_sha256: str = "") -> None:
+    def __init__(self, plane: DataPlane, node_name: str, weights_sha256: str = "", intra_op_threads: int = 0) -> None:
         self.plane = plane
         self.node_name = node_name
         self.weights_sha256 = weights_sha256
+        self.intra_op_threads = intra_op_threads
 
     async def NodeInfo(self, request, context):
+        registry = self.plane.registry
+        split = next(iter(registry.split_models.values()), None)
         cuts = [
             edgesplit_pb2.CutInfo(index=c.index, name=c.name, shape=list(c.shape), datatype="FP32")
-            for c in self.plane.model.cut_points()
+            for c in (split.cut_points() if split else [])
         ]
+        models = []
+        for m in registry:
+            TI = edgesplit_pb2.TensorInfo
+            models.append(edgesplit_pb2.ModelInfo(
+                name=m.name,
+                inputs=[TI(name=s.name, shape=list(s.shape), datatypes=list(s.datatypes), codecs=list(codec.CODECS))
+                        for s in m.inputs],
+                outputs=[TI(name=s.name, shape=list(s.shape), datatypes=list(s.datatypes)) for s in m.outputs],
+                batching=m.batching.enabled, preferred_batch=m.batching.preferred_batch,
+                max_batch=m.batching.max_batch, max_queue_delay_seconds=m.batching.max_delay_s,
+            ))
         return edgesplit_pb2.NodeInfoResponse(
-            node_name=self.node_name, version=SERVER_VERSION, model_name=self.plane.model.name,
+            node_name=self.node_name, version=SERVER_VERSION, model_name=split.name if split else "",
             weights_sha256=self.weights_sha256, cuts=cuts, codecs=list(codec.CODECS),
-            max_inflight=self.plane.max_inflight, max_batch=self.plane.max_batch,
-            served_models=sorted(self.plane.segments),
+            max_inflight=self.plane.max_inflight,
+            max_batch=max((m.batching.max_batch for m in registry), default=0),
+            served_models=registry.names(), models=models, workers=self.plane.workers,
+            intra_op_threads=self.intra_op_threads,
         )
 
     async def SegmentProfile(self, request, context):
-        profiles = []
-        metrics = self.plane.metrics
-        names = [request.model_name] if request.model_name else sorted(self.plane.segments)
-        for name in names:
-            if name not in self.plane.segments:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown model {name!r}")
-            count, total = 0, 0.0
-            if metrics:
-                for metric in metrics.compute_seconds.collect():
-                    for s in metric.samples:
-                        if s.labels.get("model") == name and s.name.endswith("_count"):
-                            count = int(s.value)
-                        elif s.labels.get("model") == name and s.name.endswith("_sum"):
-                            total = s.value
-            profiles.append(edgesplit_pb2.SegmentProfile(
-                model_name=name, requests=count, mean_seconds=total / count if count else 0.0, mean_batch=1.0,
-            ))
-        return edgesplit_pb2.SegmentProfileResponse(profiles=profiles)
+        async def handle():
+            registry = self.plane.registry
+            names = [self.plane.resolve(request.model_name).name] if request.model_name else registry.names()
+            profiles = []
+            for name in names:
+                stats = registry.get(name).stats
+                profiles.append(edgesplit_pb2.SegmentProfile(
+                    model_name=name, requests=stats.requests, mean_seconds=stats.mean_compute_seconds,
+                    mean_batch=stats.mean_batch, batches=stats.batches,
+                    mean_queue_seconds=stats.queue_seconds / stats.requests if stats.requests else 0.0,
+                ))
+            return edgesplit_pb2.SegmentProfileResponse(profiles=profiles)
+        return await _answer(handle, context)
 
 
 class _Undecodable:
@@ -266,10 +253,17 @@ class NodeServer:
     inference: InferenceServicer
 
     async def stop(self, grace: float = 10.0) -> None:
-        """Stop accepting, mark NOT_SERVING, let in-flight requests finish within ``grace``."""
+        """Refuse new inference (UNAVAILABLE, so devices fail over), report NOT_SERVING, let the
+        requests in flight finish within ``grace``, then close at once.
+
+        Closing once nothing is in flight, rather than waiting out the grace period, means an
+        idle client connection does not hold the exit.
+        """
         self.inference.ready = False
+        self.inference.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
+        await self.inference.plane.wait_idle(grace)
+        await self.server.stop(0)
 
 
 async def start_node_server(
@@ -278,6 +272,7 @@ async def start_node_server(
     port: int = 0,
     node_name: str = "edge-node",
     weights_sha256: str = "",
+    intra_op_threads: int = 0,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     credentials: grpc.ServerCredentials | None = None,
     token: str | None = None,
@@ -285,9 +280,9 @@ async def start_node_server(
 ) -> NodeServer:
     """Start a grpc.aio server with the data plane, control plane, health and reflection.
 
-    ``credentials`` (see :func:`edgesplit.runtime.tls.server_credentials`) makes the port
+    ``credentials`` (see :func:`edgesplit.runtime.transport.tls.server_credentials`) makes the port
     TLS, mutual TLS when they hold a CA. With ``token``, every call but the health service
-    must carry ``authorization: Bearer <token>`` (:class:`~edgesplit.runtime.auth.TokenAuthInterceptor`,
+    must carry ``authorization: Bearer <token>`` (:class:`~edgesplit.runtime.transport.auth.TokenAuthInterceptor`,
     run before ``interceptors``).
     """
     chain: list[grpc.aio.ServerInterceptor] = []
@@ -305,7 +300,8 @@ async def start_node_server(
     )
     inference = InferenceServicer(plane)
     inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
-    edgesplit_pb2_grpc.add_EdgeSplitControlServicer_to_server(ControlServicer(plane, node_name, weights_sha256), server)
+    control = ControlServicer(plane, node_name, weights_sha256, intra_op_threads)
+    edgesplit_pb2_grpc.add_EdgeSplitControlServicer_to_server(control, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (

@@ -8,8 +8,8 @@ it is to the nodes (mutual TLS). Private keys are written with mode 0600. Runnin
 on the same folder keeps the CA and adds or renews host certificates.
 
 :func:`server_credentials` and :func:`channel_credentials` load those files into gRPC
-credentials for :func:`~edgesplit.runtime.grpc_server.start_node_server` and
-:class:`~edgesplit.runtime.client.EdgeClient`.
+credentials for :func:`~edgesplit.runtime.node.servicer.start_node_server` and
+:class:`~edgesplit.runtime.transport.client.EdgeClient`.
 
 Example::
 
@@ -187,12 +187,17 @@ def check_pair(cert: str | os.PathLike, key: str | os.PathLike, ca: str | os.Pat
             raise ValueError(f"{ca} is not a CA certificate (give the cluster's ca.pem)")
 
 
+CERTS_DESCRIPTION = "Make a small CA and a certificate per host for mutual TLS between device, nodes and controller."
+CERTS_EPILOG = "Example: edgesplit certs --out certs --host node1=198.18.0.11,localhost --host device"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="edgesplit certs",
-        description="Make a small CA and a certificate per host for mutual TLS between device, nodes and controller.",
-        epilog="Example: edgesplit certs --out certs --host node1=198.18.0.11,localhost --host device",
-    )
+    p = argparse.ArgumentParser(prog="edgesplit certs", description=CERTS_DESCRIPTION, epilog=CERTS_EPILOG)
+    return configure_parser(p)
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``edgesplit certs`` flags to ``p``."""
     p.add_argument("--out", required=True, help="folder for ca.pem, ca.key and <host>.pem/<host>.key")
     p.add_argument(
         "--host", action="append", required=True, metavar="NAME[=SAN,...]",
@@ -205,7 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``edgesplit certs``: write the CA and host certificates; 2 on a usage error."""
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the CA and host certificates from parsed flags; 2 on a usage error."""
     try:
         files = make_cluster_certs(args.out, args.host, ca_name=args.ca_name, days=args.days)
     except (ValueError, OSError) as exc:

@@ -1,7 +1,8 @@
-"""Tests of the link emulator (edgesplit.runtime.linksim) against real loopback servers."""
+"""Tests of the link emulator (edgesplit.linksim) against real loopback servers."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import http.client
 import json
@@ -19,13 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from edgesplit.runtime.linksim import (
+from edgesplit.linksim import (
     LinkEmulator,
     LinkEmulatorThread,
     LinkSettings,
+    configure_parser,
     load_schedule,
     load_trace,
     main,
+    run,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -433,7 +436,7 @@ def test_cli_runs_until_signalled(echo_port) -> None:
         [
             sys.executable,
             "-m",
-            "edgesplit.runtime.linksim",
+            "edgesplit.linksim",
             "--target",
             f"127.0.0.1:{echo_port}",
             "--delay",
@@ -467,11 +470,26 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         main(["--target", "nohostport"])
     assert exc.value.code == 2
+    capsys.readouterr()
     bad = tmp_path / "bad.txt"
     bad.write_text("0 fast\n")
-    with pytest.raises(SystemExit):
-        main(["--target", "127.0.0.1:1", "--trace", str(bad)])
+    assert main(["--target", "127.0.0.1:1", "--trace", str(bad)]) == 2
     assert "bad.txt:1" in capsys.readouterr().err
+    assert main(["--target", "127.0.0.1:1", "--period", "5"]) == 2
+    assert "--period applies to --schedule" in capsys.readouterr().err
+
+
+def test_cli_mounts_as_a_subcommand(tmp_path, capsys) -> None:
+    parser = argparse.ArgumentParser(prog="edgesplit")
+    sub = parser.add_subparsers(dest="command", required=True)
+    configure_parser(sub.add_parser("linksim"))
+    args = parser.parse_args(["linksim", "--target", "127.0.0.1:1", "--rate", "2", "--delay", "5"])
+    assert args.target == ("127.0.0.1", 1) and args.rate == 2 and args.delay == 5
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    args = parser.parse_args(["linksim", "--target", "127.0.0.1:1", "--schedule", str(bad)])
+    assert run(args) == 2
+    assert "non-empty JSON list" in capsys.readouterr().err
 
 
 def test_cli_reports_a_busy_port(echo_port, capsys) -> None:

@@ -22,22 +22,18 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client import CollectorRegistry
-from torch import nn
 
-from edgesplit.models.split_model import SplitModel
 from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2, inference_pb2_grpc
-from edgesplit.runtime import node as node_cli
-from edgesplit.runtime import tls
-from edgesplit.runtime.auth import bearer_token, read_token, token_matches
-from edgesplit.runtime.client import EdgeClient, OffloadError
 from edgesplit.runtime.codec import encode
-from edgesplit.runtime.dataplane import DataPlane
-from edgesplit.runtime.grpc_server import start_health_server, start_node_server
-from edgesplit.runtime.launcher import NodeProcess
 from edgesplit.runtime.metrics import NodeMetrics
-
-from ..conftest import RunningNode, stop_in_thread
-from .test_grpc_server import infer_request
+from edgesplit.runtime.node import server as node_cli
+from edgesplit.runtime.node.dataplane import DataPlane
+from edgesplit.runtime.node.launcher import NodeProcess
+from edgesplit.runtime.node.servicer import start_health_server, start_node_server
+from edgesplit.runtime.transport import tls
+from edgesplit.runtime.transport.auth import bearer_token, read_token, token_matches
+from edgesplit.runtime.transport.client import EdgeClient, OffloadError
+from tests.helpers import RunningNode, infer_request, registry_of, stop_in_thread, tiny_model
 
 SC = grpc.StatusCode
 TOKEN = "s3cret-token-for-tests"
@@ -60,16 +56,11 @@ def pair(files, name):
     return files["hosts"][name]["cert"], files["hosts"][name]["key"]
 
 
-def tiny_model() -> SplitModel:
-    torch.manual_seed(0)
-    return SplitModel("tiny", [("fc1", nn.Linear(4, 8)), ("relu", nn.ReLU()), ("fc2", nn.Linear(8, 3))], {}, (4,), 3)
-
-
 @contextlib.contextmanager
 def serving(credentials=None, token=None):
     """A tiny-model node with the given credentials/token on 127.0.0.1:0, on its own loop thread."""
     registry = CollectorRegistry()
-    plane = DataPlane(tiny_model(), NodeMetrics(registry), workers=1)
+    plane = DataPlane(registry_of(tiny_model()), NodeMetrics(registry), workers=1)
     loop = asyncio.new_event_loop()
     started = threading.Event()
     holder: dict = {}

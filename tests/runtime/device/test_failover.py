@@ -4,30 +4,21 @@ deadline or a bad request; deadlines derived from a latency target."""
 from __future__ import annotations
 
 import socket
-import threading
-import time
 
 import pytest
 import torch
-from torch import nn
 
-from edgesplit.models.split_model import SplitModel
-from edgesplit.runtime.client import EdgeClient, OffloadError
 from edgesplit.runtime.codec import encode
-from edgesplit.runtime.device import WHERE_EDGE, DeviceRunner
-from edgesplit.runtime.failover import FailoverClient
-
-from ..conftest import start_in_thread, stop_in_thread
-from .test_grpc_server import Sleep
-
-
-def slow_model(seconds: float) -> SplitModel:
-    return SplitModel("slow", [("sleep", Sleep(seconds)), ("id", nn.Identity())], {}, (4,), 4)
+from edgesplit.runtime.device.breaker import CircuitBreaker
+from edgesplit.runtime.device.failover import FailoverClient
+from edgesplit.runtime.device.runner import WHERE_EDGE, DeviceRunner
+from edgesplit.runtime.transport.client import EdgeClient, OffloadError
+from tests.helpers import CheckedThread, sleepy_model, start_in_thread, stop_in_thread, wait_until
 
 
 @pytest.fixture
 def slow_nodes():
-    started = [start_in_thread(slow_model(0.4), max_inflight=1) for _ in range(2)]
+    started = [start_in_thread(sleepy_model(0.4), max_inflight=1) for _ in range(2)]
     yield [n for n, _ in started]
     for n, t in started:
         stop_in_thread(n, t)
@@ -45,24 +36,33 @@ X = encode(torch.ones(1, 4), "fp32")
 def test_unavailable_node_fails_over_and_its_breaker_opens(slow_nodes):
     client = FailoverClient([EdgeClient(dead_address()), EdgeClient(slow_nodes[0].address)], failure_threshold=2,
                             reset_seconds=60)
-    for _ in range(4):
-        result = client.infer("slow", X, timeout=5)
-        assert result.logits.shape == (1, 4)
     dead, alive = client.targets
-    assert client.attempts[alive] == 4
-    assert client.attempts[dead] == 1, "preferred node switches after the first failover"
+    assert client.infer("slow", X, timeout=5).logits.shape == (1, 4)
+    assert client.attempts == {dead: 1, alive: 1}
+    assert client.breakers[0].state == CircuitBreaker.CLOSED, "one failure of two: still closed"
+    for _ in range(3):
+        assert client.infer("slow", X, timeout=5).logits.shape == (1, 4)
+    assert client.attempts == {dead: 1, alive: 4}, "the preferred node switched after the first failover"
+    # Back to the dead node first: its second failure opens its breaker, which then keeps it out.
+    client._preferred = 0
+    client.infer("slow", X, timeout=5)
+    assert client.breakers[0].state == CircuitBreaker.OPEN and client.attempts[dead] == 2
+    client._preferred = 0
+    client.infer("slow", X, timeout=5)
+    assert client.attempts == {dead: 2, alive: 6}, "an open breaker is skipped without a call"
     client.close()
 
 
 def test_resource_exhausted_goes_to_the_next_node(slow_nodes):
     a, b = slow_nodes
     client = FailoverClient([EdgeClient(a.address), EdgeClient(b.address)])
-    occupy = threading.Thread(target=lambda: EdgeClient(a.address).infer("slow", X, timeout=5))
+    other = EdgeClient(a.address)
+    occupy = CheckedThread(lambda: other.infer("slow", X, timeout=5), name="occupy")
     occupy.start()
-    while a.plane.inflight == 0:
-        time.sleep(0.01)
+    wait_until(lambda: a.plane.inflight == 1, 5, "node a to be full")
     client.infer("slow", X, timeout=5)
-    occupy.join()
+    occupy.result(10)
+    other.close()
     assert client.attempts == {a.address: 1, b.address: 1}
     assert client.breakers[0].state == "closed", "a full node is alive: no failure counted"
     client.close()
@@ -90,17 +90,21 @@ def test_bad_request_is_not_retried(slow_nodes):
 
 def test_device_runner_fails_over_between_real_nodes(trained_model):
     nodes = [start_in_thread(trained_model) for _ in range(2)]
+    stopped = []
     try:
         client = FailoverClient([EdgeClient(n.address) for n, _ in nodes])
         runner = DeviceRunner(trained_model, cut=4, thresholds=1.01, client=client, deadline_s=5)
         x = torch.randn(1, 1, 28, 28)
         assert runner.infer(x).where == WHERE_EDGE
         stop_in_thread(*nodes[0])
+        stopped.append(0)
         answers = [runner.infer(x) for _ in range(5)]
         assert all(a.where == WHERE_EDGE for a in answers)
         client.close()
     finally:
-        stop_in_thread(*nodes[1])
+        for i, n in enumerate(nodes):
+            if i not in stopped:
+                stop_in_thread(*n)
 
 
 def test_deadline_leaves_room_for_local_completion(trained_model):

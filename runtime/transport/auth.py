@@ -8,7 +8,7 @@ comparison is constant-time (:func:`hmac.compare_digest`). The standard health s
 probe a node without holding the secret; it tells nothing but SERVING or NOT_SERVING.
 
 The token is a shared secret, not an identity: combine it with TLS (see
-:mod:`edgesplit.runtime.tls`), or anyone on the path can read it.
+:mod:`edgesplit.runtime.transport.tls`), or anyone on the path can read it.
 
 Example::
 
@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import hmac
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -28,6 +29,8 @@ import grpc
 TOKEN_ENV = "EDGESPLIT_TOKEN"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 _REFUSED = "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'"
+
+log = logging.getLogger("edgesplit.auth")
 
 
 def bearer_token(metadata: Iterable | None) -> str | None:
@@ -71,6 +74,9 @@ def read_token(path: str | os.PathLike | None = None, env: dict | None = None) -
         token = text.strip().splitlines()[0].strip() if text.strip() else ""
         if not token:
             raise ValueError(f"token file {path} is empty; put the token on its first line")
+        mode = Path(path).stat().st_mode
+        if mode & 0o077:
+            log.warning("token file %s is readable by group or others (mode %o); chmod 600 it", path, mode & 0o777)
         return token
     if TOKEN_ENV in env:
         token = env[TOKEN_ENV].strip()

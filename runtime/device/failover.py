@@ -1,0 +1,137 @@
+"""Offload across one or more edge nodes, with one circuit breaker per node.
+
+This is the device side's only circuit-breaking layer. A call goes to the preferred node
+(the last one that answered); on a failure it moves to the next node whose breaker lets
+it through, as long as the deadline leaves time:
+
+- UNAVAILABLE (node down, connection refused or reset): count a failure, try the next node;
+- RESOURCE_EXHAUSTED (node full): try the next node, no failure counted (it is alive);
+- DEADLINE_EXCEEDED: count a failure and give up: the time is spent, a retry cannot help;
+- anything else (INVALID_ARGUMENT, NOT_FOUND, ...): give up at once: every node would say so.
+
+When every breaker is open the call fails at once with reason ``CIRCUIT_OPEN``. Every
+call a breaker let through reports its outcome to that breaker, whatever happens, so a
+half-open breaker's single probe slot is always given back.
+
+Example::
+
+    client = FailoverClient([EdgeClient("198.18.0.11:8001"), EdgeClient("198.18.0.12:8001")])
+    runner = DeviceRunner(model, cut=4, client=client)
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+from edgesplit.runtime import codec
+from edgesplit.runtime.inference import OffloadError, OffloadResult
+
+from .breaker import CircuitBreaker
+
+RETRY_ELSEWHERE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
+COUNTS_AS_FAILURE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN"})
+# Below this, a further attempt cannot finish in time; fail fast and complete locally.
+MIN_ATTEMPT_SECONDS = 0.005
+
+
+class Offloader(Protocol):
+    """What the device needs of a client: run a segment on a node, or raise OffloadError."""
+
+    def infer(
+        self,
+        model_name: str,
+        tensors: codec.EncodedTensor | Mapping[str, codec.EncodedTensor],
+        timeout: float,
+        request_id: str = "",
+        wait_for_ready: bool = False,
+    ) -> OffloadResult: ...
+
+
+class FailoverClient:
+    """An offloader over several node clients (for example ``EdgeClient`` s), used like one."""
+
+    def __init__(
+        self,
+        clients: Sequence[Offloader],
+        breakers: Sequence[CircuitBreaker] | None = None,
+        failure_threshold: int = 2,
+        reset_seconds: float = 0.5,
+    ) -> None:
+        if not clients:
+            raise ValueError("FailoverClient needs at least one client")
+        self.clients = list(clients)
+        self.breakers = (
+            list(breakers) if breakers else [CircuitBreaker(failure_threshold, reset_seconds) for _ in self.clients]
+        )
+        if len(self.breakers) != len(self.clients):
+            raise ValueError("give one breaker per client")
+        self._preferred = 0
+        self._lock = threading.Lock()
+        self.attempts: dict[str, int] = {self._target(i): 0 for i in range(len(self.clients))}
+
+    def _target(self, i: int) -> str:
+        return str(getattr(self.clients[i], "target", f"client{i}"))
+
+    @property
+    def targets(self) -> list[str]:
+        return [self._target(i) for i in range(len(self.clients))]
+
+    def infer(
+        self,
+        model_name: str,
+        tensors: codec.EncodedTensor | Mapping[str, codec.EncodedTensor],
+        timeout: float,
+        request_id: str = "",
+        wait_for_ready: bool = False,
+    ) -> OffloadResult:
+        """Offload to the first node that answers within ``timeout``; raise OffloadError otherwise.
+
+        A half-open breaker's probe waits (within the deadline) for the node's connection
+        to come back instead of failing at once while gRPC is still in reconnect backoff;
+        otherwise a node that has just restarted would be probed too early and stay shunned.
+        """
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            start = self._preferred
+        last = OffloadError("CIRCUIT_OPEN", "every edge node's circuit is open; completing locally")
+        n = len(self.clients)
+        for step in range(n):
+            i = (start + step) % n
+            remaining = deadline - time.monotonic()
+            if remaining < MIN_ATTEMPT_SECONDS:
+                raise OffloadError("DEADLINE_EXCEEDED", f"no time left after {step} attempts") from None
+            breaker = self.breakers[i]
+            if not breaker.allow():
+                continue
+            probe = breaker.state == CircuitBreaker.HALF_OPEN
+            with self._lock:
+                self.attempts[self._target(i)] += 1
+            try:
+                result = self.clients[i].infer(model_name, tensors, remaining, request_id,
+                                               wait_for_ready=wait_for_ready or probe)
+            except OffloadError as exc:
+                last = exc
+                if exc.reason in COUNTS_AS_FAILURE:
+                    breaker.failure()
+                else:
+                    breaker.success()  # it answered: alive, just full or refusing
+                if exc.reason not in RETRY_ELSEWHERE:
+                    raise
+                continue
+            except BaseException:
+                breaker.failure()  # an unexpected error: never keep the probe slot
+                raise
+            breaker.success()
+            with self._lock:
+                self._preferred = i
+            return result
+        raise last
+
+    def close(self) -> None:
+        for c in self.clients:
+            close = getattr(c, "close", None)
+            if close:
+                close()

@@ -1,0 +1,299 @@
+"""Device runner: run the head and its exits locally, offload the rest, never lose a request.
+
+For each input the runner reads the plan in force once (:class:`~edgesplit.runtime.plan.Plan`:
+cut, thresholds, codec, epoch), runs blocks up to the cut, checking on the way every exit
+whose threshold can be met (exits set above 1 are skipped, not computed); the first exit
+whose confidence clears its threshold answers locally. Otherwise the tensor crossing the
+cut is encoded and sent to a node with a deadline. If offloading fails (the codec cannot
+carry the tensor, deadline, unavailable, resource exhausted, every node's circuit open)
+the runner completes the request itself: the rest of the model, or the best exit it
+already computed, as ``fallback`` says. Every call returns exactly one :class:`Answer`,
+which carries the epoch of the plan it ran under.
+
+Circuit breaking is the offloader's job (one breaker per node in
+:class:`~edgesplit.runtime.device.failover.FailoverClient`); a bare client is wrapped in a
+``FailoverClient`` of one, so there is exactly one breaker per node and none above it.
+
+Example::
+
+    >>> import torch
+    >>> from edgesplit.models import build_model
+    >>> runner = DeviceRunner(build_model("resnet_fm").eval(), cut=4, thresholds=0.9, client=None)
+    >>> runner.infer(torch.zeros(1, 1, 28, 28)).where
+    'device-fallback'
+    >>> runner.set_plan(runner.plan.with_changes(cut=7)).epoch
+    1
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from edgesplit.models.split_model import SplitModel, confidence
+from edgesplit.runtime import codec as codecs
+from edgesplit.runtime.inference import OffloadError
+from edgesplit.runtime.metrics import DeviceMetrics
+from edgesplit.runtime.plan import NEVER, Plan
+
+from .failover import FailoverClient, Offloader
+
+log = logging.getLogger("edgesplit.device")
+
+WHERE_DEVICE = "device"  # answered by a local exit, or the plan runs everything locally
+WHERE_EDGE = "edge"
+WHERE_FALLBACK = "device-fallback"  # offloading failed; completed locally
+
+
+@dataclass
+class Latency:
+    """Where the time of one request went, in seconds."""
+
+    device: float = 0.0
+    transfer: float = 0.0
+    edge: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.device + self.transfer + self.edge
+
+
+@dataclass
+class Answer:
+    """The one answer to one request."""
+
+    request_id: int
+    prediction: int
+    confidence: float
+    exit: str  # "exit@K" or "final"
+    where: str  # WHERE_DEVICE, WHERE_EDGE or WHERE_FALLBACK
+    latency: Latency = field(default_factory=Latency)
+    offload_error: str | None = None
+    logits: torch.Tensor | None = None
+    epoch: int = 0  # the plan this request ran under
+
+
+class DeviceRunner:
+    """Runs a split model's head on this device and offloads its tail, under a swappable plan."""
+
+    def __init__(
+        self,
+        model: SplitModel,
+        cut: int | None = None,
+        thresholds: float | Mapping[int, float] = NEVER,
+        client: Offloader | None = None,
+        codec: str = "fp32",
+        deadline_s: float = 0.5,
+        fallback: str = "complete",
+        metrics: DeviceMetrics | None = None,
+        latency_target_s: float | None = None,
+        plan: Plan | None = None,
+        compression: str = "none",
+    ) -> None:
+        self.model = model.eval()
+        if fallback not in ("complete", "best_exit"):
+            raise ValueError("fallback must be 'complete' (run the rest locally) or 'best_exit'")
+        if plan is None:
+            if cut is None:
+                raise ValueError("give a cut (or a plan)")
+            if codec not in codecs.CODECS:
+                raise ValueError(f"codec must be one of {codecs.CODECS}, not {codec!r}")
+            plan = Plan(cut, self._thresholds(thresholds), codec, compression, epoch=0)
+        if client is not None and not isinstance(client, FailoverClient):
+            client = FailoverClient([client])
+        self.client = client
+        self.deadline_s = deadline_s
+        self.fallback = fallback
+        self.metrics = metrics
+        self.latency_target_s = latency_target_s
+        self._ids = itertools.count()
+        self._local_tail: dict[int, float] = {}
+        self._tail_lock = threading.Lock()
+        self._plan = self._check(plan)
+        if latency_target_s:
+            self.local_tail_seconds(self._plan.cut)
+
+    # -- plan ---------------------------------------------------------------------------
+    @property
+    def plan(self) -> Plan:
+        """The plan in force (read once per request)."""
+        return self._plan
+
+    def set_plan(self, plan: Plan) -> Plan:
+        """Swap in ``plan`` atomically: requests already running finish under the old one."""
+        self._plan = self._check(plan)
+        if self.metrics:
+            self.metrics.plan_epoch.set(plan.epoch)
+        return plan
+
+    @property
+    def cut(self) -> int:
+        return self._plan.cut
+
+    @property
+    def codec(self) -> str:
+        return self._plan.codec
+
+    @property
+    def thresholds(self) -> dict[int, float]:
+        return {c: self._plan.threshold(c) for c in self.model.exit_cuts}
+
+    def _check(self, plan: Plan) -> Plan:
+        self.model.check_cut(plan.cut)
+        unknown = set(plan.thresholds) - set(self.model.exit_cuts)
+        if unknown:
+            raise ValueError(f"no exits at cuts {sorted(unknown)}; exits are at {self.model.exit_cuts}")
+        return plan
+
+    def _thresholds(self, thresholds: float | Mapping[int, float]) -> dict[int, float]:
+        if isinstance(thresholds, Mapping):
+            unknown = set(thresholds) - set(self.model.exit_cuts)
+            if unknown:
+                raise ValueError(f"no exits at cuts {sorted(unknown)}; exits are at {self.model.exit_cuts}")
+            return {c: float(thresholds.get(c, NEVER)) for c in self.model.exit_cuts}
+        return {c: float(thresholds) for c in self.model.exit_cuts}
+
+    # -- deadlines ------------------------------------------------------------------------
+    def local_tail_seconds(self, cut: int, repeats: int = 3) -> float:
+        """Median time to run the tail after ``cut`` on this device (what a fallback costs); cached."""
+        with self._tail_lock:
+            if cut not in self._local_tail:
+                h = torch.zeros(1, *self.model.cut_points()[cut].shape)
+                times = []
+                with torch.inference_mode():
+                    for _ in range(repeats):
+                        started = time.perf_counter()
+                        self.model.run(h, cut)
+                        times.append(time.perf_counter() - started)
+                self._local_tail[cut] = sorted(times)[len(times) // 2]
+            return self._local_tail[cut]
+
+    @property
+    def local_tail_s(self) -> float:
+        return self.local_tail_seconds(self._plan.cut) if self.latency_target_s else 0.0
+
+    def offload_deadline(self, elapsed_s: float, cut: int | None = None) -> float:
+        """Seconds the node may take: fixed, or what the latency target leaves after the head
+        and a local completion."""
+        if self.latency_target_s is None:
+            return self.deadline_s
+        tail = self.local_tail_seconds(self._plan.cut if cut is None else cut)
+        return max(0.005, self.latency_target_s - elapsed_s - tail)
+
+    @staticmethod
+    def tail_model_name_for(model: SplitModel, cut: int) -> str:
+        return model.name if cut == 0 else f"{model.name}.from.{cut}"
+
+    @property
+    def tail_model_name(self) -> str:
+        return self.tail_model_name_for(self.model, self._plan.cut)
+
+    # -- requests -------------------------------------------------------------------------
+    def infer(self, x: torch.Tensor) -> Answer:
+        """Answer one input (shape [1, *input_shape] or [*input_shape])."""
+        request_id = next(self._ids)
+        if x.dim() == len(self.model.input_shape):
+            x = x.unsqueeze(0)
+        answer = self._infer(request_id, x, self._plan)
+        if self.metrics:
+            self.metrics.answers.labels(where=answer.where, exit=answer.exit).inc()
+            for part in ("device", "transfer", "edge"):
+                self.metrics.latency.labels(part=part).observe(getattr(answer.latency, part))
+            self.metrics.latency.labels(part="total").observe(answer.latency.total)
+        return answer
+
+    def _infer(self, request_id: int, x: torch.Tensor, plan: Plan) -> Answer:
+        latency = Latency()
+        started = time.perf_counter()
+        seen: list[tuple[float, int, str, torch.Tensor]] = []
+        skipped: list[tuple[int, torch.Tensor]] = []  # exits that cannot fire: computed only for a best_exit fallback
+        active = plan.active_exits(exits=self.model.exit_cuts)
+        exits = set(self.model.exit_cuts)
+        with torch.inference_mode():
+            h = x
+            for index in range(1, plan.cut + 1):
+                h = self.model.blocks[index - 1](h)
+                if index in exits and index not in active:
+                    skipped.append((index, h))
+                elif index in active:
+                    logits = self.model.exit_logits(index, h)
+                    conf, pred = confidence(logits)
+                    seen.append((float(conf[0]), int(pred[0]), f"exit@{index}", logits))
+                    if float(conf[0]) >= plan.threshold(index):
+                        latency.device = time.perf_counter() - started
+                        return Answer(request_id, int(pred[0]), float(conf[0]), f"exit@{index}", WHERE_DEVICE,
+                                      latency, logits=logits, epoch=plan.epoch)
+        if plan.cut == self.model.num_blocks:
+            latency.device = time.perf_counter() - started
+            conf, pred = confidence(h)
+            return Answer(request_id, int(pred[0]), float(conf[0]), "final", WHERE_DEVICE, latency, logits=h,
+                          epoch=plan.epoch)
+        if self.client is None:
+            return self._complete_locally(request_id, h, seen, latency, started, "no edge client", plan,
+                                          skipped=skipped)
+        try:
+            encoded = codecs.encode(h, plan.codec, plan.compression)
+        except codecs.CodecError as exc:
+            self._count_failure("CODEC")
+            log.debug("request %d: codec %s cannot carry the tensor (%s); completing locally",
+                      request_id, plan.codec, exc)
+            return self._complete_locally(request_id, h, seen, latency, started, f"CODEC: {exc}", plan,
+                                          skipped=skipped)
+        latency.device = time.perf_counter() - started
+        call_started = time.perf_counter()
+        try:
+            deadline = self.offload_deadline(latency.device, plan.cut)
+            result = self.client.infer(self.tail_model_name_for(self.model, plan.cut), encoded, deadline,
+                                       str(request_id))
+        except OffloadError as exc:
+            latency.transfer = time.perf_counter() - call_started  # time lost on the attempt
+            self._count_failure(exc.reason)
+            return self._complete_locally(request_id, h, seen, latency, started, exc.reason, plan, resumed=True,
+                                          skipped=skipped)
+        except Exception as exc:  # a bug, not a network failure: say so loudly, still answer once
+            latency.transfer = time.perf_counter() - call_started
+            log.exception("request %d: offloading raised %s; completing locally", request_id, type(exc).__name__)
+            self._count_failure("INTERNAL_ERROR")
+            return self._complete_locally(request_id, h, seen, latency, started,
+                                          f"INTERNAL_ERROR: {type(exc).__name__}", plan, resumed=True,
+                                          skipped=skipped)
+        latency.edge = result.edge_seconds
+        latency.transfer = max(0.0, result.round_trip_seconds - result.edge_seconds)
+        if self.metrics:
+            self.metrics.sent_bytes.inc(result.sent_bytes)
+        conf, pred = confidence(result.logits)
+        return Answer(request_id, int(pred[0]), float(conf[0]), "final", WHERE_EDGE, latency,
+                      logits=result.logits, epoch=plan.epoch)
+
+    def _count_failure(self, reason: str) -> None:
+        if self.metrics:
+            self.metrics.offload_failures.labels(reason=reason).inc()
+
+    def _complete_locally(self, request_id, h, seen, latency, started, error, plan, resumed=False,
+                          skipped=()) -> Answer:
+        local_started = time.perf_counter()
+        if self.fallback == "best_exit" and skipped:
+            with torch.inference_mode():
+                for index, hx in skipped:
+                    logits = self.model.exit_logits(index, hx)
+                    conf, pred = confidence(logits)
+                    seen = [*seen, (float(conf[0]), int(pred[0]), f"exit@{index}", logits)]
+        if self.fallback == "best_exit" and seen:
+            conf, pred, name, logits = max(seen, key=lambda s: s[0])
+        else:
+            with torch.inference_mode():
+                logits = self.model.run(h, plan.cut)
+            c, p = confidence(logits)
+            conf, pred, name = float(c[0]), int(p[0]), "final"
+        if resumed:
+            latency.device += time.perf_counter() - local_started
+        else:
+            latency.device = time.perf_counter() - started
+        return Answer(request_id, pred, conf, name, WHERE_FALLBACK, latency, offload_error=error, logits=logits,
+                      epoch=plan.epoch)

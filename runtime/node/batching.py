@@ -1,0 +1,265 @@
+"""Dynamic batching: a queue per served model, batches formed when a worker is free.
+
+Requests for the same model from many devices wait in that model's queue. When one of
+the node's workers is free, the queue's dispatcher takes every waiting request up to the
+model's ``max_batch`` rows; while another batch is running (the node is loaded) it first
+waits up to ``max_delay_s`` for the queue to reach ``preferred_batch`` rows, so a loaded
+node runs fuller batches and an idle node never delays a request. A request whose
+deadline has passed is answered DEADLINE_EXCEEDED and never run; a request whose caller
+went away is dropped.
+
+The batch itself runs in a worker thread (:func:`execute_batch`): each request's inputs
+are decoded there by their own codec (so mixed codecs batch together), stacked, run,
+split back, and each request's outputs encoded, so the event loop only moves references.
+One request's bad payload fails that request alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+import torch
+
+from edgesplit.runtime import codec
+from edgesplit.runtime.inference import InferError, InferOutput, InferRequest, InferResult
+
+from .registry import ServedModel
+
+
+class WorkerSlots:
+    """The node's worker threads as slots shared by every model's queue; counts batches running."""
+
+    def __init__(self, workers: int) -> None:
+        self._semaphore = asyncio.Semaphore(workers)
+        self.busy = 0
+
+    async def acquire(self) -> None:
+        await self._semaphore.acquire()
+        self.busy += 1
+
+    def release(self) -> None:
+        self.busy -= 1
+        self._semaphore.release()
+
+
+@dataclass
+class Pending:
+    """A request waiting in a model's queue."""
+
+    request: InferRequest
+    rows: int
+    future: asyncio.Future
+    enqueued: float  # time.perf_counter()
+    deadline: float | None  # time.perf_counter() by which it must be answered
+
+
+@dataclass
+class BatchOutcome:
+    """What a worker returns for one batch: per request a result or an error."""
+
+    answers: list[InferResult | InferError]
+    rows: int
+    compute_seconds: float
+
+
+class ModelQueue:
+    """The pending requests of one served model and the task that batches them."""
+
+    def __init__(
+        self,
+        model: ServedModel,
+        executor: Executor,
+        slots: WorkerSlots,
+        on_batch: Callable[[ServedModel, list[Pending], BatchOutcome, float], None],
+        max_elements: int,
+    ) -> None:
+        self.model = model
+        self._executor = executor
+        self._slots = slots
+        self._on_batch = on_batch
+        self._max_elements = max_elements
+        self._queue: collections.deque[Pending] = collections.deque()
+        self._rows = 0
+        self._arrived = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def submit(self, item: Pending) -> None:
+        """Queue ``item``; its future gets the result or an :class:`InferError`."""
+        self._queue.append(item)
+        self._rows += item.rows
+        self._arrived.set()
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._dispatch(), name=f"batcher {self.model.name}")
+
+    async def close(self) -> None:
+        """Stop dispatching; fail what is queued with UNAVAILABLE; wait for running batches."""
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        while self._queue:
+            item = self._queue.popleft()
+            if not item.future.done():
+                item.future.set_exception(InferError(InferError.UNAVAILABLE, "node is shutting down"))
+        self._rows = 0
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
+
+    async def _dispatch(self) -> None:
+        while True:
+            if not self._queue:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            await self._slots.acquire()
+            try:
+                await self._fill()
+                batch = self._take()
+            except BaseException:
+                self._slots.release()
+                raise
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _fill(self) -> None:
+        """While the node is loaded, wait briefly for the queue to reach the preferred size."""
+        config = self.model.batching
+        if not config.enabled:
+            return
+        # busy counts this dispatcher's own slot too: more than one means another batch is running
+        while self._queue and self._rows < config.preferred_batch and self._slots.busy > 1:
+            left = self._queue[0].enqueued + config.max_delay_s - time.perf_counter()
+            if left <= 0:
+                return
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), left)
+            except asyncio.TimeoutError:
+                return
+
+    def _take(self) -> list[Pending]:
+        """Pop the next batch: skip callers that left, fail expired requests, respect max_batch."""
+        config = self.model.batching
+        limit = config.max_batch if config.enabled else 1
+        batch: list[Pending] = []
+        rows = 0
+        now = time.perf_counter()
+        while self._queue:
+            item = self._queue[0]
+            if item.future.done():  # the caller went away (cancelled)
+                self._pop()
+                continue
+            if item.deadline is not None and now >= item.deadline:
+                self._pop()
+                item.future.set_exception(InferError(
+                    InferError.DEADLINE_EXCEEDED,
+                    f"deadline passed after {1000 * (now - item.enqueued):.1f} ms in the queue; not run",
+                ))
+                continue
+            if batch and (rows + item.rows > limit or not config.enabled):
+                break
+            self._pop()
+            batch.append(item)
+            rows += item.rows
+        return batch
+
+    def _pop(self) -> Pending:
+        item = self._queue.popleft()
+        self._rows -= item.rows
+        return item
+
+    async def _execute(self, batch: list[Pending]) -> None:
+        started = time.perf_counter()
+        try:
+            loop = asyncio.get_running_loop()
+            outcome = await loop.run_in_executor(
+                self._executor, execute_batch, self.model, [p.request for p in batch], self._max_elements
+            )
+        except BaseException as exc:  # the executor itself failed (shut down): nobody may hang
+            error = InferError(InferError.UNAVAILABLE, f"node could not run the batch: {type(exc).__name__}")
+            outcome = BatchOutcome([error] * len(batch), sum(p.rows for p in batch), 0.0)
+        finally:
+            self._slots.release()
+        for item, answer in zip(batch, outcome.answers):
+            if item.future.done():
+                continue
+            if isinstance(answer, InferError):
+                item.future.set_exception(answer)
+            else:
+                answer.queue_seconds = max(0.0, started - item.enqueued)
+                item.future.set_result(answer)
+        self._on_batch(self.model, batch, outcome, started)
+
+
+def execute_batch(model: ServedModel, requests: list[InferRequest], max_elements: int) -> BatchOutcome:
+    """Decode, stack, run, split and encode one batch (runs in a worker thread)."""
+    answers: list[InferResult | InferError | None] = [None] * len(requests)
+    decoded: list[tuple[int, list[torch.Tensor]]] = []
+    for i, request in enumerate(requests):
+        try:
+            decoded.append((i, _decode_inputs(model, request, max_elements)))
+        except InferError as exc:
+            answers[i] = exc
+    rows = 0
+    compute = 0.0
+    if decoded:
+        by_name = [[tensors[k] for _, tensors in decoded] for k in range(len(model.inputs))]
+        stacked = [parts[0] if len(parts) == 1 else torch.cat(parts) for parts in by_name]
+        rows = stacked[0].shape[0]
+        started = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                outputs = model.run(stacked)
+        except Exception as exc:  # a model failure answers INTERNAL, never kills the node
+            error = InferError(InferError.INTERNAL, f"{model.name} failed: {type(exc).__name__}: {exc}")
+            for i, _ in decoded:
+                answers[i] = error
+            return BatchOutcome(answers, rows, time.perf_counter() - started)  # type: ignore[arg-type]
+        compute = time.perf_counter() - started
+        offset = 0
+        for i, tensors in decoded:
+            n = tensors[0].shape[0]
+            answers[i] = _result(model, requests[i], [y[offset:offset + n] for y in outputs], compute, rows)
+            offset += n
+    return BatchOutcome(answers, rows, compute)  # type: ignore[arg-type]
+
+
+def _decode_inputs(model: ServedModel, request: InferRequest, max_elements: int) -> list[torch.Tensor]:
+    by_name = {inp.name: inp for inp in request.inputs}
+    tensors = []
+    for spec in model.inputs:
+        inp = by_name[spec.name]
+        try:
+            x = codec.decode(inp.raw_bytes(), inp.datatype, inp.shape, inp.params, max_elements=max_elements)
+        except (codec.CodecError, ValueError, OverflowError) as exc:
+            raise InferError(InferError.INVALID_ARGUMENT, f"input {spec.name!r}: {exc}") from None
+        if not torch.isfinite(x).all():
+            raise InferError(InferError.INVALID_ARGUMENT, f"input {spec.name!r} holds NaN or Inf values")
+        tensors.append(x)
+    return tensors
+
+
+def _result(
+    model: ServedModel, request: InferRequest, outputs: list[torch.Tensor], compute: float, rows: int
+) -> InferResult:
+    wanted = set(request.requested_outputs) if request.requested_outputs else None
+    encoded = []
+    for spec, y in zip(model.outputs, outputs):
+        if wanted is not None and spec.name not in wanted:
+            continue
+        enc = codec.encode(y.contiguous(), "fp32")
+        encoded.append(InferOutput(spec.name, enc.datatype, tuple(enc.shape), enc.data))
+    return InferResult(model.name, model.version, encoded, compute, 0.0, rows)

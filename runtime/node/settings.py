@@ -1,0 +1,153 @@
+"""Everything an edge node is configured with, as one checked object, and its command-line flags.
+
+:class:`NodeSettings` is what :func:`edgesplit.runtime.node.server.serve` takes; it comes
+from the command line (:func:`NodeSettings.from_args`) or is built in Python. Defaults
+never oversubscribe the CPU: ``workers`` x ``threads`` (torch intra-op threads per batch)
+stays within the cores, and a setting that exceeds them is reported.
+
+Example::
+
+    >>> s = NodeSettings(models=("resnet_fm",), port=0, threads=1)
+    >>> s.worker_count(cores=2), s.batching_config().preferred_batch
+    (2, 16)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the registry imports torch; the command line should not have to
+    from .registry import BatchingConfig
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Configuration of one edge node (see ``edge-node --help`` for each field)."""
+
+    models: tuple[str, ...] = ("resnet_fm",)
+    weights: str | None = None
+    random_weights: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8001
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9091
+    port_file: str | None = None
+    name: str = dataclasses.field(default_factory=socket.gethostname)
+    max_inflight: int = 64
+    batching: bool = True
+    max_batch: int = 64
+    preferred_batch: int = 16
+    max_delay_ms: float = 2.0
+    workers: int = 0  # 0: as many as the cores allow at ``threads`` each
+    threads: int = 1  # torch intra-op threads per batch; 0: cores / workers
+    grace: float = 10.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    token_file: str | None = None
+    metrics_tls: bool = False
+    health_host: str = "127.0.0.1"
+    health_port: int = -1
+
+    def __post_init__(self) -> None:
+        if not self.models:
+            raise ValueError("give at least one --model")
+        if self.weights and len(self.models) != 1:
+            raise ValueError("--weights applies to a single --model; serve one model per weights file")
+        for name, value in (("max_inflight", self.max_inflight), ("max_batch", self.max_batch)):
+            if value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, not {value}")
+        if self.workers < 0 or self.threads < 0:
+            raise ValueError("--workers and --threads must be >= 0 (0 picks them from the core count)")
+        if self.grace < 0:
+            raise ValueError(f"--grace must be >= 0, not {self.grace}")
+        self.batching_config()  # validates preferred/max batch and delay
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> NodeSettings:
+        """Settings from a namespace made by :func:`configure_parser`."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in names}
+        values["models"] = tuple(args.models or ("resnet_fm",))
+        values["batching"] = not args.no_batching
+        return cls(**values)
+
+    def worker_count(self, cores: int | None = None) -> int:
+        cores = cores or os.cpu_count() or 1
+        if self.workers:
+            return self.workers
+        return max(1, cores // max(1, self.threads or 1))
+
+    def thread_count(self, cores: int | None = None) -> int:
+        cores = cores or os.cpu_count() or 1
+        if self.threads:
+            return self.threads
+        return max(1, cores // self.worker_count(cores))
+
+    def oversubscribed(self, cores: int | None = None) -> bool:
+        cores = cores or os.cpu_count() or 1
+        return self.worker_count(cores) * self.thread_count(cores) > cores
+
+    def batching_config(self) -> BatchingConfig:
+        from .registry import BatchingConfig
+
+        return BatchingConfig(
+            enabled=self.batching, preferred_batch=min(self.preferred_batch, self.max_batch),
+            max_batch=self.max_batch, max_delay_s=self.max_delay_ms / 1000,
+        )
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the node's flags to ``p`` (used by ``edge-node`` and ``edgesplit node``)."""
+    d = NodeSettings.__dataclass_fields__
+    p.add_argument("--model", dest="models", action="append",
+                   help="model from the zoo; repeat to serve several (default: resnet_fm)")
+    p.add_argument("--weights", help="safetensors weights (default: the shipped ones)")
+    p.add_argument("--random-weights", action="store_true", help="serve untrained weights (latency work)")
+    p.add_argument("--host", default=d["host"].default, help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=d["port"].default, help="gRPC port; 0 picks a free one (default: 8001)")
+    p.add_argument("--metrics-host", default=d["metrics_host"].default, help="address of the /metrics endpoint")
+    p.add_argument("--metrics-port", type=int, default=d["metrics_port"].default,
+                   help="Prometheus port; 0 picks one, -1 disables (default: 9091)")
+    p.add_argument("--port-file", help="write {port, metrics_port, health_port, pid} as JSON here once serving")
+    p.add_argument("--name", default=socket.gethostname(), help="node name reported by NodeInfo")
+    p.add_argument("--max-inflight", type=int, default=d["max_inflight"].default,
+                   help="requests queued or running before RESOURCE_EXHAUSTED (default: 64)")
+    b = p.add_argument_group("dynamic batching")
+    b.add_argument("--no-batching", action="store_true", help="run every request on its own")
+    b.add_argument("--max-batch", type=int, default=d["max_batch"].default,
+                   help="most rows in one batch, and in one request (default: 64)")
+    b.add_argument("--preferred-batch", type=int, default=d["preferred_batch"].default,
+                   help="rows a loaded node waits for before running a batch (default: 16)")
+    b.add_argument("--max-delay-ms", type=float, default=d["max_delay_ms"].default,
+                   help="longest wait for the preferred batch while the node is loaded (default: 2)")
+    c = p.add_argument_group("threads (workers x threads should not exceed the cores)")
+    c.add_argument("--workers", type=int, default=0, help="batches run at a time (default 0: cores / threads)")
+    c.add_argument("--threads", type=int, default=d["threads"].default,
+                   help="torch intra-op threads per batch (default: 1; 0: cores / workers)")
+    p.add_argument("--grace", type=float, default=d["grace"].default,
+                   help="seconds to drain in-flight requests on SIGTERM (default: 10)")
+    s = p.add_argument_group("security (see docs/security.md)")
+    s.add_argument("--tls-cert", help="PEM certificate of this node (edgesplit certs); serve TLS")
+    s.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    s.add_argument("--tls-ca", help="PEM CA certificate: require client certificates signed by it (mutual TLS)")
+    s.add_argument(
+        "--token-file",
+        help="file whose first line is the bearer token every call but health must carry "
+        "(default: $EDGESPLIT_TOKEN if set; never given on the command line)",
+    )
+    s.add_argument("--metrics-tls", action="store_true",
+                   help="serve /metrics over HTTPS with --tls-cert/--tls-key (client certificates if --tls-ca)")
+    s.add_argument("--health-host", default=d["health_host"].default,
+                   help="address of the health-only port (default: 127.0.0.1)")
+    s.add_argument(
+        "--health-port", type=int, default=d["health_port"].default,
+        help="extra port with only grpc.health.v1, for probes without certificate or token; 0 picks one, "
+        "-1 (default) disables; health is always on --port too",
+    )
+    return p

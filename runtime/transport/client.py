@@ -1,0 +1,103 @@
+"""Offload client: send crossing tensors to a node's Open Inference Protocol service.
+
+It converts encoded tensors (one, or several by input name, each with its own codec
+parameters) to a ModelInferRequest (:mod:`.oip`), calls the node with a deadline, and
+turns every gRPC failure into an :class:`OffloadError` carrying the status name, so the
+device runner never sees gRPC types. It keeps no circuit breaker of its own: that is
+:class:`~edgesplit.runtime.device.failover.FailoverClient`'s job, one per node.
+
+Example::
+
+    client = EdgeClient("127.0.0.1:8001")
+    result = client.infer("resnet_fm.from.4", encode(h, "int8"), timeout=0.5)
+    result.logits.shape          # torch.Size([1, 10])
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+import grpc
+
+from edgesplit.protos import inference_pb2_grpc
+from edgesplit.runtime import codec
+from edgesplit.runtime.inference import OffloadError, OffloadResult
+
+from .oip import DEFAULT_MAX_MESSAGE_BYTES, build_infer_request, parse_infer_response
+
+__all__ = ["CHANNEL_OPTIONS", "EdgeClient", "OffloadError", "OffloadResult"]
+
+# Reconnect quickly after a node comes back: gRPC's default backoff grows to 120 s.
+CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ("grpc.enable_retries", 0),
+    # Notice a dead connection (link down, peer gone) within about two seconds.
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
+
+
+class EdgeClient:
+    """A synchronous client of one node's data plane."""
+
+    def __init__(
+        self,
+        target: str,
+        credentials: grpc.ChannelCredentials | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.target = target
+        if credentials is not None:
+            self.channel = grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self.stub = inference_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else None
+
+    def infer(
+        self,
+        model_name: str,
+        tensors: codec.EncodedTensor | Mapping[str, codec.EncodedTensor],
+        timeout: float,
+        request_id: str = "",
+        wait_for_ready: bool = False,
+    ) -> OffloadResult:
+        """Run ``model_name`` on the node; raise OffloadError on any failure.
+
+        ``wait_for_ready`` waits (within ``timeout``) for a connection that is down or in
+        reconnect backoff instead of failing at once.
+
+        ``tensors`` is one encoded tensor (sent as the input named ``input``) or a mapping
+        from input name to encoded tensor, for segments that take several crossing tensors.
+        """
+        if isinstance(tensors, codec.EncodedTensor):
+            tensors = {"input": tensors}
+        request = build_infer_request(model_name, tensors, request_id)
+        started = time.perf_counter()
+        try:
+            response = self.stub.ModelInfer(request, timeout=timeout, metadata=self.metadata,
+                                            wait_for_ready=wait_for_ready)
+        except grpc.RpcError as exc:
+            raise OffloadError(exc.code().name, exc.details() or "") from None
+        round_trip = time.perf_counter() - started
+        try:
+            outputs, params = parse_infer_response(response)
+            if len(outputs) != 1:
+                raise ValueError(f"expected one output, got {len(outputs)}")
+            out = outputs[0]
+            logits = codec.decode(out.data, out.datatype, out.shape)
+        except (ValueError, codec.CodecError) as exc:
+            raise OffloadError("INTERNAL", f"node answered a malformed tensor: {exc}") from None
+        edge = params.get("edge_compute_seconds") or 0.0
+        sent = sum(len(t.data) for t in tensors.values())
+        return OffloadResult(logits, float(edge), round_trip, sent, int(params.get("edge_batch_size") or 1))
+
+    def close(self) -> None:
+        self.channel.close()
