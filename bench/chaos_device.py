@@ -2,11 +2,12 @@
 
 Runs inside the test bed's device namespace (``ip netns exec ... python -m
 edgesplit.bench.chaos_device``), offloading to the edge nodes through a
-:class:`~edgesplit.runtime.failover.FailoverClient`. It prints ``ready`` once warmed up,
+:class:`~edgesplit.runtime.device.failover.FailoverClient`. It prints ``ready`` once warmed up,
 then answers ``--requests`` inputs (the shipped sample, cycled) as fast as it can, and
-writes one JSON line per answer plus a summary. The reference is a purely local
-computation with the same plan: identical local exits, and the full model's logits
-wherever the edge answered.
+writes one JSON line per answer, flushed line by line so that the orchestrator can follow
+the progress (it kills a node once a given number of answers is written), then prints
+``done``. The reference is a purely local computation with the same plan: identical local
+exits, and the full model's logits wherever the edge answered.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgesplit.models import load_trained
     from edgesplit.models.datasets import load_sample, to_tensor
-    from edgesplit.runtime.client import EdgeClient
-    from edgesplit.runtime.device import WHERE_EDGE, DeviceRunner
-    from edgesplit.runtime.failover import FailoverClient
+    from edgesplit.runtime.device.failover import FailoverClient
+    from edgesplit.runtime.device.runner import WHERE_EDGE, DeviceRunner
+    from edgesplit.runtime.transport.client import EdgeClient
 
     torch.set_num_threads(1)
     model = load_trained("resnet_fm")
@@ -53,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         warm.infer(x[i])
     runner = make_runner()
     print("ready", flush=True)
-    with open(args.out, "w") as out:
+    # Line-buffered: each answer reaches the file as it is made, so the orchestrator can count
+    # the answers so far (it kills edge1 at a given count).
+    with open(args.out, "w", buffering=1) as out:
         for i in range(args.requests):
             k = i % len(x)
             a = runner.infer(x[k])
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
                 "id": a.request_id, "input": k, "t": time.monotonic(), "where": a.where, "exit": a.exit,
                 "prediction": a.prediction, "label": int(labels[k]), "latency": a.latency.total,
                 "device": a.latency.device, "transfer": a.latency.transfer, "edge": a.latency.edge,
-                "error": a.offload_error, "max_abs_diff": diff,
+                "error": a.offload_error, "max_abs_diff": diff, "epoch": a.epoch,
             }) + "\n")
     client.close()
     print("done", flush=True)

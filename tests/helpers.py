@@ -165,3 +165,49 @@ def stop_in_thread(node: RunningNode, thread: threading.Thread, grace: float = 1
     node.loop.call_soon_threadsafe(node.loop.stop)
     thread.join(10)
     assert not thread.is_alive(), "node thread did not stop"
+
+
+class Gate(nn.Module):
+    """A block that holds each batch until the test releases it, and records batch sizes.
+
+    ``entered`` is set when a batch arrives; ``release`` lets every held batch through.
+    It waits at most ``limit_s`` so a broken test cannot hang.
+    """
+
+    def __init__(self, limit_s: float = 20.0) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.limit_s = limit_s
+        self.rows: list[int] = []
+
+    def forward(self, x):
+        self.rows.append(int(x.shape[0]))
+        self.entered.set()
+        if not self.release.wait(self.limit_s):
+            raise TimeoutError("the gate was never released")
+        return x
+
+
+def gated_model(name: str = "echo", width: int = 4) -> tuple[SplitModel, Gate]:
+    """An identity model (the answer is the input) behind a :class:`Gate`."""
+    gate = Gate()
+    model = SplitModel(name, [("gate", gate), ("id", nn.Identity())], {}, (width,), width)
+    gate.release.set()
+    model.cut_points()  # traced once, through the open gate
+    gate.release.clear()
+    gate.entered.clear()
+    gate.rows.clear()
+    return model, gate
+
+
+async def wait_for(condition: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> object:
+    """Like :func:`wait_until`, inside a coroutine (the loop keeps running)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.002)
