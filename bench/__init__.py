@@ -16,7 +16,7 @@ import platform
 import time
 from pathlib import Path
 
-BENCHMARKS = ("accuracy", "linksim", "chaos")
+BENCHMARKS = ("accuracy", "linksim", "chaos", "throughput")
 
 
 def machine_info() -> dict:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,8 +63,12 @@ def train(
     out_dir: str | Path = WEIGHTS_DIR,
     data_root: str | Path | None = None,
     progress: bool = True,
+    count_macs: Callable[[SplitModel], dict] | None = None,
 ) -> dict:
-    """Train ``name`` on Fashion-MNIST, write weights and card to ``out_dir``, return the card."""
+    """Train ``name`` on Fashion-MNIST, write weights and card to ``out_dir``, return the card.
+
+    ``count_macs`` (for example :func:`edgesplit.partitioner.flops.mac_summary`) fills the
+    card's MAC counts."""
     recipe = recipe or Recipe()
     torch.manual_seed(recipe.seed)
     model = build_model(name)
@@ -115,14 +120,18 @@ def train(
     out_dir.mkdir(parents=True, exist_ok=True)
     weights = out_dir / f"{name}.safetensors"
     sha = save_weights(model, weights)
-    card = make_card(model, recipe, history, sha, time.time() - started, len(y))
+    card = make_card(model, recipe, history, sha, time.time() - started, len(y),
+                     macs=count_macs(model) if count_macs else None)
     card_path(weights).write_text(json.dumps(card, indent=2) + "\n")
     return card
 
 
-def make_card(model: SplitModel, recipe: Recipe, history: list[dict], sha: str, seconds: float, n_train: int) -> dict:
-    from edgesplit.partitioner.flops import block_macs, exit_macs
-
+def make_card(
+    model: SplitModel, recipe: Recipe, history: list[dict], sha: str, seconds: float, n_train: int,
+    macs: dict | None = None,
+) -> dict:
+    """The JSON card saved beside trained weights. ``macs`` (per block and exit) comes from
+    the caller, so that models do not depend on the partitioner that counts them."""
     final = history[-1]["test_accuracy"]
     exit_names = [f"exit@{c}" for c in model.exit_cuts] + ["final"]
     return {
@@ -135,7 +144,7 @@ def make_card(model: SplitModel, recipe: Recipe, history: list[dict], sha: str, 
         ],
         "recipe": asdict(recipe),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "macs": {"blocks": block_macs(model), "exits": {str(k): v for k, v in exit_macs(model).items()}},
+        "macs": macs or {},
         "history": history,
         "train_seconds": round(seconds, 1),
         "torch": torch.__version__,

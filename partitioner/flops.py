@@ -68,3 +68,8 @@ def exit_macs(model: SplitModel) -> dict[int, int]:
         result[cut], _ = macs_of(model.exits[str(cut)], torch.zeros(1, *cuts[cut].shape))
     model.train(was_training)
     return result
+
+
+def mac_summary(model: SplitModel) -> dict:
+    """MACs per block and per exit, as a model card records them."""
+    return {"blocks": block_macs(model), "exits": {str(k): v for k, v in exit_macs(model).items()}}

@@ -27,7 +27,9 @@ def _train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     recipe = Recipe(epochs=args.epochs, batch_size=args.batch_size, max_lr=args.lr, seed=args.seed,
                     train_limit=args.limit)
-    card = train(args.model, recipe, out_dir=args.out or WEIGHTS_DIR, data_root=args.data)
+    from edgesplit.partitioner.flops import mac_summary
+
+    card = train(args.model, recipe, out_dir=args.out or WEIGHTS_DIR, data_root=args.data, count_macs=mac_summary)
     for e in card["exits"]:
         print(f"{e['name']:>10} (cut {e['cut']}): {100 * e['test_accuracy']:.2f}% top-1")
     return 0

@@ -1,8 +1,9 @@
 """Dynamic batching: a queue per served model, batches formed when a worker is free.
 
 Requests for the same model from many devices wait in that model's queue. When one of
-the node's workers is free, the queue's dispatcher takes every waiting request up to the
-model's ``max_batch`` rows; while another batch is running (the node is loaded) it first
+the node's workers is free, the queue's dispatcher takes the waiting requests, up to the
+model's ``max_batch`` rows and, when other workers are free too, about its share of the
+queue (at least ``preferred_batch``); while another batch is running (the node is loaded) it first
 waits up to ``max_delay_s`` for the queue to reach ``preferred_batch`` rows, so a loaded
 node runs fuller batches and an idle node never delays a request. A request whose
 deadline has passed is answered DEADLINE_EXCEEDED and never run; a request whose caller
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import math
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -32,19 +34,33 @@ from .registry import ServedModel
 
 
 class WorkerSlots:
-    """The node's worker threads as slots shared by every model's queue; counts batches running."""
+    """The node's worker threads as slots shared by every model's queue; counts batches running.
+
+    Used on the event loop only.
+    """
 
     def __init__(self, workers: int) -> None:
-        self._semaphore = asyncio.Semaphore(workers)
+        self.workers = workers
         self.busy = 0
+        self._freed: asyncio.Event | None = None
+
+    def try_acquire(self) -> bool:
+        if self.busy < self.workers:
+            self.busy += 1
+            return True
+        return False
 
     async def acquire(self) -> None:
-        await self._semaphore.acquire()
-        self.busy += 1
+        while not self.try_acquire():
+            if self._freed is None:
+                self._freed = asyncio.Event()
+            self._freed.clear()
+            await self._freed.wait()
 
     def release(self) -> None:
         self.busy -= 1
-        self._semaphore.release()
+        if self._freed is not None:
+            self._freed.set()
 
 
 @dataclass
@@ -87,13 +103,18 @@ class ModelQueue:
         self._rows = 0
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
+        self._running = 0
+        self._drained: asyncio.Event | None = None
+        self._loop = asyncio.get_running_loop()
 
     def __len__(self) -> int:
         return len(self._queue)
 
     def submit(self, item: Pending) -> None:
         """Queue ``item``; its future gets the result or an :class:`InferError`."""
+        if not self._queue and self._slots.busy == 0 and self._slots.try_acquire():
+            self._launch([item])  # an idle node: straight to a worker, no dispatcher round
+            return
         self._queue.append(item)
         self._rows += item.rows
         self._arrived.set()
@@ -112,7 +133,8 @@ class ModelQueue:
                 item.future.set_exception(InferError(InferError.UNAVAILABLE, "node is shutting down"))
         self._rows = 0
         if self._running:
-            await asyncio.gather(*self._running, return_exceptions=True)
+            self._drained = asyncio.Event()
+            await self._drained.wait()
 
     async def _dispatch(self) -> None:
         while True:
@@ -130,9 +152,7 @@ class ModelQueue:
             if not batch:
                 self._slots.release()
                 continue
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+            self._launch(batch)
 
     async def _fill(self) -> None:
         """While the node is loaded, wait briefly for the queue to reach the preferred size."""
@@ -153,7 +173,10 @@ class ModelQueue:
     def _take(self) -> list[Pending]:
         """Pop the next batch: skip callers that left, fail expired requests, respect max_batch."""
         config = self.model.batching
-        limit = config.max_batch if config.enabled else 1
+        # Share the queue with the other free workers rather than leave them idle.
+        free_others = self._slots.workers - self._slots.busy
+        share = -(-self._rows // (1 + free_others))
+        limit = min(config.max_batch, max(config.preferred_batch, share)) if config.enabled else 1
         batch: list[Pending] = []
         rows = 0
         now = time.perf_counter()
@@ -181,18 +204,27 @@ class ModelQueue:
         self._rows -= item.rows
         return item
 
-    async def _execute(self, batch: list[Pending]) -> None:
+    def _launch(self, batch: list[Pending]) -> None:
+        """Run ``batch`` on a worker (the caller holds a slot); answers arrive via the loop."""
         started = time.perf_counter()
+        self._running += 1
         try:
-            loop = asyncio.get_running_loop()
-            outcome = await loop.run_in_executor(
-                self._executor, execute_batch, self.model, [p.request for p in batch], self._max_elements
-            )
-        except BaseException as exc:  # the executor itself failed (shut down): nobody may hang
+            work = self._executor.submit(execute_batch, self.model, [p.request for p in batch], self._max_elements)
+        except RuntimeError as exc:  # the executor is shut down
+            self._finish(batch, exc, started)
+            return
+        work.add_done_callback(lambda done: self._loop.call_soon_threadsafe(self._finish, batch, done, started))
+
+    def _finish(self, batch: list[Pending], done, started: float) -> None:
+        self._slots.release()
+        self._running -= 1
+        try:
+            if isinstance(done, BaseException):
+                raise done
+            outcome = done.result()
+        except BaseException as exc:  # the executor itself failed: nobody may hang
             error = InferError(InferError.UNAVAILABLE, f"node could not run the batch: {type(exc).__name__}")
             outcome = BatchOutcome([error] * len(batch), sum(p.rows for p in batch), 0.0)
-        finally:
-            self._slots.release()
         for item, answer in zip(batch, outcome.answers):
             if item.future.done():
                 continue
@@ -202,6 +234,8 @@ class ModelQueue:
                 answer.queue_seconds = max(0.0, started - item.enqueued)
                 item.future.set_result(answer)
         self._on_batch(self.model, batch, outcome, started)
+        if self._running == 0 and self._drained is not None:
+            self._drained.set()
 
 
 def execute_batch(model: ServedModel, requests: list[InferRequest], max_elements: int) -> BatchOutcome:
@@ -246,7 +280,8 @@ def _decode_inputs(model: ServedModel, request: InferRequest, max_elements: int)
             x = codec.decode(inp.raw_bytes(), inp.datatype, inp.shape, inp.params, max_elements=max_elements)
         except (codec.CodecError, ValueError, OverflowError) as exc:
             raise InferError(InferError.INVALID_ARGUMENT, f"input {spec.name!r}: {exc}") from None
-        if not torch.isfinite(x).all():
+        # A finite sum means finite values (the exact check runs only when it is not).
+        if not math.isfinite(float(x.sum())) and not bool(torch.isfinite(x).all()):
             raise InferError(InferError.INVALID_ARGUMENT, f"input {spec.name!r} holds NaN or Inf values")
         tensors.append(x)
     return tensors

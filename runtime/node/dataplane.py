@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,12 +56,6 @@ def _lower_priority(nice: int) -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
         pass
-
-
-def default_workers(threads: int, cores: int | None = None) -> int:
-    """Worker threads such that workers x intra-op threads never exceeds the cores."""
-    cores = cores or os.cpu_count() or 1
-    return max(1, cores // max(1, threads))
 
 
 class DataPlane:
@@ -105,12 +100,7 @@ class DataPlane:
     async def infer(self, request: InferRequest) -> InferResult:
         """Answer ``request`` or raise :class:`InferError` with its status class."""
         model = self.registry.get(request.model_name, request.model_version)
-        if self._inflight >= self.max_inflight:
-            raise InferError(
-                InferError.RESOURCE_EXHAUSTED,
-                f"node is at its limit of {self.max_inflight} requests in flight; retry later or run locally",
-                retry_after_s=self.expected_drain_seconds(),
-            )
+        self.admit_or_refuse()
         rows = self._validate(model, request)
         now = time.perf_counter()
         deadline = None if request.timeout_s is None else now + request.timeout_s
@@ -125,6 +115,16 @@ class DataPlane:
             raise
         finally:
             self._release()
+
+    def admit_or_refuse(self) -> None:
+        """Raise RESOURCE_EXHAUSTED (with a pushback) when the node is at its in-flight limit."""
+        if self._inflight >= self.max_inflight:
+            raise InferError(
+                InferError.RESOURCE_EXHAUSTED,
+                f"node is at its limit of {self.max_inflight} requests in flight; retry later or run locally",
+                # Spread over one to three drain times, so refused clients do not come back together.
+                retry_after_s=self.expected_drain_seconds() * (1.0 + 2.0 * random.random()),
+            )
 
     def _validate(self, model: ServedModel, request: InferRequest) -> int:
         """Cheap structural checks (names, datatypes, shapes, counts); returns the batch size."""

@@ -19,7 +19,7 @@ Example::
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -61,9 +61,9 @@ class BatchingConfig:
     """
 
     enabled: bool = True
-    preferred_batch: int = 16
+    preferred_batch: int = 32
     max_batch: int = 64
-    max_delay_s: float = 0.002
+    max_delay_s: float = 0.005
 
     def __post_init__(self) -> None:
         if not 1 <= self.preferred_batch <= self.max_batch:
@@ -161,12 +161,6 @@ class ModelRegistry:
                 f"model {model.name} has no version {shown(version, 16)}; served versions: {model.version}",
             )
         return model
-
-    def configure_batching(self, config: BatchingConfig, names: Sequence[str] | None = None) -> None:
-        """Give ``config`` to the named models (all when ``names`` is None)."""
-        for name in names if names is not None else list(self._models):
-            model = self.get(name)
-            model.batching = config
 
 
 def register_split_model(

@@ -100,6 +100,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             nonlocal sent, received
             if self.draining:
                 raise InferError(InferError.UNAVAILABLE, "node is shutting down; send to another node")
+            self.plane.admit_or_refuse()  # before the request is even converted
             req = parse_infer_request(request, self.limits, context.time_remaining())
             received = sum(inp.nbytes for inp in req.inputs)
             result = await self.plane.infer(req)
@@ -109,7 +110,9 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
         code = "OK"
         try:
-            return await _answer(handle, context)
+            response = await _answer(handle, context, inference_pb2.ModelInferResponse)
+            code = _code_name(context)
+            return response
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
@@ -127,18 +130,31 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
 
 def _code_name(context) -> str:
     code = context.code()
+    if code is None:
+        return "OK"
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
 
 
-async def _answer(handle, context):
-    """Run a handler; turn every failure into a gRPC status (the one error boundary)."""
+async def _answer(handle, context, empty=None):
+    """Run a handler; turn every failure into a gRPC status (the one error boundary).
+
+    With ``empty`` (the method's response type), a refusal sets the status and returns an
+    empty message instead of raising through gRPC's abort: the cheap path a node takes
+    thousands of times a second when it sheds load.
+    """
     try:
         return await handle()
     except InferError as exc:
         trailing = ()
         if exc.retry_after_s is not None:  # gRPC's pushback: when a retry is worth it
             trailing = ((PUSHBACK_KEY, str(max(1, round(1000 * exc.retry_after_s)))),)
-        await context.abort(_STATUS[exc.code], exc.message, trailing_metadata=trailing)
+        if empty is None:
+            await context.abort(_STATUS[exc.code], exc.message, trailing_metadata=trailing)
+        context.set_code(_STATUS[exc.code])
+        context.set_details(exc.message)
+        if trailing:
+            context.set_trailing_metadata(trailing)
+        return empty()
     except grpc.aio.AbortError:
         raise
     except asyncio.CancelledError:

@@ -9,7 +9,7 @@ Example::
 
     >>> s = NodeSettings(models=("resnet_fm",), port=0, threads=1)
     >>> s.worker_count(cores=2), s.batching_config().preferred_batch
-    (2, 16)
+    (2, 32)
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ class NodeSettings:
     max_inflight: int = 64
     batching: bool = True
     max_batch: int = 64
-    preferred_batch: int = 16
-    max_delay_ms: float = 2.0
+    preferred_batch: int = 32
+    max_delay_ms: float = 5.0
     workers: int = 0  # 0: as many as the cores allow at ``threads`` each
     threads: int = 1  # torch intra-op threads per batch; 0: cores / workers
     grace: float = 10.0
@@ -123,9 +123,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     b.add_argument("--max-batch", type=int, default=d["max_batch"].default,
                    help="most rows in one batch, and in one request (default: 64)")
     b.add_argument("--preferred-batch", type=int, default=d["preferred_batch"].default,
-                   help="rows a loaded node waits for before running a batch (default: 16)")
+                   help="rows a loaded node waits for before running a batch (default: 32)")
     b.add_argument("--max-delay-ms", type=float, default=d["max_delay_ms"].default,
-                   help="longest wait for the preferred batch while the node is loaded (default: 2)")
+                   help="longest wait for the preferred batch while the node is loaded (default: 5)")
     c = p.add_argument_group("threads (workers x threads should not exceed the cores)")
     c.add_argument("--workers", type=int, default=0, help="batches run at a time (default 0: cores / threads)")
     c.add_argument("--threads", type=int, default=d["threads"].default,

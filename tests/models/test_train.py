@@ -8,12 +8,14 @@ import torch
 from edgesplit.models import WEIGHTS_DIR, load_trained
 from edgesplit.models.train import Recipe, train
 from edgesplit.models.weights_io import sha256_file
+from edgesplit.partitioner.flops import mac_summary
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("weights")
-    card = train("resnet_fm", Recipe(epochs=1, batch_size=64, train_limit=512), out_dir=out, progress=False)
+    card = train("resnet_fm", Recipe(epochs=1, batch_size=64, train_limit=512), out_dir=out, progress=False,
+                 count_macs=mac_summary)
     return out, card
 
 

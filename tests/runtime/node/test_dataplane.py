@@ -11,8 +11,9 @@ import torch
 from edgesplit.models import load_trained
 from edgesplit.runtime.codec import encode
 from edgesplit.runtime.inference import InferError, InferInput, InferRequest
-from edgesplit.runtime.node.dataplane import DataPlane, default_workers
+from edgesplit.runtime.node.dataplane import DataPlane
 from edgesplit.runtime.node.registry import ModelRegistry, ServedModel, TensorSpec
+from edgesplit.runtime.node.settings import NodeSettings
 from tests.helpers import gated_model, registry_of, wait_for
 
 
@@ -146,10 +147,13 @@ def test_a_model_with_several_inputs_gets_each_with_its_own_codec():
     assert np.allclose(y, (a * weights + b).numpy().ravel(), atol=0.02)
 
 
-def test_default_workers_never_oversubscribe():
-    assert default_workers(threads=1, cores=2) == 2
-    assert default_workers(threads=2, cores=2) == 1
-    assert default_workers(threads=4, cores=2) == 1
-    for threads in (1, 2, 3):
+def test_default_threads_never_oversubscribe():
+    """Defect: --threads 0 (torch's default) x --workers 2 ran up to 2.3x slower on 2 cores."""
+    default = NodeSettings(port=0)
+    assert (default.worker_count(cores=2), default.thread_count(cores=2)) == (2, 1)
+    assert not default.oversubscribed(cores=2)
+    for threads in (0, 1, 2, 3):
         for cores in (1, 2, 4, 16):
-            assert default_workers(threads, cores) * threads <= max(cores, threads)
+            s = NodeSettings(port=0, threads=threads)
+            assert s.worker_count(cores) * s.thread_count(cores) <= max(cores, threads)
+    assert NodeSettings(port=0, workers=2, threads=2).oversubscribed(cores=2)

@@ -198,9 +198,89 @@ def test_full_node_answers_resource_exhausted_and_recovers():
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(infer_request("slow", torch.ones(1, 4)), timeout=5)
         assert err.value.code() == SC.RESOURCE_EXHAUSTED and "limit" in err.value.details()
+        pushback = dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"]
+        assert 1 <= int(pushback) <= 3000
         first.join(10)
         assert len(results) == 1
         stub.ModelInfer(infer_request("slow", torch.ones(1, 4)), timeout=5)
         channel.close()
+    finally:
+        stop_in_thread(running, thread)
+
+
+def test_protocol_conformance_versions_names_and_requested_outputs(stub, trained_model):
+    h = torch.zeros(1, 16, 28, 28)
+    for version in ("", "1"):
+        req = infer_request("resnet_fm.from.4", h)
+        req.model_version = version
+        assert stub.ModelInfer(req, timeout=10).model_version == "1"
+    cases = []
+    req = infer_request("resnet_fm.from.4", h)
+    req.model_version = "7"
+    cases.append((req, SC.NOT_FOUND, "no version"))
+    cases.append((infer_request("resnet_fm.from.4", h, name="x"), SC.INVALID_ARGUMENT, "unexpected input 'x'"))
+    req = infer_request("resnet_fm.from.4", h)
+    req.outputs.add(name="probabilities")
+    cases.append((req, SC.INVALID_ARGUMENT, "unexpected output 'probabilities'"))
+    for req, code, text in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(req, timeout=10)
+        assert err.value.code() == code and text in err.value.details(), err.value.details()
+    req = infer_request("resnet_fm.from.4", h)
+    req.outputs.add(name="logits")
+    assert [o.name for o in stub.ModelInfer(req, timeout=10).outputs] == ["logits"]
+    assert not stub.ModelReady(inference_pb2.ModelReadyRequest(name="resnet_fm", version="7")).ready
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelMetadata(inference_pb2.ModelMetadataRequest(name="resnet_fm", version="7"))
+    assert err.value.code() == SC.NOT_FOUND
+
+
+def test_metadata_says_eager_pytorch_and_node_info_lists_every_accepted_datatype(node, stub):
+    meta = stub.ModelMetadata(inference_pb2.ModelMetadataRequest(name="resnet_fm.from.4"))
+    assert meta.platform == "pytorch" and list(meta.versions) == ["1"] and meta.inputs[0].name == "input"
+    server = stub.ServerMetadata(inference_pb2.ServerMetadataRequest())
+    assert "edgesplit_codec" in server.extensions
+    with grpc.insecure_channel(node.address) as channel:
+        info = edgesplit_pb2_grpc.EdgeSplitControlStub(channel).NodeInfo(edgesplit_pb2.NodeInfoRequest())
+    model = {m.name: m for m in info.models}["resnet_fm.from.4"]
+    assert list(model.inputs[0].datatypes) == ["FP32", "FP16", "INT8"] and "int8-channel" in model.inputs[0].codecs
+    assert model.batching and model.preferred_batch >= 1 and info.workers >= 1
+
+
+def test_segment_profile_reports_the_real_mean_batch(node, stub):
+    h = torch.zeros(3, 16, 28, 28)
+    for _ in range(2):
+        stub.ModelInfer(infer_request("resnet_fm.from.4", h), timeout=10)
+    with grpc.insecure_channel(node.address) as channel:
+        control = edgesplit_pb2_grpc.EdgeSplitControlStub(channel)
+        profile = control.SegmentProfile(edgesplit_pb2.SegmentProfileRequest(model_name="resnet_fm.from.4"))
+        with pytest.raises(grpc.RpcError) as err:
+            control.SegmentProfile(edgesplit_pb2.SegmentProfileRequest(model_name="nope"))
+    p = profile.profiles[0]
+    assert p.requests == 2 and p.batches == 2 and p.mean_batch == 3.0 and p.mean_seconds > 0
+    assert err.value.code() == SC.NOT_FOUND
+
+
+def test_received_bytes_count_typed_contents_and_long_names_are_not_echoed(stub, node):
+    req = inference_pb2.ModelInferRequest(model_name="resnet_fm")
+    inp = req.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
+    inp.contents.fp32_contents.extend([0.0] * 784)
+    stub.ModelInfer(req, timeout=10)
+    wait_until(lambda: node.registry.get_sample_value("edgesplit_node_received_bytes_total",
+                                                      {"model": "resnet_fm"}) == 784 * 4, 5, "the byte count")
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(infer_request("m" * (8 << 20), torch.zeros(1, 4)), timeout=30)
+    assert err.value.code() == SC.NOT_FOUND and len(err.value.details()) < 300
+
+
+def test_a_draining_node_refuses_new_work_with_unavailable(trained_model):
+    running, thread = start_in_thread(trained_model)
+    try:
+        running.server.inference.draining = True
+        with grpc.insecure_channel(running.address) as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                inference_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                    infer_request("resnet_fm.from.4", torch.zeros(1, 16, 28, 28)), timeout=10)
+        assert err.value.code() == SC.UNAVAILABLE and "shutting down" in err.value.details()
     finally:
         stop_in_thread(running, thread)

@@ -390,3 +390,19 @@ def test_edge_node_process_with_mtls_token_metrics_tls_and_health_port(certs, tm
             urllib.request.urlopen(url, timeout=10, context=anonymous).read()
         assert "mutual TLS, bearer token required" in proc.log_path.read_text()
         assert proc.terminate(timeout=30) == 0
+
+
+def test_a_token_file_readable_by_others_is_warned_about(tmp_path, caplog):
+    from edgesplit.runtime.transport.auth import read_token
+
+    path = tmp_path / "token"
+    path.write_text("s3cret\n")
+    path.chmod(0o644)
+    with caplog.at_level("WARNING", logger="edgesplit.auth"):
+        assert read_token(path, env={}) == "s3cret"
+    assert any("chmod 600" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    path.chmod(0o600)
+    with caplog.at_level("WARNING", logger="edgesplit.auth"):
+        read_token(path, env={})
+    assert not caplog.records

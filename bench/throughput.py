@@ -1,0 +1,176 @@
+"""Throughput benchmark: an edge node under closed-loop load, with and without dynamic batching.
+
+For ``resnet_fm`` (the whole network, a 28x28 image in) and ``resnet_fm.from.4`` (the tail
+after cut 4, a 16x28x28 crossing tensor in), closed-loop clients at concurrency 1, 8, 32
+and 128 load one ``edge-node`` process; the load generator runs in its own process
+(:mod:`edgesplit.bench.loadgen`) on the same 2-core machine, so the figures include the
+client's cost. Each level is measured with batching on and off (a node started with
+``--no-batching``), both at the node's default thread settings. In the same run:
+
+- ``ceiling_ips``: the in-process torch ceiling, images/s at batch 32 with as many
+  intra-op threads as cores, no serving at all;
+- ``empty_call_ms``: the median round trip of ServerLive (an empty call) from a
+  synchronous client, as a device runner calls;
+- ``overhead_ms``: the median of (round trip - edge compute) for ``resnet_fm.from.4`` at
+  concurrency 1, fp32, from the same synchronous client.
+
+A refused request (RESOURCE_EXHAUSTED) is counted in ``errors``; the client honours the
+node's pushback before its next request, as a device that completes locally meanwhile.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from edgesplit.bench import machine_info, table
+
+MODELS = ("resnet_fm", "resnet_fm.from.4")
+CONCURRENCY = (1, 8, 32, 128)
+CEILING_BATCH = 32
+
+
+def ceiling_ips(model_names=MODELS, batch: int = CEILING_BATCH, seconds: float = 2.0) -> dict[str, float]:
+    """Images per second of each served model run in-process at ``batch``, torch threads = cores."""
+    import torch
+
+    from edgesplit.models import load_trained
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    model = load_trained("resnet_fm")
+    out = {}
+    try:
+        for name in model_names:
+            start = int(name.rsplit(".", 1)[1]) if ".from." in name else 0
+            x = torch.randn(batch, *model.cut_points()[start].shape)
+            with torch.inference_mode():
+                for _ in range(5):
+                    model.run(x, start)
+                runs, began = 0, time.perf_counter()
+                while time.perf_counter() - began < seconds:
+                    model.run(x, start)
+                    runs += 1
+                out[name] = round(batch * runs / (time.perf_counter() - began), 1)
+    finally:
+        torch.set_num_threads(previous)
+    return out
+
+
+def load(target: str, model: str, concurrency: int, duration: float, sync: bool = False, live: bool = False,
+         warmup: float = 1.0) -> dict:
+    """Run the load generator in its own process and return its JSON."""
+    cmd = [sys.executable, "-m", "edgesplit.bench.loadgen", "--target", target, "--model", model,
+           "--concurrency", str(concurrency), "--duration", str(duration), "--warmup", str(warmup)]
+    if sync:
+        cmd.append("--sync")
+    if live:
+        cmd.append("--live")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + warmup + 120)
+    if done.returncode != 0 or not done.stdout.strip():
+        raise RuntimeError(f"load generator failed ({done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(done.stdout)
+
+
+def node_settings(node) -> dict:
+    """Workers, threads and batching the node reports (edgesplit.v1 NodeInfo)."""
+    import grpc
+
+    from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc
+
+    with grpc.insecure_channel(node.address) as channel:
+        info = edgesplit_pb2_grpc.EdgeSplitControlStub(channel).NodeInfo(edgesplit_pb2.NodeInfoRequest(), timeout=10)
+        profiles = edgesplit_pb2_grpc.EdgeSplitControlStub(channel).SegmentProfile(
+            edgesplit_pb2.SegmentProfileRequest(), timeout=10)
+    model = {m.name: m for m in info.models}["resnet_fm"]
+    return {
+        "workers": info.workers, "intra_op_threads": info.intra_op_threads, "max_inflight": info.max_inflight,
+        "batching": model.batching, "preferred_batch": model.preferred_batch, "max_batch": model.max_batch,
+        "max_queue_delay_ms": round(1000 * model.max_queue_delay_seconds, 3),
+        "mean_batch": {p.model_name: round(p.mean_batch, 2) for p in profiles.profiles if p.model_name in MODELS},
+    }
+
+
+def run(quick: bool = False, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from edgesplit.runtime.node.launcher import NodeProcess
+
+    duration = 2.0 if quick else 5.0
+    ceiling = ceiling_ips(seconds=1.0 if quick else 3.0)
+    levels, nodes = [], {}
+    empty_call = overhead = None
+    steps = 2 * len(MODELS) * len(CONCURRENCY)
+    bar = tqdm(total=steps, desc="load levels", disable=not progress, unit="level")
+    for batching in (False, True):
+        extra = [] if batching else ["--no-batching"]
+        with NodeProcess(model="resnet_fm", threads=1, metrics_port=-1, extra_args=extra) as node:
+            if not batching:  # the single-request path: what a device pays per call
+                empty_call = load(node.address, MODELS[1], 1, duration, sync=True, live=True)["p50_ms"]
+                overhead = load(node.address, MODELS[1], 1, duration, sync=True)["overhead_p50_ms"]
+            for model in MODELS:
+                for concurrency in CONCURRENCY:
+                    r = load(node.address, model, concurrency, duration)
+                    levels.append({
+                        "model": model, "batching": batching, "concurrency": concurrency, "rps": r["rps"],
+                        "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "errors": r["errors"],
+                        "reject_p50_ms": r["reject_p50_ms"], "edge_compute_p50_ms": r["edge_compute_p50_ms"],
+                    })
+                    bar.update()
+            nodes["batching" if batching else "no_batching"] = node_settings(node)
+    bar.close()
+    return {
+        "machine": machine_info(),
+        "duration_s": duration,
+        "levels": levels,
+        "ceiling_ips": ceiling,
+        "ceiling_batch": CEILING_BATCH,
+        "empty_call_ms": empty_call,
+        "overhead_ms": overhead,
+        "nodes": nodes,
+        "goals": goals(levels, ceiling, empty_call, overhead),
+    }
+
+
+def _level(levels: list[dict], model: str, batching: bool, concurrency: int) -> dict:
+    return next(r for r in levels if r["model"] == model and r["batching"] == batching
+                and r["concurrency"] == concurrency)
+
+
+def goals(levels: list[dict], ceiling: dict, empty_call: float | None, overhead: float | None) -> dict:
+    """The issue's goals, evaluated on this run's figures."""
+    on32, off32 = _level(levels, "resnet_fm", True, 32), _level(levels, "resnet_fm", False, 32)
+    on128 = _level(levels, "resnet_fm", True, 128)
+    return {
+        "batched_over_unbatched_c32": round(on32["rps"] / off32["rps"], 2) if off32["rps"] else None,
+        "batched_c32_share_of_ceiling": round(on32["rps"] / ceiling["resnet_fm"], 3),
+        "batched_c32_p99_ms": on32["p99_ms"],
+        "c128_goodput_share_of_c32": round(on128["rps"] / on32["rps"], 3) if on32["rps"] else None,
+        "c128_reject_p50_ms": on128["reject_p50_ms"],
+        "overhead_minus_empty_ms": round(overhead - empty_call, 3) if None not in (overhead, empty_call) else None,
+    }
+
+
+def render(result: dict) -> str:
+    rows = [[r["model"], "on" if r["batching"] else "off", r["concurrency"], r["rps"], r["p50_ms"], r["p99_ms"],
+             r["errors"], "-" if r["reject_p50_ms"] is None else r["reject_p50_ms"]] for r in result["levels"]]
+    out = [table(["model", "batching", "clients", "req/s", "p50 ms", "p99 ms", "refused", "refusal p50 ms"], rows)]
+    out.append("")
+    out.append("in-process ceiling at batch 32 (images/s): "
+               + ", ".join(f"{k} {v:g}" for k, v in result["ceiling_ips"].items()))
+    out.append(f"empty call (ServerLive) {result['empty_call_ms']} ms; overhead of resnet_fm.from.4 at 1 client "
+               f"(round trip - edge compute) {result['overhead_ms']} ms")
+    g = result["goals"]
+    out.append("")
+    out.append(f"goals: batched/unbatched at 32 clients {g['batched_over_unbatched_c32']}x (>= 2); "
+               f"share of ceiling {g['batched_c32_share_of_ceiling']} (>= 0.5); p99 {g['batched_c32_p99_ms']} ms "
+               f"(< 100); goodput at 128 / at 32 {g['c128_goodput_share_of_c32']} (>= 0.9); refusal p50 at 128 "
+               f"{g['c128_reject_p50_ms']} ms (< 5); overhead - empty call {g['overhead_minus_empty_ms']} ms (<= 0.3)")
+    for name, n in result.get("nodes", {}).items():
+        out.append(f"node ({name}): {n['workers']} workers x {n['intra_op_threads']} threads, max in flight "
+                   f"{n['max_inflight']}, batching {n['batching']} (preferred {n['preferred_batch']}, max "
+                   f"{n['max_batch']}, delay {n['max_queue_delay_ms']} ms), mean batch {n['mean_batch']}")
+    return "\n".join(out)
