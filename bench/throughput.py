@@ -7,8 +7,9 @@ and 128 load one ``edge-node`` process; the load generator runs in its own proce
 client's cost. Each level is measured with batching on and off (a node started with
 ``--no-batching``), both at the node's default thread settings. In the same run:
 
-- ``ceiling_ips``: the in-process torch ceiling, images/s at batch 32 with as many
-  intra-op threads as cores, no serving at all;
+- ``ceiling_ips``: the in-process torch ceiling, images/s at batch 32 with no serving at
+  all: the better of one caller with as many intra-op threads as cores and one
+  single-threaded caller per core (``ceiling_detail`` has both);
 - ``empty_call_ms``: the median round trip of ServerLive (an empty call) from a
   synchronous client, as a device runner calls;
 - ``overhead_ms``: the median of (round trip - edge compute) for ``resnet_fm.from.4`` at
@@ -33,31 +34,58 @@ CONCURRENCY = (1, 8, 32, 128)
 CEILING_BATCH = 32
 
 
-def ceiling_ips(model_names=MODELS, batch: int = CEILING_BATCH, seconds: float = 2.0) -> dict[str, float]:
-    """Images per second of each served model run in-process at ``batch``, torch threads = cores."""
+def _ips(model, start: int, batch: int, seconds: float, callers: int) -> float:
+    """Images per second of ``callers`` threads each running ``model`` from ``start`` at ``batch``."""
+    import threading
+
+    import torch
+
+    x = torch.randn(batch, *model.cut_points()[start].shape)
+    counts = [0] * callers
+
+    def work(i: int) -> None:
+        with torch.inference_mode():
+            for _ in range(3):
+                model.run(x, start)
+            began = time.perf_counter()
+            while time.perf_counter() - began < seconds:
+                model.run(x, start)
+                counts[i] += 1
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(callers)]
+    began = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return batch * sum(counts) / (time.perf_counter() - began)
+
+
+def ceiling_ips(model_names=MODELS, batch: int = CEILING_BATCH, seconds: float = 2.0) -> tuple[dict, dict]:
+    """The in-process torch ceiling at ``batch``: the better of one caller with as many intra-op
+    threads as cores, and one single-threaded caller per core (how the node runs). Returns the
+    ceiling per model and both measurements."""
     import torch
 
     from edgesplit.models import load_trained
 
+    cores = os.cpu_count() or 1
     previous = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)
     model = load_trained("resnet_fm")
-    out = {}
+    ceiling, detail = {}, {}
     try:
         for name in model_names:
             start = int(name.rsplit(".", 1)[1]) if ".from." in name else 0
-            x = torch.randn(batch, *model.cut_points()[start].shape)
-            with torch.inference_mode():
-                for _ in range(5):
-                    model.run(x, start)
-                runs, began = 0, time.perf_counter()
-                while time.perf_counter() - began < seconds:
-                    model.run(x, start)
-                    runs += 1
-                out[name] = round(batch * runs / (time.perf_counter() - began), 1)
+            torch.set_num_threads(cores)
+            one_caller = _ips(model, start, batch, seconds, 1)
+            torch.set_num_threads(1)
+            per_core = _ips(model, start, batch, seconds, cores)
+            ceiling[name] = round(max(one_caller, per_core), 1)
+            detail[name] = {f"1_caller_x_{cores}_threads": round(one_caller, 1),
+                            f"{cores}_callers_x_1_thread": round(per_core, 1)}
     finally:
         torch.set_num_threads(previous)
-    return out
+    return ceiling, detail
 
 
 def load(target: str, model: str, concurrency: int, duration: float, sync: bool = False, live: bool = False,
@@ -100,7 +128,7 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     from edgesplit.runtime.node.launcher import NodeProcess
 
     duration = 2.0 if quick else 5.0
-    ceiling = ceiling_ips(seconds=1.0 if quick else 3.0)
+    ceiling, ceiling_detail = ceiling_ips(seconds=1.0 if quick else 3.0)
     levels, nodes = [], {}
     empty_call = overhead = None
     steps = 2 * len(MODELS) * len(CONCURRENCY)
@@ -128,6 +156,7 @@ def run(quick: bool = False, progress: bool = True) -> dict:
         "levels": levels,
         "ceiling_ips": ceiling,
         "ceiling_batch": CEILING_BATCH,
+        "ceiling_detail": ceiling_detail,
         "empty_call_ms": empty_call,
         "overhead_ms": overhead,
         "nodes": nodes,

@@ -222,32 +222,47 @@ class _Undecodable:
         self.error = error
 
 
-class RejectUndecodable(grpc.aio.ServerInterceptor):
-    """Answer INVALID_ARGUMENT to undecodable request bytes (gRPC itself would say UNKNOWN)."""
+def _guard(method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """``handler`` with a deserializer that never raises: undecodable bytes answer
+    INVALID_ARGUMENT (gRPC itself would say UNKNOWN). Built once per method, not per call."""
+    if handler.request_streaming or handler.response_streaming:
+        return handler
+    deserialize, behaviour = handler.request_deserializer, handler.unary_unary
 
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or handler.request_streaming or handler.response_streaming:
-            return handler
-        deserialize, behaviour = handler.request_deserializer, handler.unary_unary
+    def safe_deserialize(data: bytes):
+        try:
+            return deserialize(data) if deserialize else data
+        except Exception as exc:
+            return _Undecodable(exc)
 
-        def safe_deserialize(data: bytes):
-            try:
-                return deserialize(data) if deserialize else data
-            except Exception as exc:
-                return _Undecodable(exc)
+    async def guarded(request, context):
+        if isinstance(request, _Undecodable):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"request to {method} is not a valid protobuf message: {request.error}",
+            )
+        return await behaviour(request, context)
 
-        async def guarded(request, context):
-            if isinstance(request, _Undecodable):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"request to {details.method} is not a valid protobuf message: {request.error}",
-                )
-            return await behaviour(request, context)
+    return grpc.unary_unary_rpc_method_handler(
+        guarded, request_deserializer=safe_deserialize, response_serializer=handler.response_serializer
+    )
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=safe_deserialize, response_serializer=handler.response_serializer
-        )
+
+class _GuardedRegistration:
+    """Stands in for the server in a generated ``add_*Servicer_to_server`` call and registers
+    each method wrapped by :func:`_guard`. Unlike an interceptor, which gRPC runs in Python
+    on every call, the wrapping costs nothing per request."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers) -> None:
+        pass  # the same methods arrive guarded through add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service: str, handlers: dict) -> None:
+        guarded = {name: _guard(f"/{service}/{name}", h) for name, h in handlers.items()}
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, guarded),))
+        self._server.add_registered_method_handlers(service, guarded)
 
 
 # Keepalive pings from devices detect dead connections during link outages; allow them.
@@ -305,7 +320,6 @@ async def start_node_server(
     if token is not None:
         chain.append(TokenAuthInterceptor(token))
     chain.extend(interceptors)
-    chain.append(RejectUndecodable())
     server = grpc.aio.server(
         interceptors=chain or None,
         options=[
@@ -315,9 +329,9 @@ async def start_node_server(
         ],
     )
     inference = InferenceServicer(plane)
-    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, server)
+    inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(inference, _GuardedRegistration(server))
     control = ControlServicer(plane, node_name, weights_sha256, intra_op_threads)
-    edgesplit_pb2_grpc.add_EdgeSplitControlServicer_to_server(control, server)
+    edgesplit_pb2_grpc.add_EdgeSplitControlServicer_to_server(control, _GuardedRegistration(server))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     services = (
