@@ -22,7 +22,6 @@ import collections
 import math
 import time
 from collections.abc import Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass
 
 import torch
@@ -89,16 +88,14 @@ class ModelQueue:
     def __init__(
         self,
         model: ServedModel,
-        executor: Executor,
+        workers,  # ThreadWorkers or ProcessWorkers: submit(model, requests) -> Future[BatchOutcome]
         slots: WorkerSlots,
         on_batch: Callable[[ServedModel, list[Pending], BatchOutcome, float], None],
-        max_elements: int,
     ) -> None:
         self.model = model
-        self._executor = executor
+        self._workers = workers
         self._slots = slots
         self._on_batch = on_batch
-        self._max_elements = max_elements
         self._queue: collections.deque[Pending] = collections.deque()
         self._rows = 0
         self._arrived = asyncio.Event()
@@ -209,7 +206,7 @@ class ModelQueue:
         started = time.perf_counter()
         self._running += 1
         try:
-            work = self._executor.submit(execute_batch, self.model, [p.request for p in batch], self._max_elements)
+            work = self._workers.submit(self.model, [p.request for p in batch], alone=self._slots.busy == 1)
         except RuntimeError as exc:  # the executor is shut down
             self._finish(batch, exc, started)
             return

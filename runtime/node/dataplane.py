@@ -33,31 +33,17 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 import random
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 from edgesplit.runtime.inference import TYPED_NUMPY, InferError, InferRequest, InferResult
 from edgesplit.runtime.metrics import NodeMetrics
 
 from .batching import BatchOutcome, ModelQueue, Pending, WorkerSlots
 from .registry import ModelRegistry, ServedModel, shown
+from .workers import ProcessWorkers, ThreadWorkers
 
 MAX_INPUT_ELEMENTS = 1 << 24  # per input tensor, whole batch
-# Worker threads run at a lower CPU priority than the event loop, so that on a saturated
-# node admissions, refusals and answers are not stuck behind model execution.
-WORKER_NICE = 5
-
-
-def _lower_priority(nice: int) -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError):  # not Linux, or not permitted: run at normal priority
-        pass
-
-
 class DataPlane:
     """Serve the models of a registry, bounded in requests in flight and batch size.
 
@@ -72,18 +58,18 @@ class DataPlane:
         max_inflight: int = 64,
         workers: int = 2,
         max_elements: int = MAX_INPUT_ELEMENTS,
-        worker_nice: int = WORKER_NICE,
+        executor: ThreadWorkers | ProcessWorkers | None = None,
     ) -> None:
         if max_inflight < 1 or workers < 1:
             raise ValueError("max_inflight and workers must be at least 1")
+        self._workers = executor or ThreadWorkers(workers, max_elements)
+        workers = self._workers.workers
         self.registry = registry
         self.metrics = metrics
         self.max_inflight = max_inflight
         self.workers = workers
         self.max_elements = max_elements
         self._inflight = 0
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segment",
-                                            initializer=_lower_priority, initargs=(worker_nice,))
         self._seconds_per_request = 0.0  # moving average of worker time per request, over all workers
         self._slots: WorkerSlots | None = None
         self._queues: dict[str, ModelQueue] = {}
@@ -192,7 +178,7 @@ class DataPlane:
         if queue is None:
             if self._slots is None:
                 self._slots = WorkerSlots(self.workers)
-            queue = ModelQueue(model, self._executor, self._slots, self._on_batch, self.max_elements)
+            queue = ModelQueue(model, self._workers, self._slots, self._on_batch)
             self._queues[model.name] = queue
         return queue
 
@@ -241,8 +227,8 @@ class DataPlane:
         """Fail queued requests (UNAVAILABLE), finish running batches, stop the workers."""
         for queue in self._queues.values():
             await queue.close()
-        self._executor.shutdown(wait=True)
+        self._workers.close()
 
     def close(self) -> None:
         """Stop the workers (for callers without an event loop; queued requests are abandoned)."""
-        self._executor.shutdown(wait=True)
+        self._workers.close()

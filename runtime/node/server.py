@@ -106,8 +106,9 @@ async def serve(settings: NodeSettings, security: Security | None = None) -> int
     from edgesplit.runtime.metrics import NodeMetrics
     from edgesplit.runtime.metrics_http import MetricsServer
 
-    from .dataplane import DataPlane
+    from .dataplane import MAX_INPUT_ELEMENTS, DataPlane
     from .servicer import start_health_server, start_node_server
+    from .workers import ProcessWorkers
 
     workers, threads = settings.worker_count(), settings.thread_count()
     if settings.oversubscribed():
@@ -117,7 +118,9 @@ async def serve(settings: NodeSettings, security: Security | None = None) -> int
     registry, sha = load_registry(settings)
     prom = CollectorRegistry()
     metrics = NodeMetrics(prom)
-    plane = DataPlane(registry, metrics, max_inflight=settings.max_inflight, workers=workers)
+    # Worker processes are forked here: after the models are loaded, before any gRPC object exists.
+    executor = ProcessWorkers(registry, workers, threads, MAX_INPUT_ELEMENTS) if settings.worker_processes else None
+    plane = DataPlane(registry, metrics, max_inflight=settings.max_inflight, workers=workers, executor=executor)
     security = security or load_security(settings)
     node = await start_node_server(
         plane, settings.host, settings.port, node_name=settings.name, weights_sha256=sha,
@@ -140,12 +143,14 @@ async def serve(settings: NodeSettings, security: Security | None = None) -> int
                 f"{settings.max_delay_ms:g} ms)" if settings.batching else "no batching")
     print(
         f"edge-node: serving {', '.join(settings.models)} on {settings.host}:{node.port} ({security.mode}, {auth}), "
-        f"{workers} workers x {threads} threads, {batching}, metrics on port {metrics_port}",
+        f"{workers} worker {'processes' if settings.worker_processes else 'threads'} x {threads} torch threads, "
+        f"{batching}, metrics on port {metrics_port}",
         flush=True,
     )
     if settings.port_file:
         tmp = Path(settings.port_file).with_suffix(".tmp")
-        info = {"port": node.port, "metrics_port": metrics_port, "health_port": health_port, "pid": os.getpid()}
+        info = {"port": node.port, "metrics_port": metrics_port, "health_port": health_port, "pid": os.getpid(),
+                "worker_pids": executor.pids if executor else []}
         tmp.write_text(json.dumps(info))
         tmp.replace(settings.port_file)
 

@@ -44,6 +44,7 @@ class NodeSettings:
     preferred_batch: int = 32
     max_delay_ms: float = 5.0
     workers: int = 0  # 0: as many as the cores allow at ``threads`` each
+    worker_processes: bool = True  # run batches in worker processes (else threads of the node)
     threads: int = 1  # torch intra-op threads per batch; 0: cores / workers
     grace: float = 10.0
     tls_cert: str | None = None
@@ -75,6 +76,7 @@ class NodeSettings:
         values = {k: v for k, v in vars(args).items() if k in names}
         values["models"] = tuple(args.models or ("resnet_fm",))
         values["batching"] = not args.no_batching
+        values["worker_processes"] = not args.worker_threads
         return cls(**values)
 
     def worker_count(self, cores: int | None = None) -> int:
@@ -128,6 +130,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="longest wait for the preferred batch while the node is loaded (default: 5)")
     c = p.add_argument_group("threads (workers x threads should not exceed the cores)")
     c.add_argument("--workers", type=int, default=0, help="batches run at a time (default 0: cores / threads)")
+    c.add_argument("--worker-threads", action="store_true",
+                   help="run batches in threads of the node's process instead of worker processes "
+                   "(less memory, but the workers share the interpreter lock with the server)")
     c.add_argument("--threads", type=int, default=d["threads"].default,
                    help="torch intra-op threads per batch (default: 1; 0: cores / workers)")
     p.add_argument("--grace", type=float, default=d["grace"].default,
