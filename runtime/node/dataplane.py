@@ -55,7 +55,7 @@ class DataPlane:
         self,
         registry: ModelRegistry,
         metrics: NodeMetrics | None = None,
-        max_inflight: int = 64,
+        max_inflight: int = 96,
         workers: int = 2,
         max_elements: int = MAX_INPUT_ELEMENTS,
         executor: ThreadWorkers | ProcessWorkers | None = None,

@@ -63,7 +63,7 @@ class BatchingConfig:
     enabled: bool = True
     preferred_batch: int = 32
     max_batch: int = 64
-    max_delay_s: float = 0.005
+    max_delay_s: float = 0.002
 
     def __post_init__(self) -> None:
         if not 1 <= self.preferred_batch <= self.max_batch:

@@ -38,11 +38,11 @@ class NodeSettings:
     metrics_port: int = 9091
     port_file: str | None = None
     name: str = dataclasses.field(default_factory=socket.gethostname)
-    max_inflight: int = 64
+    max_inflight: int = 96
     batching: bool = True
     max_batch: int = 64
     preferred_batch: int = 32
-    max_delay_ms: float = 5.0
+    max_delay_ms: float = 2.0
     workers: int = 0  # 0: as many as the cores allow at ``threads`` each
     worker_processes: bool = True  # run batches in worker processes (else threads of the node)
     threads: int = 1  # torch intra-op threads per batch; 0: cores / workers
@@ -119,7 +119,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--port-file", help="write {port, metrics_port, health_port, pid} as JSON here once serving")
     p.add_argument("--name", default=socket.gethostname(), help="node name reported by NodeInfo")
     p.add_argument("--max-inflight", type=int, default=d["max_inflight"].default,
-                   help="requests queued or running before RESOURCE_EXHAUSTED (default: 64)")
+                   help="requests queued or running before RESOURCE_EXHAUSTED (default: 96)")
     b = p.add_argument_group("dynamic batching")
     b.add_argument("--no-batching", action="store_true", help="run every request on its own")
     b.add_argument("--max-batch", type=int, default=d["max_batch"].default,
@@ -127,7 +127,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     b.add_argument("--preferred-batch", type=int, default=d["preferred_batch"].default,
                    help="rows a loaded node waits for before running a batch (default: 32)")
     b.add_argument("--max-delay-ms", type=float, default=d["max_delay_ms"].default,
-                   help="longest wait for the preferred batch while the node is loaded (default: 5)")
+                   help="longest wait for the preferred batch while the node is loaded (default: 2)")
     c = p.add_argument_group("threads (workers x threads should not exceed the cores)")
     c.add_argument("--workers", type=int, default=0, help="batches run at a time (default 0: cores / threads)")
     c.add_argument("--worker-threads", action="store_true",
