@@ -31,17 +31,14 @@ from edgesplit.linksim import (
     run,
 )
 
+from .servers import serve
+
 pytestmark = pytest.mark.timeout(60)
 
 TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
 
 
 # --------------------------------------------------------------------------- servers
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
 class _Echo(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         try:
@@ -73,26 +70,14 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _serve(handler: type[socketserver.BaseRequestHandler]) -> Iterator[int]:
-    server = _Server(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
 @pytest.fixture
 def echo_port() -> Iterator[int]:
-    yield from _serve(_Echo)
+    yield from serve(_Echo)
 
 
 @pytest.fixture
 def sink_port() -> Iterator[int]:
-    yield from _serve(_Sink)
+    yield from serve(_Sink)
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ import socket
 import socketserver
 import statistics
 import struct
-import threading
 import time
 from collections.abc import Iterator
 
@@ -16,6 +15,8 @@ import pytest
 
 from edgesplit.linksim import LinkEmulatorThread, LinkSettings
 from edgesplit.linksim.link import BACKLOG_SECONDS, MBPS, TIMER_RESOLUTION, Link, piece_bytes
+
+from .servers import serve
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -106,11 +107,6 @@ def test_transmit_queues_behind_a_busy_link() -> None:
 
 
 # --------------------------------------------------------------------------- through the emulator
-class _Server(socketserver.ThreadingTCPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
 class _Stamp(socketserver.BaseRequestHandler):
     """Messages that start with their own length (8 bytes, counted in it); each is answered
     with the ``perf_counter()`` at which its last byte arrived (an 8-byte double)."""
@@ -140,15 +136,7 @@ def _recv_exactly(sock: socket.socket, n: int) -> bytes:
 
 @pytest.fixture
 def stamp_port() -> Iterator[int]:
-    server = _Server(("127.0.0.1", 0), _Stamp)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-    thread.start()
-    try:
-        yield server.server_address[1]
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
+    yield from serve(_Stamp)
 
 
 def _connect(port: int) -> socket.socket:

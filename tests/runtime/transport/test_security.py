@@ -10,7 +10,6 @@ import os
 import socket
 import ssl
 import stat
-import threading
 import urllib.error
 import urllib.request
 
@@ -21,19 +20,16 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from prometheus_client import CollectorRegistry
 
 from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2, inference_pb2_grpc
 from edgesplit.runtime.codec import encode
-from edgesplit.runtime.metrics import NodeMetrics
 from edgesplit.runtime.node import server as node_cli
-from edgesplit.runtime.node.dataplane import DataPlane
 from edgesplit.runtime.node.launcher import NodeProcess
-from edgesplit.runtime.node.servicer import start_health_server, start_node_server
+from edgesplit.runtime.node.servicer import start_health_server
 from edgesplit.runtime.transport import tls
 from edgesplit.runtime.transport.auth import bearer_token, read_token, token_matches
 from edgesplit.runtime.transport.client import EdgeClient, OffloadError
-from tests.helpers import RunningNode, infer_request, registry_of, stop_in_thread, tiny_model
+from tests.helpers import infer_request, start_in_thread, stop_in_thread, tiny_model
 
 SC = grpc.StatusCode
 TOKEN = "s3cret-token-for-tests"
@@ -59,26 +55,8 @@ def pair(files, name):
 @contextlib.contextmanager
 def serving(credentials=None, token=None):
     """A tiny-model node with the given credentials/token on 127.0.0.1:0, on its own loop thread."""
-    registry = CollectorRegistry()
-    plane = DataPlane(registry_of(tiny_model()), NodeMetrics(registry), workers=1)
-    loop = asyncio.new_event_loop()
-    started = threading.Event()
-    holder: dict = {}
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        try:
-            holder["server"] = loop.run_until_complete(
-                start_node_server(plane, "127.0.0.1", 0, credentials=credentials, token=token)
-            )
-        finally:
-            started.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    assert started.wait(30) and "server" in holder, "node server did not start"
-    running = RunningNode(holder["server"].port, plane, registry, holder["server"], loop)
+    running, thread = start_in_thread(tiny_model(), workers=1,
+                                      server_kwargs={"credentials": credentials, "token": token})
     try:
         yield running
     finally:
