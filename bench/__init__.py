@@ -4,7 +4,9 @@ Each benchmark is a module ``edgesplit.bench.<name>`` with two functions:
 
 - ``run(quick: bool = False, progress: bool = True) -> dict``: measure on this machine and
   return JSON-serialisable results (include a ``"machine"`` entry from :func:`machine_info`);
-- ``render(result: dict) -> str``: a human-readable table of those results.
+- ``render(result: dict) -> str``: a human-readable table of those results;
+- optionally ``plot(result: dict, path: str) -> None``: a picture of them, written beside
+  the JSON (same name, ``.png``) when ``--json`` is given.
 """
 
 from __future__ import annotations
@@ -54,6 +56,10 @@ def run_benchmark(name: str, quick: bool = False, json_path: str | None = None, 
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
         print(f"results written to {json_path}")
+        if hasattr(module, "plot"):
+            png = str(Path(json_path).with_suffix(".png"))
+            module.plot(result, png)
+            print(f"plot written to {png}")
     return result
 
 

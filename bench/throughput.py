@@ -203,3 +203,37 @@ def render(result: dict) -> str:
                    f"{n['max_inflight']}, batching {n['batching']} (preferred {n['preferred_batch']}, max "
                    f"{n['max_batch']}, delay {n['max_queue_delay_ms']} ms), mean batch {n['mean_batch']}")
     return "\n".join(out)
+
+
+def plot(result: dict, path: str) -> None:
+    """Requests per second against clients, batching on and off, with the ceiling; and p99."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, lat) = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = {"resnet_fm": "tab:blue", "resnet_fm.from.4": "tab:orange"}
+    for model in MODELS:
+        for batching, style in ((True, "-o"), (False, "--s")):
+            rows = [r for r in result["levels"] if r["model"] == model and r["batching"] == batching]
+            label = f"{model}, batching {'on' if batching else 'off'}"
+            xs = [r["concurrency"] for r in rows]
+            ax.plot(xs, [r["rps"] for r in rows], style, color=colours[model], label=label)
+            lat.plot(xs, [r["p99_ms"] for r in rows], style, color=colours[model], label=label)
+        ax.axhline(result["ceiling_ips"][model], color=colours[model], linestyle=":", linewidth=1)
+        ax.text(1, result["ceiling_ips"][model], f" in-process ceiling, batch 32 ({model})", va="bottom",
+                fontsize=7, color=colours[model])
+    for a in (ax, lat):
+        a.set_xscale("log", base=2)
+        a.set_xticks(list(CONCURRENCY), [str(c) for c in CONCURRENCY])
+        a.set_xlabel("closed-loop clients")
+        a.grid(alpha=0.3)
+    ax.set_ylabel("answered requests / s")
+    ax.set_ylim(0, max(result["ceiling_ips"].values()) * 1.1)
+    lat.set_ylabel("p99 latency (ms)")
+    lat.legend(fontsize=7)
+    fig.suptitle(f"edge-node throughput, {result['machine']['cpus']} cores, client on the same machine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

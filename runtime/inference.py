@@ -67,7 +67,14 @@ class InferInput:
         """The payload as raw bytes (typed values converted here; call off the event loop)."""
         if self.values is None:
             return self.data
-        return np.asarray(self.values, dtype=TYPED_NUMPY[self.datatype]).tobytes()
+        wire = np.dtype(TYPED_NUMPY[self.datatype])
+        if wire.kind in "iu":  # refuse values that would wrap around instead of converting them
+            wide = np.asarray(self.values, dtype=np.int64)
+            info = np.iinfo(wire)
+            if wide.size and (wide.min() < info.min or wide.max() > info.max):
+                raise ValueError(f"{self.datatype} values must lie in {info.min}..{info.max}")
+            return wide.astype(wire).tobytes()
+        return np.asarray(self.values, dtype=wire).tobytes()
 
 
 # Datatypes whose typed contents we accept, with their numpy wire type.

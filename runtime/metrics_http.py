@@ -2,7 +2,8 @@
 
 Unlike a catch-all exporter, every other path answers 404, so a probe pointed at the wrong
 path (``/v2/health/live``) does not read "live"; only GET and HEAD are served. Each
-connection gets ``idle_timeout_s`` to send its request, and at most ``max_connections``
+connection gets ``idle_timeout_s`` to send its request and at most ``max_connection_s`` in
+all (a client trickling a byte at a time is cut off too), and at most ``max_connections``
 are served at once (more are closed at once), so idle or slow clients cannot pile up
 threads. With ``certfile``/``keyfile`` it serves HTTPS, and with ``client_cafile``
 requires client certificates; the TLS handshake runs in the connection's thread, under
@@ -26,6 +27,7 @@ import http.server
 import socket
 import ssl
 import threading
+import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -73,29 +75,50 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address, registry, idle_timeout_s, max_connections, tls) -> None:
+    def __init__(self, address, registry, idle_timeout_s, max_connections, tls, max_connection_s) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.registry = registry
         self.idle_timeout_s = idle_timeout_s
+        self.max_connection_s = max_connection_s
         self.tls = tls
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._open: dict[socket.socket, float] = {}  # connection -> when it must be closed
+        self._open_lock = threading.Lock()
         super().__init__(address, _Handler)
+
+    def expire(self) -> None:
+        """Shut down connections that have outlived ``max_connection_s`` (their threads then end)."""
+        now = time.monotonic()
+        with self._open_lock:
+            late = [s for s, deadline in self._open.items() if deadline <= now]
+        for sock in late:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):  # too many open connections: refuse this one
             self.shutdown_request(request)
             return
+        with self._open_lock:
+            self._open[request] = time.monotonic() + self.max_connection_s
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._forget(request)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._forget(request)
+
+    def _forget(self, request) -> None:
+        with self._open_lock:
+            self._open.pop(request, None)
+        self._slots.release()
 
     def handle_error(self, request, client_address) -> None:  # timeouts, resets, bad TLS: drop quietly
         pass
@@ -111,6 +134,7 @@ class MetricsServer:
         host: str = "127.0.0.1",
         idle_timeout_s: float = 5.0,
         max_connections: int = 16,
+        max_connection_s: float = 10.0,
         certfile: str | None = None,
         keyfile: str | None = None,
         client_cafile: str | None = None,
@@ -122,13 +146,22 @@ class MetricsServer:
             if client_cafile:
                 tls.load_verify_locations(client_cafile)
                 tls.verify_mode = ssl.CERT_REQUIRED
-        self._server = _Server((host, port), registry, idle_timeout_s, max_connections, tls)
+        self._server = _Server((host, port), registry, idle_timeout_s, max_connections, tls, max_connection_s)
         self.port = self._server.server_address[1]
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
         self._thread.start()
+        self._reaper = threading.Thread(target=self._reap, name="metrics-http-reaper", daemon=True)
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        while not self._stop.wait(0.5):
+            self._server.expire()
 
     def close(self) -> None:
         """Stop serving and close the listening socket (open connections time out on their own)."""
+        self._stop.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(5)
+        self._reaper.join(5)

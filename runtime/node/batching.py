@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from edgesplit.runtime import codec
 from edgesplit.runtime.inference import InferError, InferOutput, InferRequest, InferResult
 
 from .registry import ServedModel
+
+log = logging.getLogger("edgesplit.node.batching")
 
 
 class WorkerSlots:
@@ -71,6 +74,7 @@ class Pending:
     future: asyncio.Future
     enqueued: float  # time.perf_counter()
     deadline: float | None  # time.perf_counter() by which it must be answered
+    left: bool = False  # has left the queue or its batch (counted out of the node's in-flight total)
 
 
 @dataclass
@@ -91,11 +95,13 @@ class ModelQueue:
         workers,  # ThreadWorkers or ProcessWorkers: submit(model, requests) -> Future[BatchOutcome]
         slots: WorkerSlots,
         on_batch: Callable[[ServedModel, list[Pending], BatchOutcome, float], None],
+        on_leave: Callable[[Pending], None],
     ) -> None:
         self.model = model
         self._workers = workers
         self._slots = slots
         self._on_batch = on_batch
+        self._on_leave = on_leave
         self._queue: collections.deque[Pending] = collections.deque()
         self._rows = 0
         self._arrived = asyncio.Event()
@@ -117,6 +123,33 @@ class ModelQueue:
         self._arrived.set()
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._dispatch(), name=f"batcher {self.model.name}")
+            self._task.add_done_callback(self._dispatcher_ended)
+
+    def withdraw(self, item: Pending) -> None:
+        """Take a request whose caller left out of the queue (no-op once it is in a batch)."""
+        try:
+            self._queue.remove(item)
+        except ValueError:
+            return
+        self._rows -= item.rows
+        self._leave(item)
+
+    def _leave(self, item: Pending) -> None:
+        if not item.left:
+            item.left = True
+            self._on_leave(item)
+
+    def _dispatcher_ended(self, task: asyncio.Task) -> None:
+        """A dispatcher that failed must not strand its queue: fail what waits, start afresh later."""
+        self._task = None
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("batcher of %s failed: %r; failing its queue", self.model.name, task.exception())
+        while self._queue:
+            item = self._pop()
+            if not item.future.done():
+                item.future.set_exception(InferError(InferError.INTERNAL, "the node's batcher failed; retry"))
+            self._leave(item)
 
     async def close(self) -> None:
         """Stop dispatching; fail what is queued with UNAVAILABLE; wait for running batches."""
@@ -128,6 +161,7 @@ class ModelQueue:
             item = self._queue.popleft()
             if not item.future.done():
                 item.future.set_exception(InferError(InferError.UNAVAILABLE, "node is shutting down"))
+            self._leave(item)
         self._rows = 0
         if self._running:
             self._drained = asyncio.Event()
@@ -180,7 +214,7 @@ class ModelQueue:
         while self._queue:
             item = self._queue[0]
             if item.future.done():  # the caller went away (cancelled)
-                self._pop()
+                self._leave(self._pop())
                 continue
             if item.deadline is not None and now >= item.deadline:
                 self._pop()
@@ -188,6 +222,7 @@ class ModelQueue:
                     InferError.DEADLINE_EXCEEDED,
                     f"deadline passed after {1000 * (now - item.enqueued):.1f} ms in the queue; not run",
                 ))
+                self._leave(item)
                 continue
             if batch and (rows + item.rows > limit or not config.enabled):
                 break
@@ -207,7 +242,7 @@ class ModelQueue:
         self._running += 1
         try:
             work = self._workers.submit(self.model, [p.request for p in batch], alone=self._slots.busy == 1)
-        except RuntimeError as exc:  # the executor is shut down
+        except BaseException as exc:  # the executor is shut down, or broken: answer, never strand
             self._finish(batch, exc, started)
             return
         work.add_done_callback(lambda done: self._loop.call_soon_threadsafe(self._finish, batch, done, started))
@@ -223,13 +258,16 @@ class ModelQueue:
             error = InferError(InferError.UNAVAILABLE, f"node could not run the batch: {type(exc).__name__}")
             outcome = BatchOutcome([error] * len(batch), sum(p.rows for p in batch), 0.0)
         for item, answer in zip(batch, outcome.answers):
-            if item.future.done():
-                continue
-            if isinstance(answer, InferError):
-                item.future.set_exception(answer)
-            else:
-                answer.queue_seconds = max(0.0, started - item.enqueued)
-                item.future.set_result(answer)
+            if not item.future.done():
+                if isinstance(answer, InferError):
+                    item.future.set_exception(answer)
+                else:
+                    answer.queue_seconds = max(0.0, started - item.enqueued)
+                    item.future.set_result(answer)
+        for item in batch:
+            if not item.future.done():  # an outcome short of answers must not strand a caller
+                item.future.set_exception(InferError(InferError.INTERNAL, "the batch returned no answer"))
+            self._leave(item)
         self._on_batch(self.model, batch, outcome, started)
         if self._running == 0 and self._drained is not None:
             self._drained.set()

@@ -44,6 +44,7 @@ from .registry import ModelRegistry, ServedModel, shown
 from .workers import ProcessWorkers, ThreadWorkers
 
 MAX_INPUT_ELEMENTS = 1 << 24  # per input tensor, whole batch
+RAW_ITEMSIZE = {"FP32": 4, "FP16": 2, "INT8": 1}
 class DataPlane:
     """Serve the models of a registry, bounded in requests in flight and batch size.
 
@@ -92,15 +93,17 @@ class DataPlane:
         deadline = None if request.timeout_s is None else now + request.timeout_s
         loop = asyncio.get_running_loop()
         item = Pending(request, rows, loop.create_future(), now, deadline)
-        self._admit()
+        queue = self._queue(model)
+        self._admit()  # released by the queue when the request leaves it, answered or not
+        queue.submit(item)
         try:
-            self._queue(model).submit(item)
             return await item.future
         except asyncio.CancelledError:
-            item.future.cancel()  # the caller left: the batcher drops it if not yet run
+            # The caller left: take the request (and its payload) out of the queue now; one
+            # already in a running batch stays counted until the batch ends.
+            item.future.cancel()
+            queue.withdraw(item)
             raise
-        finally:
-            self._release()
 
     def admit_or_refuse(self) -> None:
         """Raise RESOURCE_EXHAUSTED (with a pushback) when the node is at its in-flight limit."""
@@ -162,7 +165,9 @@ class DataPlane:
                 raise InferError(
                     InferError.INVALID_ARGUMENT, f"input {inp.name!r} has {count} elements, over {self.max_elements}"
                 )
-            if inp.values is not None:
+            if inp.values is None:
+                self._check_payload_size(inp, count)
+            else:
                 if inp.datatype not in TYPED_NUMPY:
                     raise InferError(InferError.INVALID_ARGUMENT, f"input {inp.name!r}: no typed contents for "
                                      f"{inp.datatype}; send raw_input_contents")
@@ -173,12 +178,28 @@ class DataPlane:
                     )
         return batch or 0
 
+    @staticmethod
+    def _check_payload_size(inp, count: int) -> None:
+        """Raw bytes must fit the shape (zlib-compressed ones within zlib's worst case), so an
+        oversized payload is refused before it is queued, not after."""
+        itemsize = RAW_ITEMSIZE.get(inp.datatype)
+        if itemsize is None:
+            return  # not an accepted datatype: refused elsewhere
+        expected = count * itemsize
+        if inp.params.get("compression", "none") == "zlib":
+            if len(inp.data) > expected + expected // 1000 + 64:
+                raise InferError(InferError.INVALID_ARGUMENT, f"input {inp.name!r}: {len(inp.data)} compressed bytes "
+                                 f"for {expected} uncompressed; that is more than zlib ever makes")
+        elif len(inp.data) != expected:
+            raise InferError(InferError.INVALID_ARGUMENT, f"input {inp.name!r}: payload has {len(inp.data)} bytes; "
+                             f"shape {list(inp.shape)[:8]} of {inp.datatype} needs exactly {expected}")
+
     def _queue(self, model: ServedModel) -> ModelQueue:
         queue = self._queues.get(model.name)
         if queue is None:
             if self._slots is None:
                 self._slots = WorkerSlots(self.workers)
-            queue = ModelQueue(model, self._workers, self._slots, self._on_batch)
+            queue = ModelQueue(model, self._workers, self._slots, self._on_batch, self._release)
             self._queues[model.name] = queue
         return queue
 
@@ -187,7 +208,7 @@ class DataPlane:
         if self.metrics:
             self.metrics.inflight.set(self._inflight)
 
-    def _release(self) -> None:
+    def _release(self, _item: Pending | None = None) -> None:
         self._inflight -= 1
         if self.metrics:
             self.metrics.inflight.set(self._inflight)
@@ -216,7 +237,8 @@ class DataPlane:
         """Wait until no request is in flight; False if ``timeout`` passed first."""
         if self._inflight == 0:
             return True
-        self._idle = asyncio.Event()
+        if self._idle is None or self._idle.is_set():
+            self._idle = asyncio.Event()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
             return True

@@ -93,8 +93,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         registry = self.plane.registry
         label = request.model_name if request.model_name in registry else "unknown"
-        received = sum(len(b) for b in request.raw_input_contents)
-        sent = 0
+        received = sent = 0  # counted once the request's shape is checked (a loop over it is bounded)
 
         async def handle():
             nonlocal sent, received
@@ -293,8 +292,9 @@ class NodeServer:
         self.inference.ready = False
         self.inference.draining = True
         await self.health.enter_graceful_shutdown()
-        await self.inference.plane.wait_idle(grace)
-        await self.server.stop(0)
+        drained = await self.inference.plane.wait_idle(grace)
+        # Drained: a moment for the last answers to be written. Not drained: cancel the rest now.
+        await self.server.stop(min(0.5, grace) if drained else 0)
 
 
 async def start_node_server(

@@ -97,8 +97,7 @@ def test_mixed_codecs_are_decoded_separately_then_stacked():
 def test_one_bad_request_fails_alone_in_its_batch():
     async def go(plane, gate):
         first = await occupy(plane, gate)
-        bad = request(torch.ones(1, 4))
-        bad.inputs[0].data = b"\0" * 3
+        bad = request(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))  # passes the shape checks, fails decoding
         tasks = [asyncio.ensure_future(plane.infer(r)) for r in (request(torch.ones(1, 4)), bad,
                                                                   request(torch.zeros(1, 4)))]
         await wait_for(lambda: plane.inflight == 4, 10, "three requests queued")
@@ -179,3 +178,23 @@ def test_batch_config_is_checked():
         BatchingConfig(preferred_batch=10, max_batch=4)
     with pytest.raises(ValueError, match="max_delay_s"):
         BatchingConfig(max_delay_s=5)
+
+
+def test_callers_that_leave_free_their_place_and_payload_at_once():
+    """Review finding: a cancelled request stopped counting toward max_inflight but stayed
+    queued with its payload until a worker reached it, so send-and-cancel grew the queue."""
+    async def go(plane, gate):
+        first = await occupy(plane, gate)
+        queue = plane._queues["echo"]
+        for _ in range(50):
+            task = asyncio.ensure_future(plane.infer(request(torch.ones(1, 4))))
+            await wait_for(lambda: len(queue) == 1, 5, "the request to be queued")
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            assert len(queue) == 0 and plane.inflight == 1
+        gate.release.set()
+        await first
+        return plane.inflight
+
+    inflight, gate, _, _ = with_plane(go, max_inflight=2)
+    assert inflight == 0 and gate.rows == [1]

@@ -101,9 +101,22 @@ def test_structural_mistakes_are_invalid_argument(registry, mistake, expected):
     assert err.code == InferError.INVALID_ARGUMENT and expected in err.message, err.message
 
 
+def test_a_payload_that_does_not_fit_its_shape_is_refused_before_queueing(registry):
+    """Review finding: a 32 MiB payload on a [1,16,28,28] input was admitted, queued and piped."""
+    for data in (b"\0" * 100, b"\0" * (16 * 28 * 28 * 4 + 1), b"\0" * (32 << 20)):
+        bad = request("resnet_fm.from.4", torch.zeros(1, 16, 28, 28))
+        bad.inputs[0].data = data
+        err = error_of(registry, bad)
+        assert err.code == InferError.INVALID_ARGUMENT and "needs exactly 50176" in err.message
+    zipped = request("resnet_fm.from.4", torch.zeros(1, 16, 28, 28))
+    zipped.inputs[0].params = {"codec": "fp32", "compression": "zlib"}
+    zipped.inputs[0].data = b"\0" * (1 << 20)
+    assert "more than zlib ever makes" in error_of(registry, zipped).message
+
+
 def test_a_bad_payload_is_invalid_argument_from_the_worker(registry):
-    bad = request("resnet_fm.from.4", torch.zeros(1, 16, 28, 28))
-    bad.inputs[0].data = b"\0" * 100
+    bad = request("resnet_fm.from.4", torch.zeros(1, 16, 28, 28), codec="int8")
+    del bad.inputs[0].params["scale"]
     assert error_of(registry, bad).code == InferError.INVALID_ARGUMENT
     nan = torch.zeros(1, 16, 28, 28)
     nan[0, 0, 0, 0] = float("nan")

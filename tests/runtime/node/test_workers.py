@@ -73,18 +73,59 @@ def test_worker_processes_answer_like_the_model_in_process(pool):
     assert all(pid != os.getpid() for pid in workers.pids)
 
 
-def test_a_killed_worker_fails_its_batch_and_is_replaced(pool):
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
+def test_a_worker_killed_while_idle_is_replaced_before_its_next_batch(pool):
     workers, registry = pool
     victim = workers.pids[0]
     os.kill(victim, signal.SIGKILL)
-    wait_until(lambda: not Path(f"/proc/{victim}").exists() or "Z" in Path(f"/proc/{victim}/stat").read_text()
-               .split(")")[1].split()[0], 10, "the worker to die")
+    wait_until(lambda: _gone(victim), 10, "the worker to die")
     outcomes = [workers.submit(registry.get("tiny"), [req(torch.ones(1, 4))]).result(30) for _ in range(4)]
-    errors = [o.answers[0] for o in outcomes if isinstance(o.answers[0], InferError)]
-    assert len(errors) == 1 and errors[0].code == InferError.UNAVAILABLE
+    assert all(isinstance(o.answers[0], InferResult) for o in outcomes), "no batch is lost to a dead idle worker"
     assert victim not in workers.pids and len(workers.pids) == 2
-    ok = workers.submit(registry.get("tiny"), [req(torch.ones(1, 4))]).result(30)
-    assert isinstance(ok.answers[0], InferResult)
+
+
+class DiesOn666(nn.Module):
+    """Kills the worker process that runs it when the input holds 666 (never the test process)."""
+
+    def __init__(self, parent: int) -> None:
+        super().__init__()
+        self.parent = parent
+
+    def forward(self, x):
+        if os.getpid() != self.parent and bool((x == 666).any()):
+            os._exit(3)
+        return x
+
+
+def test_a_worker_that_dies_during_a_batch_fails_that_batch_alone_and_is_replaced():
+    model = SplitModel("fragile", [("die", DiesOn666(os.getpid())), ("id", nn.Identity())], {}, (4,), 4)
+    registry = registry_of(model)
+    workers = ProcessWorkers(registry, workers=1, threads=1, max_elements=1 << 20)
+    try:
+        before = workers.pids
+        poison = workers.submit(registry.get("fragile"), [req(torch.full((1, 4), 666.0), model="fragile")])
+        answer = poison.result(30).answers[0]
+        assert isinstance(answer, InferError) and answer.code == InferError.UNAVAILABLE
+        ok = workers.submit(registry.get("fragile"), [req(torch.ones(1, 4), model="fragile")]).result(30)
+        assert isinstance(ok.answers[0], InferResult) and workers.pids != before
+    finally:
+        workers.close()
+
+
+def test_typed_values_out_of_range_are_refused_not_wrapped(pool):
+    workers, registry = pool
+    bad = InferRequest("tiny", [InferInput("input", "INT8", (1, 4), b"", {"scale": 1.0, "zero_point": 0},
+                                           values=[1, 2, 200, 3])])
+    out = workers.submit(registry.get("tiny"), [bad, req(torch.ones(1, 4))]).result(30)
+    assert isinstance(out.answers[0], InferError) and out.answers[0].code == InferError.INVALID_ARGUMENT
+    assert "-128..127" in out.answers[0].message and isinstance(out.answers[1], InferResult)
 
 
 def test_a_model_error_in_a_worker_answers_internal_and_the_worker_survives():
@@ -121,14 +162,7 @@ def test_workers_die_with_a_node_killed_by_sigkill(tmp_path):
         node.kill()
         node.wait(10)
 
-        def gone(pid: int) -> bool:
-            try:
-                state = Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
-            except FileNotFoundError:
-                return True
-            return state == "Z"
-
-        wait_until(lambda: all(gone(p) for p in pids), 10, "the workers to die with the node")
+        wait_until(lambda: all(_gone(p) for p in pids), 10, "the workers to die with the node")
     finally:
         if node.poll() is None:
             node.kill()
