@@ -10,6 +10,8 @@ MODULES = [
     "edgesplit.models.datasets",
     "edgesplit.models.split_model",
     "edgesplit.partitioner.flops",
+    "edgesplit.partitioner.graph",
+    "edgesplit.partitioner.cuts",
     "edgesplit.runtime.codec",
     "edgesplit.runtime.node.dataplane",
     "edgesplit.runtime.device.runner",
