@@ -191,3 +191,44 @@ def _segment_runner(model: SplitModel, start: int) -> Callable[[list[torch.Tenso
         return [model.run(tensors[0], start)]
 
     return run
+
+
+def register_graph_cuts(registry: ModelRegistry, name: str, graph, batching: BatchingConfig | None = None,
+                        indices: list[int] | None = None) -> list[str]:
+    """Serve the tail after cuts of a traced graph (:func:`edgesplit.partitioner.graph.trace`).
+
+    The tail after cut ``K`` is served as ``name.from.K`` (cut 0, the whole model, as
+    ``name``); it takes one input per crossing tensor, named after the graph value, so a
+    cut inside a residual or inception block travels as several inputs of one request,
+    each with its own codec parameters. Cuts whose crossing values are not all tensors are
+    skipped. ``indices`` limits which cuts are served (default: all that can travel).
+    """
+    from edgesplit.partitioner.cuts import enumerate_cuts, split
+
+    batching = batching or BatchingConfig()
+    cuts = enumerate_cuts(graph)
+    output = cuts[-1].crossing_shapes
+    names = []
+    for cut in cuts[:-1]:
+        if not cut.transferable or (indices is not None and cut.index not in indices):
+            continue
+        _, tail = split(graph, cut.index)
+        served = name if cut.index == 0 else f"{name}.from.{cut.index}"
+        registry.add(ServedModel(
+            name=served,
+            inputs=tuple(TensorSpec(c, tuple(s[1:])) for c, s in zip(cut.crossing, cut.crossing_shapes)),
+            outputs=tuple(TensorSpec(f"output{i}" if len(output) > 1 else "output", tuple(s[1:]), ("FP32",))
+                          for i, s in enumerate(output)),
+            run=_graph_runner(tail),
+            batching=replace(batching),
+        ))
+        names.append(served)
+    return names
+
+
+def _graph_runner(tail) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    def run(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        out = tail(*tensors)
+        return list(out) if isinstance(out, (tuple, list)) else [out]
+
+    return run

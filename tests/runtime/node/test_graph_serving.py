@@ -1,0 +1,59 @@
+"""Cuts of a traced graph served by a real node: a cut inside an inception block sends
+several crossing tensors as several inputs of one Open Inference Protocol request, each with
+its own codec, and the answer equals the model's."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgesplit.partitioner.cuts import enumerate_cuts, split
+from edgesplit.partitioner.graph import trace
+from edgesplit.runtime.codec import encode
+from edgesplit.runtime.node.registry import ModelRegistry, register_graph_cuts
+from edgesplit.runtime.transport.client import EdgeClient, OffloadError
+from tests.helpers import start_in_thread, stop_in_thread
+from tests.partitioner.test_graph_cuts import InceptionNet
+
+
+@pytest.fixture(scope="module")
+def served():
+    torch.manual_seed(0)
+    model = InceptionNet().eval()
+    x = torch.randn(2, 3, 16, 16)
+    graph = trace(model, (x,))
+    cuts = enumerate_cuts(graph)
+    widest = max(cuts, key=lambda c: len(c.crossing))
+    registry = ModelRegistry()
+    names = register_graph_cuts(registry, "incept", graph, indices=[0, widest.index])
+    running, thread = start_in_thread(registry, workers=1)
+    yield model, graph, widest, names, running
+    stop_in_thread(running, thread)
+
+
+def test_a_multi_tensor_cut_travels_as_several_inputs_each_with_its_own_codec(served):
+    model, graph, cut, names, running = served
+    assert names == ["incept", f"incept.from.{cut.index}"] and len(cut.crossing) >= 3
+    x = torch.randn(3, 3, 16, 16)
+    head, _ = split(graph, cut.index)
+    with torch.no_grad():
+        crossing = head(x)
+        expected = model(x)
+    codecs = ["fp32", "int8-channel", "fp16", "int8"]
+    tensors = {name: encode(t, codecs[i % len(codecs)]) for i, (name, t) in enumerate(zip(cut.crossing, crossing))}
+    assert len({t.codec for t in tensors.values()}) >= 3
+    client = EdgeClient(running.address)
+    try:
+        result = client.infer(f"incept.from.{cut.index}", tensors, timeout=10)
+        assert result.logits.shape == (3, 10)
+        assert np.abs(result.logits.numpy() - expected.numpy()).max() < 0.05
+        assert result.sent_bytes == sum(len(t.data) for t in tensors.values())
+        whole = client.infer("incept", {"x": encode(x)}, timeout=10)
+        assert torch.allclose(whole.logits, expected, atol=1e-5)
+        missing = dict(list(tensors.items())[1:])
+        with pytest.raises(OffloadError) as err:
+            client.infer(f"incept.from.{cut.index}", missing, timeout=10)
+        assert err.value.reason == "INVALID_ARGUMENT"
+    finally:
+        client.close()
