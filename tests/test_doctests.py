@@ -12,6 +12,7 @@ MODULES = [
     "edgesplit.partitioner.flops",
     "edgesplit.partitioner.graph",
     "edgesplit.partitioner.cuts",
+    "edgesplit.partitioner.profile",
     "edgesplit.runtime.codec",
     "edgesplit.runtime.node.dataplane",
     "edgesplit.runtime.device.runner",

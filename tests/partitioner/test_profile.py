@@ -1,0 +1,56 @@
+"""Profiles: per-node medians that add up to the measured whole, larger batches cost more,
+the JSON round-trips and records where it was taken."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from edgesplit.models import build_model
+from edgesplit.partitioner.graph import trace
+from edgesplit.partitioner.profile import Profile, profile_graph
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    torch.manual_seed(0)
+    model = build_model("resnet_fm").eval()
+    x = torch.randn(1, 1, 28, 28)
+    graph = trace(model, (x,))
+    return model, graph, profile_graph(graph, (x,), batches=(1, 16), repeats=5, warmup=2, model_name="resnet_fm")
+
+
+def test_node_times_add_up_to_about_the_whole_model(profiled):
+    model, graph, profile = profiled
+    total = profile.segment_seconds(0, len(graph.nodes), batch=16)
+    x = torch.randn(16, 1, 28, 28)
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        runs = []
+        for _ in range(5):
+            started = time.perf_counter()
+            model(x)
+            runs.append(time.perf_counter() - started)
+    whole = sorted(runs)[2]
+    # node-by-node interpretation adds a few microseconds a node; the sum stays near the whole
+    assert 0.3 * whole < total < 5.0 * whole, (total, whole)
+    assert profile.segment_seconds(0, len(graph.nodes), batch=16) > profile.segment_seconds(0, len(graph.nodes))
+    assert all(t >= 0 for t in profile.seconds[1])
+
+
+def test_profile_json_round_trips_with_host_torch_and_threads(profiled, tmp_path):
+    _, graph, profile = profiled
+    path = tmp_path / "device.json"
+    profile.save(path)
+    data = json.loads(path.read_text())
+    assert {"host", "torch", "threads", "cpus", "node_names", "seconds", "schema"} <= set(data)
+    back = Profile.load(path)
+    assert back == profile and back.node_names == [n.name for n in graph.nodes]
+    data["schema"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="profile again"):
+        Profile.load(path)
