@@ -13,6 +13,8 @@ MODULES = [
     "edgesplit.partitioner.graph",
     "edgesplit.partitioner.cuts",
     "edgesplit.partitioner.profile",
+    "edgesplit.partitioner.cost",
+    "edgesplit.partitioner.optimise",
     "edgesplit.runtime.codec",
     "edgesplit.runtime.node.dataplane",
     "edgesplit.runtime.device.runner",

@@ -1,0 +1,96 @@
+"""Split choice: the cut with least latency or least device energy, the Pareto set, and the
+DADS-style minimum s-t cut over the whole DAG.
+
+:func:`choose` and :func:`pareto` work on the predictions of the enumerated cuts (prefixes
+of one topological order). :func:`min_cut_latency` solves the placement as a minimum s-t
+cut of the graph (DADS): every node either stays on the device (source side) or goes to the
+edge (sink side); a node on the edge costs its edge time, one on the device its device
+time, and a value produced on the device and read on the edge costs its transfer once
+(bytes / bandwidth; the round trip is added once to any split, which is then compared with
+running everything on the device).
+Infinite reverse edges forbid sending anything back from the edge to the device, so the
+device side is closed under predecessors, a valid cut even where no single topological
+prefix matches it.
+
+Example::
+
+    >>> from edgesplit.partitioner.cost import Prediction
+    >>> ps = [Prediction(0, "int8", 0.0, 0.05, 0.01, 784, 0.1), Prediction(5, "int8", 0.2, 0.0, 0.0, 0, 0.7)]
+    >>> choose(ps).cut, choose(ps, "energy").cut, [p.cut for p in pareto(ps)]
+    (0, 0, [0])
+"""
+
+from __future__ import annotations
+
+import math
+
+import networkx as nx
+
+from .cost import CODEC_BYTES, INPUT_BYTES_PER_ELEMENT, Link, Prediction
+from .graph import ModelGraph
+from .profile import Profile
+
+OBJECTIVES = ("latency", "energy")
+
+
+def choose(predictions: list[Prediction], objective: str = "latency") -> Prediction:
+    """The prediction with least latency (or least device energy); ties go to the later cut."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
+    key = (lambda p: (p.total_s, -p.cut)) if objective == "latency" else (lambda p: (p.energy_j, p.total_s))
+    return min(predictions, key=key)
+
+
+def pareto(predictions: list[Prediction]) -> list[Prediction]:
+    """Cuts not beaten on both latency and device energy by another cut, fastest first."""
+    front = []
+    for p in sorted(predictions, key=lambda p: (p.total_s, p.energy_j)):
+        if not front or p.energy_j < front[-1].energy_j:
+            front.append(p)
+    return front
+
+
+def min_cut_latency(graph: ModelGraph, device: Profile, edge: Profile, link: Link, codec: str = "int8",
+                    batch: int = 1) -> tuple[float, set[str]]:
+    """Least predicted latency over every device/edge placement closed under predecessors,
+    and the names of the nodes that run on the device."""
+    index = {name: i for i, name in enumerate(device.node_names)}
+    inf = math.inf
+    g = nx.DiGraph()
+    source, sink = "__device__", "__edge__"
+    inputs = set(graph.input_names)
+    for name in inputs:  # the input is on the device
+        g.add_edge(source, name, capacity=inf)
+    for node in graph.nodes:
+        i = index[node.name]
+        g.add_edge(source, node.name, capacity=edge.seconds[batch][i])  # paid if it runs on the edge
+        g.add_edge(node.name, sink, capacity=device.seconds[batch][i])  # paid if it runs on the device
+    producers = {n.name: n for n in graph.nodes}
+    consumers: dict[str, list[str]] = {}
+    for node in graph.nodes:
+        for src in node.inputs:
+            consumers.setdefault(src, []).append(node.name)
+    for src, readers in consumers.items():
+        if src in inputs:
+            shape_bytes = sum(math.prod(s) for s in _input_shapes(graph, src)) * INPUT_BYTES_PER_ELEMENT
+        else:
+            shape_bytes = sum(math.prod(s) for s in producers[src].out_shapes) * CODEC_BYTES[codec]
+        relay = f"{src}__sent"  # the value is sent once, however many edge nodes read it
+        g.add_edge(src, relay, capacity=shape_bytes * 8 / (link.bandwidth_mbit * 1e6))
+        for r in readers:
+            g.add_edge(relay, r, capacity=inf)
+            g.add_edge(r, src, capacity=inf)  # nothing goes back from the edge to the device
+    value, (device_side, _) = nx.minimum_cut(g, source, sink)
+    on_device = {n for n in device_side if n in producers}
+    # The round trip is paid once for any split; a cut cannot carry that fixed cost, so
+    # compare with running everything on the device afterwards.
+    all_device = sum(device.seconds[batch][index[n.name]] for n in graph.nodes)
+    if len(on_device) < len(producers) and value + link.rtt_s < all_device:
+        return value + link.rtt_s, on_device
+    return all_device, set(producers)
+
+
+def _input_shapes(graph: ModelGraph, name: str) -> list[tuple[int, ...]]:
+    node = next(n for n in graph.module.graph.nodes if n.name == name)
+    value = node.meta.get("value")
+    return [tuple(value.shape)] if value is not None else []
