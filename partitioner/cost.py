@@ -13,7 +13,7 @@ Example::
     >>> round(link.transfer_seconds(100_000), 3)
     0.12
     >>> round(PI4.energy_joules(compute_s=0.1, transfer_s=0.12, link=link), 2)
-    0.71
+    0.66
 """
 
 from __future__ import annotations
