@@ -70,6 +70,25 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    from edgesplit.partitioner.explain import plan_rows, plot, render
+
+    try:
+        plan = plan_rows(args.model, args.bandwidth, device=args.device, rtt_ms=args.rtt, codec=args.codec,
+                         edge_profile=args.edge_profile)
+    except (KeyError, ValueError) as exc:
+        print(f"edgesplit plan: {exc}", file=sys.stderr)
+        return 2
+    print(render(plan, limit=0 if args.all else 24))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(plan, f, indent=1)
+    if args.plot:
+        plot(plan, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgesplit", description=__doc__.split("\n")[0].strip("`: "))
     sub = p.add_subparsers(dest="command", required=True)
@@ -108,6 +127,21 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="show a model's cuts, crossing tensors and costs")
     i.add_argument("model", nargs="?", default="resnet_fm")
     i.set_defaults(func=_info)
+
+    pl = sub.add_parser("plan", help="predict every cut's latency and choose the split",
+                        description="Trace the model, profile it on this host, and predict each cut's latency "
+                        "on a device class over a link; prints the table, the choice and the reason.")
+    pl.add_argument("model", nargs="?", default="resnet_fm")
+    pl.add_argument("--bandwidth", type=float, default=5.0, help="Mbit/s (default: 5)")
+    pl.add_argument("--rtt", type=float, default=20.0, help="round-trip time in ms (default: 20)")
+    pl.add_argument("--device", default="pi4", choices=["pi4", "pizero2", "mcu"],
+                    help="device class, as a CPU quota of this host (default: pi4 = 0.6 of a core)")
+    pl.add_argument("--codec", default="int8", choices=["fp32", "fp16", "int8", "int8-channel"])
+    pl.add_argument("--edge-profile", help="edge profile JSON measured elsewhere (default: this host)")
+    pl.add_argument("--plot", help="write stacked bars per cut to this PNG")
+    pl.add_argument("--json", help="write the table and the choice as JSON")
+    pl.add_argument("--all", action="store_true", help="list every cut (default: about 24, evenly spread)")
+    pl.set_defaults(func=_plan)
 
     from .node.settings import configure_parser as node_flags
 

@@ -15,6 +15,7 @@ MODULES = [
     "edgesplit.partitioner.profile",
     "edgesplit.partitioner.cost",
     "edgesplit.partitioner.optimise",
+    "edgesplit.partitioner.explain",
     "edgesplit.runtime.codec",
     "edgesplit.runtime.node.dataplane",
     "edgesplit.runtime.device.runner",
