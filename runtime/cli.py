@@ -86,6 +86,18 @@ def _plan(args: argparse.Namespace) -> int:
     if args.plot:
         plot(plan, args.plot)
         print(f"plot written to {args.plot}")
+    if args.out:
+        from edgesplit.models import load_trained
+        from edgesplit.partitioner.bundle import write_bundle
+
+        try:
+            model = load_trained(args.model)
+        except FileNotFoundError:
+            from edgesplit.models import build_model
+
+            model = build_model(args.model)  # no shipped weights: random ones (latency work)
+        write_bundle(model, args.out, extra={"plan": {k: v for k, v in plan.items() if k != "cuts"}})
+        print(f"bundle written to {args.out}")
     return 0
 
 
@@ -141,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--plot", help="write stacked bars per cut to this PNG")
     pl.add_argument("--json", help="write the table and the choice as JSON")
     pl.add_argument("--all", action="store_true", help="list every cut (default: about 24, evenly spread)")
+    pl.add_argument("--out", help="write the bundle (manifest.json + safetensors, hashes) to this folder")
     pl.set_defaults(func=_plan)
 
     from .node.settings import configure_parser as node_flags

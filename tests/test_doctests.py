@@ -16,6 +16,7 @@ MODULES = [
     "edgesplit.partitioner.cost",
     "edgesplit.partitioner.optimise",
     "edgesplit.partitioner.explain",
+    "edgesplit.partitioner.bundle",
     "edgesplit.runtime.codec",
     "edgesplit.runtime.node.dataplane",
     "edgesplit.runtime.device.runner",

@@ -88,6 +88,14 @@ def load_registry(settings: NodeSettings):
 
     registry = ModelRegistry()
     hashes = []
+    if settings.bundle:
+        from edgesplit.partitioner.bundle import load_bundle
+
+        from .registry import register_graph_cuts
+
+        bundle = load_bundle(settings.bundle)
+        register_graph_cuts(registry, f"{bundle.model.name}.graph", bundle.graph, settings.batching_config())
+        return registry, bundle.manifest["files"]["weights.safetensors"]
     for name in settings.models:
         if settings.random_weights:
             model = build_model(name).eval()

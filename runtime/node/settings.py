@@ -31,6 +31,7 @@ class NodeSettings:
 
     models: tuple[str, ...] = ("resnet_fm",)
     weights: str | None = None
+    bundle: str | None = None  # serve the cuts of this bundle's traced graph instead of the zoo's
     random_weights: bool = False
     host: str = "127.0.0.1"
     port: int = 8001
@@ -110,6 +111,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", dest="models", action="append",
                    help="model from the zoo; repeat to serve several (default: resnet_fm)")
     p.add_argument("--weights", help="safetensors weights (default: the shipped ones)")
+    p.add_argument("--bundle", help="serve a bundle (edgesplit plan MODEL --out DIR): every cut of its traced "
+                   "graph as MODEL.from.K, one input per crossing tensor; hashes are verified first")
     p.add_argument("--random-weights", action="store_true", help="serve untrained weights (latency work)")
     p.add_argument("--host", default=d["host"].default, help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=d["port"].default, help="gRPC port; 0 picks a free one (default: 8001)")

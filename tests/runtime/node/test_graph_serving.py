@@ -57,3 +57,30 @@ def test_a_multi_tensor_cut_travels_as_several_inputs_each_with_its_own_codec(se
         assert err.value.reason == "INVALID_ARGUMENT"
     finally:
         client.close()
+
+
+def test_edge_node_serves_a_bundle_and_refuses_a_tampered_one(tmp_path):
+    from edgesplit.models import load_trained
+    from edgesplit.partitioner.bundle import WEIGHTS, load_bundle, write_bundle
+    from edgesplit.runtime.node.launcher import NodeProcess
+    from edgesplit.runtime.node.server import main as node_main
+
+    write_bundle(load_trained("resnet_fm"), tmp_path / "b")
+    bundle = load_bundle(tmp_path / "b")
+    cut = max((c for c in enumerate_cuts(bundle.graph) if c.transferable), key=lambda c: len(c.crossing))
+    x = torch.randn(2, 1, 28, 28)
+    head, _ = split(bundle.graph, cut.index)
+    with torch.no_grad():
+        crossing, expected = head(x), bundle.model(x)
+    with NodeProcess(extra_args=["--bundle", str(tmp_path / "b")]) as node:
+        client = EdgeClient(node.address)
+        try:
+            tensors = {n: encode(t, "fp16") for n, t in zip(cut.crossing, crossing)}
+            result = client.infer(f"resnet_fm.graph.from.{cut.index}", tensors, timeout=30)
+            assert len(tensors) >= 2 and torch.allclose(result.logits, expected, atol=0.05)
+        finally:
+            client.close()
+    data = bytearray((tmp_path / "b" / WEIGHTS).read_bytes())
+    data[100] ^= 0xFF
+    (tmp_path / "b" / WEIGHTS).write_bytes(bytes(data))
+    assert node_main(["--bundle", str(tmp_path / "b"), "--port", "0", "--metrics-port", "-1"]) == 2

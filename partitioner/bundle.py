@@ -1,0 +1,133 @@
+"""Bundles: a prepared model on disk — ``manifest.json`` plus safetensors weights — that the
+device and the nodes load alike; never a pickle, every file's sha256 verified on load.
+
+The manifest records the schema version, the zoo model it rebuilds, the hash of the traced
+graph, every cut with its crossing tensors' names, shapes and dtypes, its head MACs and
+bytes, and the sha256 of every other file. :func:`load_bundle` refuses a bundle whose files
+or graph differ from what the manifest says, and says which.
+
+Example::
+
+    >>> import tempfile
+    >>> from edgesplit.models import build_model
+    >>> out = tempfile.mkdtemp()
+    >>> manifest = write_bundle(build_model("resnet_fm"), out)
+    >>> manifest["model"], len(manifest["cuts"]) > 10, sorted(manifest["files"])
+    ('resnet_fm', True, ['weights.safetensors'])
+    >>> load_bundle(out).model.name
+    'resnet_fm'
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from edgesplit.models import build_model
+from edgesplit.models.split_model import SplitModel
+from edgesplit.models.weights_io import sha256_file
+
+from .cuts import GraphCut, enumerate_cuts
+from .graph import ModelGraph, trace
+
+SCHEMA = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+
+
+class BundleError(ValueError):
+    """A bundle that must not be loaded: the message says which file or field is wrong."""
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle."""
+
+    path: Path
+    manifest: dict
+    model: SplitModel
+    graph: ModelGraph
+
+
+def graph_hash(graph: ModelGraph) -> str:
+    """A hash of the traced graph's structure (operations, wiring and shapes, not weights)."""
+    h = hashlib.sha256()
+    for node in graph.nodes:
+        h.update(f"{node.op}|{node.target}|{','.join(node.inputs)}|{node.out_shapes}\n".encode())
+    return h.hexdigest()
+
+
+def _cut_entry(cut: GraphCut, graph: ModelGraph) -> dict:
+    dtypes = []
+    for name in cut.crossing:
+        node = next(n for n in graph.module.graph.nodes if n.name == name)
+        value = node.meta.get("value")
+        dtypes.append(str(value.dtype).replace("torch.", "") if isinstance(value, torch.Tensor) else "none")
+    return {"index": cut.index, "after": cut.after, "crossing": list(cut.crossing),
+            "shapes": [list(s) for s in cut.crossing_shapes], "dtypes": dtypes, "bytes": cut.crossing_bytes,
+            "head_macs": cut.head_macs, "transferable": cut.transferable}
+
+
+def write_bundle(model: SplitModel, out_dir: str | Path, extra: dict | None = None) -> dict:
+    """Write ``model`` (a zoo model, trained or not) as a bundle in ``out_dir``; return the manifest."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    example = torch.zeros(1, *model.input_shape)
+    graph = trace(model, (example,))
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(out / WEIGHTS), metadata={"model": model.name})
+    manifest = {
+        "schema": SCHEMA,
+        "model": model.name,
+        "input_shape": list(model.input_shape),
+        "tracer": graph.tracer,
+        "graph_sha256": graph_hash(graph),
+        "total_macs": graph.total_macs,
+        "cuts": [_cut_entry(c, graph) for c in enumerate_cuts(graph)],
+        "files": {WEIGHTS: sha256_file(out / WEIGHTS)},
+        **(extra or {}),
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load and verify a bundle: schema, every file's sha256, the rebuilt model's graph hash."""
+    root = Path(path)
+    manifest_path = root / MANIFEST
+    if not manifest_path.exists():
+        raise BundleError(f"{root} is not a bundle: no {MANIFEST}; make one with 'edgesplit plan MODEL --out DIR'")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{manifest_path} is not valid JSON ({exc}); refusing to load") from None
+    if manifest.get("schema") != SCHEMA:
+        raise BundleError(f"{manifest_path}: schema {manifest.get('schema')!r}, this edgesplit reads {SCHEMA}")
+    files = manifest.get("files") or {}
+    if WEIGHTS not in files:
+        raise BundleError(f"{manifest_path} lists no {WEIGHTS}")
+    for name, expected in files.items():
+        file = root / name
+        if Path(name).name != name or not file.is_file():
+            raise BundleError(f"{root}: {name!r} listed in the manifest is missing or not a plain file name")
+        actual = sha256_file(file)
+        if actual != expected:
+            raise BundleError(f"{file}: sha256 {actual} differs from {expected} in the manifest; refusing to load")
+    try:
+        model = build_model(manifest["model"])
+    except KeyError as exc:
+        raise BundleError(f"{manifest_path}: {exc}") from None
+    state = load_file(str(root / WEIGHTS))
+    model.load_state_dict(state)
+    model.eval()
+    graph = trace(model, (torch.zeros(1, *model.input_shape),))
+    if graph_hash(graph) != manifest.get("graph_sha256"):
+        raise BundleError(f"{manifest_path}: the rebuilt {manifest['model']} traces to a different graph than the "
+                          "bundle was made from (another edgesplit or torch version?); make the bundle again")
+    return Bundle(root, manifest, model, graph)
