@@ -73,29 +73,6 @@ def infer_request(model_name, tensor, codec="fp32", **overrides):
     return req
 
 
-class Sleep(nn.Module):
-    """A block that sleeps (releasing the GIL, as torch ops do) then passes its input through."""
-
-    def __init__(self, seconds: float, started: threading.Event | None = None) -> None:
-        super().__init__()
-        self.seconds = seconds
-        self.started = started
-        self.calls = 0
-        self.rows: list[int] = []
-
-    def forward(self, x):
-        self.calls += 1
-        self.rows.append(int(x.shape[0]))
-        if self.started is not None:
-            self.started.set()
-        time.sleep(self.seconds)
-        return x
-
-
-def sleepy_model(seconds: float, name: str = "slow", started: threading.Event | None = None) -> SplitModel:
-    return SplitModel(name, [("sleep", Sleep(seconds, started)), ("id", nn.Identity())], {}, (4,), 4)
-
-
 def tiny_model(name: str = "tiny") -> SplitModel:
     torch.manual_seed(0)
     return SplitModel(name, [("fc1", nn.Linear(4, 8)), ("relu", nn.ReLU()), ("fc2", nn.Linear(8, 3))], {}, (4,), 3)

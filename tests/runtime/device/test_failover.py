@@ -13,14 +13,23 @@ from edgesplit.runtime.device.breaker import CircuitBreaker
 from edgesplit.runtime.device.failover import FailoverClient
 from edgesplit.runtime.device.runner import WHERE_EDGE, DeviceRunner
 from edgesplit.runtime.transport.client import EdgeClient, OffloadError
-from tests.helpers import CheckedThread, sleepy_model, start_in_thread, stop_in_thread, wait_until
+from tests.helpers import CheckedThread, gated_model, start_in_thread, stop_in_thread, wait_until
 
 
 @pytest.fixture
 def slow_nodes():
-    started = [start_in_thread(sleepy_model(0.4), max_inflight=1) for _ in range(2)]
+    """Two one-request nodes whose model holds each batch until its gate is released (open
+    unless a test closes it), so "busy" and "too slow" never depend on the clock."""
+    started = []
+    for _ in range(2):
+        model, gate = gated_model("slow")
+        gate.release.set()
+        node, thread = start_in_thread(model, max_inflight=1)
+        node.gate = gate
+        started.append((node, thread))
     yield [n for n, _ in started]
     for n, t in started:
+        n.gate.release.set()
         stop_in_thread(n, t)
 
 
@@ -55,12 +64,14 @@ def test_unavailable_node_fails_over_and_its_breaker_opens(slow_nodes):
 
 def test_resource_exhausted_goes_to_the_next_node(slow_nodes):
     a, b = slow_nodes
+    a.gate.release.clear()  # a holds its one request until the test lets it go
     client = FailoverClient([EdgeClient(a.address), EdgeClient(b.address)])
     other = EdgeClient(a.address)
-    occupy = CheckedThread(lambda: other.infer("slow", X, timeout=5), name="occupy")
+    occupy = CheckedThread(lambda: other.infer("slow", X, timeout=30), name="occupy")
     occupy.start()
     wait_until(lambda: a.plane.inflight == 1, 5, "node a to be full")
     client.infer("slow", X, timeout=5)
+    a.gate.release.set()
     occupy.result(10)
     other.close()
     assert client.attempts == {a.address: 1, b.address: 1}
@@ -70,6 +81,7 @@ def test_resource_exhausted_goes_to_the_next_node(slow_nodes):
 
 def test_spent_deadline_is_not_retried(slow_nodes):
     a, b = slow_nodes
+    a.gate.release.clear()  # a never answers within the deadline
     client = FailoverClient([EdgeClient(a.address), EdgeClient(b.address)])
     with pytest.raises(OffloadError) as err:
         client.infer("slow", X, timeout=0.1)

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2, inference_pb2_grpc
-from tests.helpers import infer_request, sleepy_model, start_in_thread, stop_in_thread, wait_until
+from tests.helpers import gated_model, infer_request, start_in_thread, stop_in_thread, wait_until
 
 SC = grpc.StatusCode
 
@@ -185,7 +185,8 @@ def test_metrics_count_requests_by_status(stub, node, trained_model):
 
 
 def test_full_node_answers_resource_exhausted_and_recovers():
-    running, thread = start_in_thread(sleepy_model(0.6), max_inflight=1)
+    model, gate = gated_model("slow")  # holds the first request until the refusal is seen
+    running, thread = start_in_thread(model, max_inflight=1)
     try:
         channel = grpc.insecure_channel(running.address)
         stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
@@ -200,11 +201,13 @@ def test_full_node_answers_resource_exhausted_and_recovers():
         assert err.value.code() == SC.RESOURCE_EXHAUSTED and "limit" in err.value.details()
         pushback = dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"]
         assert 1 <= int(pushback) <= 3000
+        gate.release.set()
         first.join(10)
         assert len(results) == 1
         stub.ModelInfer(infer_request("slow", torch.ones(1, 4)), timeout=5)
         channel.close()
     finally:
+        gate.release.set()
         stop_in_thread(running, thread)
 
 
