@@ -179,6 +179,25 @@ def encoded_nbytes(shape: Sequence[int], codec: str) -> int:
     return size
 
 
+def payload_size_problem(
+    nbytes: int, datatype: str, shape: Sequence[int], params: Mapping[str, object]
+) -> str | None:
+    """Why ``nbytes`` of payload cannot hold a ``shape`` tensor of ``datatype`` (None if it can):
+    uncompressed, the size must be exact; zlib-compressed, within zlib's worst case. A cheap
+    check for before the payload is queued; :func:`decode` checks everything again."""
+    wire = _WIRE.get(datatype)
+    if wire is None:
+        return None  # an unknown datatype is refused elsewhere, with its own message
+    expected = math.prod(shape) * wire.itemsize
+    if params.get("compression", "none") == "zlib":
+        if nbytes > expected + expected // 1000 + 64:
+            return f"{nbytes} compressed bytes for {expected} uncompressed; that is more than zlib ever makes"
+        return None
+    if nbytes != expected:
+        return f"payload has {nbytes} bytes; shape {list(shape)[:8]} of {datatype} needs exactly {expected}"
+    return None
+
+
 def _as_float32(tensor: object) -> np.ndarray:
     if isinstance(tensor, torch.Tensor):
         if tensor.is_complex():

@@ -36,6 +36,7 @@ import math
 import random
 import time
 
+from edgesplit.runtime import codec
 from edgesplit.runtime.inference import TYPED_NUMPY, InferError, InferRequest, InferResult
 from edgesplit.runtime.metrics import NodeMetrics
 
@@ -44,7 +45,6 @@ from .registry import ModelRegistry, ServedModel, shown
 from .workers import ProcessWorkers, ThreadWorkers
 
 MAX_INPUT_ELEMENTS = 1 << 24  # per input tensor, whole batch
-RAW_ITEMSIZE = {"FP32": 4, "FP16": 2, "INT8": 1}
 class DataPlane:
     """Serve the models of a registry, bounded in requests in flight and batch size.
 
@@ -137,7 +137,7 @@ class DataPlane:
                     InferError.INVALID_ARGUMENT,
                     f"unexpected output {shown(wanted)} for model {model.name}; it has {', '.join(model.output_names)}",
                 )
-        specs = {s.name: s for s in model.inputs}
+        specs = model.input_specs
         batch = None
         for inp in request.inputs:
             spec = specs[inp.name]
@@ -166,7 +166,9 @@ class DataPlane:
                     InferError.INVALID_ARGUMENT, f"input {inp.name!r} has {count} elements, over {self.max_elements}"
                 )
             if inp.values is None:
-                self._check_payload_size(inp, count)
+                problem = codec.payload_size_problem(len(inp.data), inp.datatype, shape, inp.params)
+                if problem:
+                    raise InferError(InferError.INVALID_ARGUMENT, f"input {inp.name!r}: {problem}")
             else:
                 if inp.datatype not in TYPED_NUMPY:
                     raise InferError(InferError.INVALID_ARGUMENT, f"input {inp.name!r}: no typed contents for "
@@ -177,22 +179,6 @@ class DataPlane:
                         f"input {inp.name!r} has {len(inp.values)} values for shape {list(shape)} ({count} needed)",
                     )
         return batch or 0
-
-    @staticmethod
-    def _check_payload_size(inp, count: int) -> None:
-        """Raw bytes must fit the shape (zlib-compressed ones within zlib's worst case), so an
-        oversized payload is refused before it is queued, not after."""
-        itemsize = RAW_ITEMSIZE.get(inp.datatype)
-        if itemsize is None:
-            return  # not an accepted datatype: refused elsewhere
-        expected = count * itemsize
-        if inp.params.get("compression", "none") == "zlib":
-            if len(inp.data) > expected + expected // 1000 + 64:
-                raise InferError(InferError.INVALID_ARGUMENT, f"input {inp.name!r}: {len(inp.data)} compressed bytes "
-                                 f"for {expected} uncompressed; that is more than zlib ever makes")
-        elif len(inp.data) != expected:
-            raise InferError(InferError.INVALID_ARGUMENT, f"input {inp.name!r}: payload has {len(inp.data)} bytes; "
-                             f"shape {list(inp.shape)[:8]} of {inp.datatype} needs exactly {expected}")
 
     def _queue(self, model: ServedModel) -> ModelQueue:
         queue = self._queues.get(model.name)
@@ -249,8 +235,4 @@ class DataPlane:
         """Fail queued requests (UNAVAILABLE), finish running batches, stop the workers."""
         for queue in self._queues.values():
             await queue.close()
-        self._workers.close()
-
-    def close(self) -> None:
-        """Stop the workers (for callers without an event loop; queued requests are abandoned)."""
         self._workers.close()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 
 import torch
 
@@ -115,13 +116,18 @@ class ServedModel:
     platform: str = PLATFORM
     stats: ModelStats = field(default_factory=ModelStats)
 
-    @property
+    @cached_property
     def input_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.inputs)
 
-    @property
+    @cached_property
     def output_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.outputs)
+
+    @cached_property
+    def input_specs(self) -> dict[str, TensorSpec]:
+        """Input specs by name (built once, read on every request)."""
+        return {s.name: s for s in self.inputs}
 
 
 class ModelRegistry:

@@ -69,9 +69,11 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         return inference_pb2.ServerReadyResponse(ready=self.ready)
 
     async def ModelReady(self, request, context):
-        registry = self.plane.registry
-        served = request.name in registry and request.version in ("", registry.get(request.name).version)
-        return inference_pb2.ModelReadyResponse(ready=self.ready and served)
+        try:
+            self.plane.resolve(request.name, request.version)
+        except InferError:
+            return inference_pb2.ModelReadyResponse(ready=False)
+        return inference_pb2.ModelReadyResponse(ready=self.ready)
 
     async def ServerMetadata(self, request, context):
         return inference_pb2.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION, extensions=EXTENSIONS)
