@@ -115,7 +115,7 @@ class DeviceRunner:
         self._ids = itertools.count()
         self._local_tail: dict[int, float] = {}
         self._tail_lock = threading.Lock()
-        self._plan = self._check(plan)
+        self._state = self._prepare(plan)
         if latency_target_s:
             self.local_tail_seconds(self._plan.cut)
 
@@ -127,7 +127,7 @@ class DeviceRunner:
 
     def set_plan(self, plan: Plan) -> Plan:
         """Swap in ``plan`` atomically: requests already running finish under the old one."""
-        self._plan = self._check(plan)
+        self._state = self._prepare(plan)
         if self.metrics:
             self.metrics.plan_epoch.set(plan.epoch)
         return plan
@@ -144,12 +144,21 @@ class DeviceRunner:
     def thresholds(self) -> dict[int, float]:
         return {c: self._plan.threshold(c) for c in self.model.exit_cuts}
 
-    def _check(self, plan: Plan) -> Plan:
+    @property
+    def _plan(self) -> Plan:
+        return self._state[0]
+
+    def _prepare(self, plan: Plan) -> tuple[Plan, frozenset[int], frozenset[int]]:
+        """Check ``plan`` against the model and work out, once per plan rather than per request,
+        which exits before its cut are checked and which are skipped (they cannot fire)."""
         self.model.check_cut(plan.cut)
-        unknown = set(plan.thresholds) - set(self.model.exit_cuts)
+        exits = self.model.exit_cuts
+        unknown = set(plan.thresholds) - set(exits)
         if unknown:
-            raise ValueError(f"no exits at cuts {sorted(unknown)}; exits are at {self.model.exit_cuts}")
-        return plan
+            raise ValueError(f"no exits at cuts {sorted(unknown)}; exits are at {exits}")
+        active = frozenset(plan.active_exits(exits=exits))
+        skipped = frozenset(e for e in exits if e <= plan.cut) - active
+        return plan, active, skipped
 
     def _thresholds(self, thresholds: float | Mapping[int, float]) -> dict[int, float]:
         if isinstance(thresholds, Mapping):
@@ -200,7 +209,7 @@ class DeviceRunner:
         request_id = next(self._ids)
         if x.dim() == len(self.model.input_shape):
             x = x.unsqueeze(0)
-        answer = self._infer(request_id, x, self._plan)
+        answer = self._infer(request_id, x, *self._state)
         if self.metrics:
             self.metrics.answers.labels(where=answer.where, exit=answer.exit).inc()
             for part in ("device", "transfer", "edge"):
@@ -208,18 +217,17 @@ class DeviceRunner:
             self.metrics.latency.labels(part="total").observe(answer.latency.total)
         return answer
 
-    def _infer(self, request_id: int, x: torch.Tensor, plan: Plan) -> Answer:
+    def _infer(self, request_id: int, x: torch.Tensor, plan: Plan, active: frozenset[int],
+               skippable: frozenset[int]) -> Answer:
         latency = Latency()
         started = time.perf_counter()
         seen: list[tuple[float, int, str, torch.Tensor]] = []
         skipped: list[tuple[int, torch.Tensor]] = []  # exits that cannot fire: computed only for a best_exit fallback
-        active = plan.active_exits(exits=self.model.exit_cuts)
-        exits = set(self.model.exit_cuts)
         with torch.inference_mode():
             h = x
             for index in range(1, plan.cut + 1):
                 h = self.model.blocks[index - 1](h)
-                if index in exits and index not in active:
+                if index in skippable:
                     skipped.append((index, h))
                 elif index in active:
                     logits = self.model.exit_logits(index, h)
