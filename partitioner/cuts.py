@@ -114,3 +114,42 @@ def _copy(graph: fx.Graph, node: fx.Node, env: dict) -> None:
         if a.op == "get_attr" and a not in env:  # parameters and buffers go wherever they are used
             env[a] = graph.get_attr(a.target)
     env[node] = graph.node_copy(node, lambda a: env[a])
+
+
+def block_cuts(model, graph: ModelGraph) -> dict[int, int]:
+    """Graph cut index of each block boundary of a ``SplitModel`` (its cut ``j`` -> graph cut).
+
+    The traced graph knows nothing of blocks: the boundary after block ``j`` is found as the
+    graph cut whose one crossing tensor holds exactly block ``j``'s output on a random
+    input. Exits, defined at block cuts, are placed in the graph this way.
+    """
+    from torch.fx.interpreter import Interpreter
+
+    torch.manual_seed(0)
+    x = torch.randn(1, *model.input_shape)
+    values: dict[str, torch.Tensor] = {}
+
+    class _Recording(Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            if isinstance(out, torch.Tensor):
+                values[n.name] = out.clone()  # an in-place op later must not change what this node gave
+            return out
+
+    with torch.no_grad():
+        _Recording(graph.module).run(x)
+        outputs = []
+        h = x
+        for block in model.blocks:
+            h = block(h)
+            outputs.append(h)
+    found = {0: 0}
+    cuts = [c for c in enumerate_cuts(graph) if len(c.crossing) == 1]
+    for j, out in enumerate(outputs[:-1], start=1):
+        match = [c.index for c in cuts if c.index >= found[j - 1] and c.crossing[0] in values
+                 and values[c.crossing[0]].shape == out.shape and torch.equal(values[c.crossing[0]], out)]
+        if not match:
+            raise ValueError(f"no graph cut carries the output of block {j} ({model.block_names[j - 1]})")
+        found[j] = match[0]
+    found[model.num_blocks] = len(graph.nodes)
+    return found

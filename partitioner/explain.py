@@ -17,11 +17,13 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import statistics
+import time
 
 import torch
 
-from .cost import PI4, DevicePower, Link, predict
-from .cuts import enumerate_cuts
+from .cost import PI4, DevicePower, Exit, Link, predict
+from .cuts import block_cuts, enumerate_cuts
 from .graph import trace
 from .optimise import choose
 from .profile import Profile, profile_graph
@@ -38,9 +40,43 @@ def _example(model_name: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.zeros(1, *model.input_shape)
 
 
+def _exits(model, graph, rates: list[float], quota: float, repeats: int) -> list[Exit]:
+    """The model's early exits at their graph cuts, with rates and device time of their heads."""
+    if len(rates) != len(model.exit_cuts):
+        raise ValueError(f"{model.name} has {len(model.exit_cuts)} exits (at blocks {model.exit_cuts}); "
+                         f"got {len(rates)} rates")
+    where = block_cuts(model, graph)
+    exits = []
+    with torch.no_grad():
+        for cut, rate in zip(model.exit_cuts, rates):
+            h = model.run(torch.zeros(1, *model.input_shape), 0, cut)
+            times = []
+            for _ in range(repeats + 1):
+                started = time.perf_counter()
+                model.exit_logits(cut, h)
+                times.append(time.perf_counter() - started)
+            exits.append(Exit(where[cut], rate, statistics.median(times[1:]) / quota))
+    return exits
+
+
+def _load_matching(path: str, host: Profile) -> Profile:
+    profile = Profile.load(path)
+    if profile.node_names != host.node_names:
+        raise ValueError(f"{path} was taken on another graph ({len(profile.node_names)} nodes, "
+                         f"this one has {len(host.node_names)}); profile the same model")
+    return profile
+
+
 def plan_rows(model_name: str, bandwidth_mbit: float, device: str = "pi4", rtt_ms: float = 20.0,
-              codec: str = "int8", edge_profile: str | None = None, repeats: int = 5) -> dict:
-    """Predicted cost of every cut and the least-latency choice, as plain numbers."""
+              codec: str = "int8", edge_profile: str | None = None, repeats: int = 5,
+              exit_rates: list[float] | None = None, device_profile: str | None = None) -> dict:
+    """Predicted cost of every cut and the least-latency choice, as plain numbers.
+
+    ``exit_rates``: the share of inputs that leave at each of the model's early exits (in
+    order); each cut's cost is then the expectation over inputs (``cost.predict``).
+    ``device_profile``: a profile measured on the device (``edgesplit profile``, e.g. under
+    the class's CPU quota) instead of this host's divided by the quota.
+    """
     if device not in DEVICE_QUOTAS:
         raise ValueError(f"unknown device class {device!r}; choose one of {sorted(DEVICE_QUOTAS)}")
     model, x = _example(model_name)
@@ -48,14 +84,19 @@ def plan_rows(model_name: str, bandwidth_mbit: float, device: str = "pi4", rtt_m
     cuts = enumerate_cuts(graph)
     host = profile_graph(graph, (x,), repeats=repeats, warmup=2, model_name=model_name)
     quota = DEVICE_QUOTAS[device]
-    device_profile = dataclasses.replace(host, seconds={b: [t / quota for t in v] for b, v in host.seconds.items()},
-                                         cpu_quota=quota)
-    edge = Profile.load(edge_profile) if edge_profile else host
-    if edge.node_names != host.node_names:
-        raise ValueError(f"{edge_profile} was taken on another graph ({len(edge.node_names)} nodes, "
-                         f"this one has {len(host.node_names)}); profile the same model")
+    if device_profile:
+        mine = _load_matching(device_profile, host)
+        quota = mine.cpu_quota or 1.0
+        device_source = (f"{device_profile}: measured on {mine.host}"
+                         + (f" under a {mine.cpu_quota:g}-core quota" if mine.cpu_quota else ""))
+    else:
+        mine = dataclasses.replace(host, seconds={b: [t / quota for t in v] for b, v in host.seconds.items()},
+                                   cpu_quota=quota)
+        device_source = f"this host ({host.host}) / {quota} (predicted, not measured on a {device})"
+    edge = _load_matching(edge_profile, host) if edge_profile else host
     link = Link(bandwidth_mbit, rtt_ms / 1000)
-    preds = predict(cuts, device_profile, edge, link, codec=codec, power=POWER[device])
+    exits = _exits(model, graph, exit_rates, quota, repeats) if exit_rates else []
+    preds = predict(cuts, mine, edge, link, codec=codec, power=POWER[device], exits=exits)
     best = choose(preds)
     last = cuts[-1].index
     by_cut = {c.index: c for c in cuts}
@@ -79,7 +120,8 @@ def plan_rows(model_name: str, bandwidth_mbit: float, device: str = "pi4", rtt_m
     return {
         "model": model_name, "device": device, "device_quota": quota, "bandwidth_mbit": bandwidth_mbit,
         "rtt_ms": rtt_ms, "codec": codec, "edge_profile": edge_profile or f"this host ({host.host})",
-        "device_profile": f"this host ({host.host}) / {quota} (predicted, not measured on a {device})",
+        "exits": [{"cut": e.cut, "rate": e.rate, "device_ms": 1000 * e.seconds} for e in exits],
+        "device_profile": device_source,
         "cuts": rows, "choice": {"cut": best.cut, "total_ms": 1000 * best.total_s, "reason": reason},
     }
 
@@ -94,6 +136,10 @@ def render(plan: dict, limit: int = 0) -> str:
     lines = [f"{plan['model']} on a {plan['device']}-class device ({plan['device_profile']}), edge: "
              f"{plan['edge_profile']}, {plan['bandwidth_mbit']:g} Mbit/s, RTT {plan['rtt_ms']:g} ms, "
              f"codec {plan['codec']}", ""]
+    if plan.get("exits"):
+        shown = ", ".join(f"cut {e['cut']} ({e['rate']:.0%} of inputs, head {e['device_ms']:.2f} ms)"
+                          for e in plan["exits"])
+        lines[-1:-1] = [f"early exits: {shown}; every column is the expectation over inputs"]
     lines.append(f"{'cut':>4} {'after':<24}{'device ms':>10}{'bytes':>9}{'transfer ms':>12}{'edge ms':>9}"
                  f"{'total ms':>10}")
     for r in rows:

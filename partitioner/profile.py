@@ -49,6 +49,12 @@ class Profile:
     seconds: dict[int, list[float]] = field(default_factory=dict)  # batch -> per-node medians
     repeats: int = 0
     cpu_quota: float | None = None  # fraction of a core, when measured under a quota
+    statistic: str = "median"  # of the repeats; "mean" under a CPU quota (see profile_graph)
+    pause_s: float = 0.0  # idle time before each run
+    calibrated_at: list[int] = field(default_factory=list)  # cuts whose heads were timed whole (calibrate)
+    # Codec cost per crossing element on this host, where measured (the runtime fills them in).
+    encode_seconds_per_element: float = 0.0
+    decode_seconds_per_element: float = 0.0
     schema: int = SCHEMA
 
     def segment_seconds(self, start: int, stop: int, batch: int = 1) -> float:
@@ -63,9 +69,14 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | Path) -> Profile:
-        data = json.loads(Path(path).read_text())
+        return cls.from_json(Path(path).read_text(), source=str(path))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "profile") -> Profile:
+        """A profile from its JSON (a file's contents, or a node's GraphProfile answer)."""
+        data = json.loads(text)
         if data.get("schema") != SCHEMA:
-            raise ValueError(f"{path}: profile schema {data.get('schema')!r}, expected {SCHEMA}; profile again")
+            raise ValueError(f"{source}: profile schema {data.get('schema')!r}, expected {SCHEMA}; profile again")
         data["seconds"] = {int(k): [float(x) for x in v] for k, v in data["seconds"].items()}
         return cls(**data)
 
@@ -93,21 +104,58 @@ def profile_graph(
     warmup: int = 3,
     model_name: str = "",
     cpu_quota: float | None = None,
+    pause_s: float = 0.0,
 ) -> Profile:
-    """Median per-node latency at each batch size (inputs repeated along dimension 0)."""
+    """Per-node latency at each batch size (inputs repeated along dimension 0).
+
+    Each node's median over ``repeats``; with ``cpu_quota`` (the process runs under a CFS
+    quota of that fraction of a core) the mean instead: the quota stalls whichever node is
+    running when the period's budget runs out, a median would drop those stalls and
+    predict the unthrottled speed, while means add up to the stretched time. ``pause_s``
+    idles between runs, as a device does while its request is on the network: under a
+    quota each run then starts with the period's budget unspent, as it will when deployed.
+    """
     names = [n.name for n in graph.nodes]
+    statistic = "mean" if cpu_quota else "median"
     profile = Profile(model_name or type(graph.module).__name__, platform.node(), torch.__version__,
-                      torch.get_num_threads(), os.cpu_count() or 1, names, repeats=repeats, cpu_quota=cpu_quota)
+                      torch.get_num_threads(), os.cpu_count() or 1, names, repeats=repeats, cpu_quota=cpu_quota,
+                      statistic=statistic, pause_s=pause_s)
+    summarise = statistics.fmean if cpu_quota else statistics.median
     wanted = set(names)
     with torch.no_grad():
         for batch in batches:
             inputs = tuple(t[:1].expand(batch, *t.shape[1:]).contiguous() if t.dim() else t for t in example_inputs)
             runs: dict[str, list[float]] = {n: [] for n in names}
             for i in range(warmup + repeats):
+                if pause_s:
+                    time.sleep(pause_s)
                 timed = _Timed(graph.module, wanted)
                 timed.run(*inputs)
                 if i >= warmup:
                     for n in names:
                         runs[n].append(timed.times.get(n, 0.0))
-            profile.seconds[batch] = [statistics.median(runs[n]) for n in names]
+            profile.seconds[batch] = [summarise(runs[n]) for n in names]
     return profile
+
+
+def calibrate(profile: Profile, segments: dict[int, float], batch: int = 1) -> Profile:
+    """``profile`` rescaled so that the time of nodes ``0..k`` equals ``segments[k]`` for every anchor ``k``.
+
+    Node-by-node timing has its own overhead, and under a CPU quota a whole run's timing
+    depends on where the period's budget runs out, which the sum of per-node means cannot
+    tell for a shorter head. Timing the real heads (compiled, not interpreted) at a few
+    cuts and spreading each measured difference over the nodes between them in proportion
+    to their profiled times keeps the per-node shape and makes those heads exact.
+    """
+    seconds = list(profile.seconds[batch])
+    anchors = sorted((k, s) for k, s in segments.items() if 0 < k <= len(seconds))
+    out = list(seconds)
+    start, before = 0, 0.0
+    for k, measured in anchors:
+        span = seconds[start:k]
+        share = sum(span)
+        gained = max(0.0, measured - before)
+        out[start:k] = ([t * gained / share for t in span] if share > 0 else [gained / len(span)] * len(span))
+        start, before = k, before + gained
+    calibrated = {**profile.seconds, batch: out}
+    return Profile(**{**asdict(profile), "seconds": calibrated, "calibrated_at": sorted(segments)})

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x65\x64gesplit.proto\x12\x0c\x65\x64gesplit.v1\"\x11\n\x0fNodeInfoRequest\"G\n\x07\x43utInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08\x64\x61tatype\x18\x04 \x01(\t\"\xab\x02\n\x10NodeInfoResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\x12#\n\x04\x63uts\x18\x05 \x03(\x0b\x32\x15.edgesplit.v1.CutInfo\x12\x0e\n\x06\x63odecs\x18\x06 \x03(\t\x12\x14\n\x0cmax_inflight\x18\x07 \x01(\x05\x12\x11\n\tmax_batch\x18\x08 \x01(\x05\x12\x15\n\rserved_models\x18\t \x03(\t\x12\'\n\x06models\x18\n \x03(\x0b\x32\x17.edgesplit.v1.ModelInfo\x12\x0f\n\x07workers\x18\x0b \x01(\x05\x12\x18\n\x10intra_op_threads\x18\x0c \x01(\x05\"\xcd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x03(\x0b\x32\x18.edgesplit.v1.TensorInfo\x12)\n\x07outputs\x18\x03 \x03(\x0b\x32\x18.edgesplit.v1.TensorInfo\x12\x10\n\x08\x62\x61tching\x18\x04 \x01(\x08\x12\x17\n\x0fpreferred_batch\x18\x05 \x01(\x05\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\x12\x1f\n\x17max_queue_delay_seconds\x18\x07 \x01(\x01\"L\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tdatatypes\x18\x03 \x03(\t\x12\x0e\n\x06\x63odecs\x18\x04 \x03(\t\"+\n\x15SegmentProfileRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"\x8d\x01\n\x0eSegmentProfile\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x14\n\x0cmean_seconds\x18\x03 \x01(\x01\x12\x12\n\nmean_batch\x18\x04 \x01(\x01\x12\x0f\n\x07\x62\x61tches\x18\x05 \x01(\x03\x12\x1a\n\x12mean_queue_seconds\x18\x06 \x01(\x01\"H\n\x16SegmentProfileResponse\x12.\n\x08profiles\x18\x01 \x03(\x0b\x32\x1c.edgesplit.v1.SegmentProfile2\xbe\x01\n\x10\x45\x64geSplitControl\x12K\n\x08NodeInfo\x12\x1d.edgesplit.v1.NodeInfoRequest\x1a\x1e.edgesplit.v1.NodeInfoResponse\"\x00\x12]\n\x0eSegmentProfile\x12#.edgesplit.v1.SegmentProfileRequest\x1a$.edgesplit.v1.SegmentProfileResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0f\x65\x64gesplit.proto\x12\x0c\x65\x64gesplit.v1\"\x11\n\x0fNodeInfoRequest\"G\n\x07\x43utInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x10\n\x08\x64\x61tatype\x18\x04 \x01(\t\"\xbb\x02\n\x10NodeInfoResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x16\n\x0eweights_sha256\x18\x04 \x01(\t\x12#\n\x04\x63uts\x18\x05 \x03(\x0b\x32\x15.edgesplit.v1.CutInfo\x12\x0e\n\x06\x63odecs\x18\x06 \x03(\t\x12\x14\n\x0cmax_inflight\x18\x07 \x01(\x05\x12\x11\n\tmax_batch\x18\x08 \x01(\x05\x12\x15\n\rserved_models\x18\t \x03(\t\x12\'\n\x06models\x18\n \x03(\x0b\x32\x17.edgesplit.v1.ModelInfo\x12\x0f\n\x07workers\x18\x0b \x01(\x05\x12\x18\n\x10intra_op_threads\x18\x0c \x01(\x05\x12\x0e\n\x06graphs\x18\r \x03(\t\"\xcd\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12(\n\x06inputs\x18\x02 \x03(\x0b\x32\x18.edgesplit.v1.TensorInfo\x12)\n\x07outputs\x18\x03 \x03(\x0b\x32\x18.edgesplit.v1.TensorInfo\x12\x10\n\x08\x62\x61tching\x18\x04 \x01(\x08\x12\x17\n\x0fpreferred_batch\x18\x05 \x01(\x05\x12\x11\n\tmax_batch\x18\x06 \x01(\x05\x12\x1f\n\x17max_queue_delay_seconds\x18\x07 \x01(\x01\"L\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x11\n\tdatatypes\x18\x03 \x03(\t\x12\x0e\n\x06\x63odecs\x18\x04 \x03(\t\"+\n\x15SegmentProfileRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\"\x8d\x01\n\x0eSegmentProfile\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x10\n\x08requests\x18\x02 \x01(\x03\x12\x14\n\x0cmean_seconds\x18\x03 \x01(\x01\x12\x12\n\nmean_batch\x18\x04 \x01(\x01\x12\x0f\n\x07\x62\x61tches\x18\x05 \x01(\x03\x12\x1a\n\x12mean_queue_seconds\x18\x06 \x01(\x01\"H\n\x16SegmentProfileResponse\x12.\n\x08profiles\x18\x01 \x03(\x0b\x32\x1c.edgesplit.v1.SegmentProfile\"I\n\x13GraphProfileRequest\x12\x12\n\ngraph_name\x18\x01 \x01(\t\x12\x0f\n\x07repeats\x18\x02 \x01(\x05\x12\r\n\x05\x62\x61tch\x18\x03 \x01(\x05\",\n\x14GraphProfileResponse\x12\x14\n\x0cprofile_json\x18\x01 \x01(\t2\x97\x02\n\x10\x45\x64geSplitControl\x12K\n\x08NodeInfo\x12\x1d.edgesplit.v1.NodeInfoRequest\x1a\x1e.edgesplit.v1.NodeInfoResponse\"\x00\x12]\n\x0eSegmentProfile\x12#.edgesplit.v1.SegmentProfileRequest\x1a$.edgesplit.v1.SegmentProfileResponse\"\x00\x12W\n\x0cGraphProfile\x12!.edgesplit.v1.GraphProfileRequest\x1a\".edgesplit.v1.GraphProfileResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CUTINFO']._serialized_start=52
   _globals['_CUTINFO']._serialized_end=123
   _globals['_NODEINFORESPONSE']._serialized_start=126
-  _globals['_NODEINFORESPONSE']._serialized_end=425
-  _globals['_MODELINFO']._serialized_start=428
-  _globals['_MODELINFO']._serialized_end=633
-  _globals['_TENSORINFO']._serialized_start=635
-  _globals['_TENSORINFO']._serialized_end=711
-  _globals['_SEGMENTPROFILEREQUEST']._serialized_start=713
-  _globals['_SEGMENTPROFILEREQUEST']._serialized_end=756
-  _globals['_SEGMENTPROFILE']._serialized_start=759
-  _globals['_SEGMENTPROFILE']._serialized_end=900
-  _globals['_SEGMENTPROFILERESPONSE']._serialized_start=902
-  _globals['_SEGMENTPROFILERESPONSE']._serialized_end=974
-  _globals['_EDGESPLITCONTROL']._serialized_start=977
-  _globals['_EDGESPLITCONTROL']._serialized_end=1167
+  _globals['_NODEINFORESPONSE']._serialized_end=441
+  _globals['_MODELINFO']._serialized_start=444
+  _globals['_MODELINFO']._serialized_end=649
+  _globals['_TENSORINFO']._serialized_start=651
+  _globals['_TENSORINFO']._serialized_end=727
+  _globals['_SEGMENTPROFILEREQUEST']._serialized_start=729
+  _globals['_SEGMENTPROFILEREQUEST']._serialized_end=772
+  _globals['_SEGMENTPROFILE']._serialized_start=775
+  _globals['_SEGMENTPROFILE']._serialized_end=916
+  _globals['_SEGMENTPROFILERESPONSE']._serialized_start=918
+  _globals['_SEGMENTPROFILERESPONSE']._serialized_end=990
+  _globals['_GRAPHPROFILEREQUEST']._serialized_start=992
+  _globals['_GRAPHPROFILEREQUEST']._serialized_end=1065
+  _globals['_GRAPHPROFILERESPONSE']._serialized_start=1067
+  _globals['_GRAPHPROFILERESPONSE']._serialized_end=1111
+  _globals['_EDGESPLITCONTROL']._serialized_start=1114
+  _globals['_EDGESPLITCONTROL']._serialized_end=1393
 # @@protoc_insertion_point(module_scope)

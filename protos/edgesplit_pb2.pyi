@@ -23,7 +23,7 @@ class CutInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., datatype: _Optional[str] = ...) -> None: ...
 
 class NodeInfoResponse(_message.Message):
-    __slots__ = ("node_name", "version", "model_name", "weights_sha256", "cuts", "codecs", "max_inflight", "max_batch", "served_models", "models", "workers", "intra_op_threads")
+    __slots__ = ("node_name", "version", "model_name", "weights_sha256", "cuts", "codecs", "max_inflight", "max_batch", "served_models", "models", "workers", "intra_op_threads", "graphs")
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +36,7 @@ class NodeInfoResponse(_message.Message):
     MODELS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     INTRA_OP_THREADS_FIELD_NUMBER: _ClassVar[int]
+    GRAPHS_FIELD_NUMBER: _ClassVar[int]
     node_name: str
     version: str
     model_name: str
@@ -48,7 +49,8 @@ class NodeInfoResponse(_message.Message):
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     workers: int
     intra_op_threads: int
-    def __init__(self, node_name: _Optional[str] = ..., version: _Optional[str] = ..., model_name: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., cuts: _Optional[_Iterable[_Union[CutInfo, _Mapping]]] = ..., codecs: _Optional[_Iterable[str]] = ..., max_inflight: _Optional[int] = ..., max_batch: _Optional[int] = ..., served_models: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., workers: _Optional[int] = ..., intra_op_threads: _Optional[int] = ...) -> None: ...
+    graphs: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, node_name: _Optional[str] = ..., version: _Optional[str] = ..., model_name: _Optional[str] = ..., weights_sha256: _Optional[str] = ..., cuts: _Optional[_Iterable[_Union[CutInfo, _Mapping]]] = ..., codecs: _Optional[_Iterable[str]] = ..., max_inflight: _Optional[int] = ..., max_batch: _Optional[int] = ..., served_models: _Optional[_Iterable[str]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., workers: _Optional[int] = ..., intra_op_threads: _Optional[int] = ..., graphs: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "inputs", "outputs", "batching", "preferred_batch", "max_batch", "max_queue_delay_seconds")
@@ -107,3 +109,19 @@ class SegmentProfileResponse(_message.Message):
     PROFILES_FIELD_NUMBER: _ClassVar[int]
     profiles: _containers.RepeatedCompositeFieldContainer[SegmentProfile]
     def __init__(self, profiles: _Optional[_Iterable[_Union[SegmentProfile, _Mapping]]] = ...) -> None: ...
+
+class GraphProfileRequest(_message.Message):
+    __slots__ = ("graph_name", "repeats", "batch")
+    GRAPH_NAME_FIELD_NUMBER: _ClassVar[int]
+    REPEATS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    graph_name: str
+    repeats: int
+    batch: int
+    def __init__(self, graph_name: _Optional[str] = ..., repeats: _Optional[int] = ..., batch: _Optional[int] = ...) -> None: ...
+
+class GraphProfileResponse(_message.Message):
+    __slots__ = ("profile_json",)
+    PROFILE_JSON_FIELD_NUMBER: _ClassVar[int]
+    profile_json: str
+    def __init__(self, profile_json: _Optional[str] = ...) -> None: ...

@@ -44,6 +44,11 @@ class EdgeSplitControlStub:
                 request_serializer=edgesplit__pb2.SegmentProfileRequest.SerializeToString,
                 response_deserializer=edgesplit__pb2.SegmentProfileResponse.FromString,
                 _registered_method=True)
+        self.GraphProfile = channel.unary_unary(
+                '/edgesplit.v1.EdgeSplitControl/GraphProfile',
+                request_serializer=edgesplit__pb2.GraphProfileRequest.SerializeToString,
+                response_deserializer=edgesplit__pb2.GraphProfileResponse.FromString,
+                _registered_method=True)
 
 
 class EdgeSplitControlServicer:
@@ -61,6 +66,14 @@ class EdgeSplitControlServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GraphProfile(self, request, context):
+        """Per-node latency of a served graph (a bundle's) measured on this node, for the
+        partitioner's cost model. Runs once per (graph, repeats, batch) and is then cached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EdgeSplitControlServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -73,6 +86,11 @@ def add_EdgeSplitControlServicer_to_server(servicer, server):
                     servicer.SegmentProfile,
                     request_deserializer=edgesplit__pb2.SegmentProfileRequest.FromString,
                     response_serializer=edgesplit__pb2.SegmentProfileResponse.SerializeToString,
+            ),
+            'GraphProfile': grpc.unary_unary_rpc_method_handler(
+                    servicer.GraphProfile,
+                    request_deserializer=edgesplit__pb2.GraphProfileRequest.FromString,
+                    response_serializer=edgesplit__pb2.GraphProfileResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -129,6 +147,33 @@ class EdgeSplitControl:
             '/edgesplit.v1.EdgeSplitControl/SegmentProfile',
             edgesplit__pb2.SegmentProfileRequest.SerializeToString,
             edgesplit__pb2.SegmentProfileResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GraphProfile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/edgesplit.v1.EdgeSplitControl/GraphProfile',
+            edgesplit__pb2.GraphProfileRequest.SerializeToString,
+            edgesplit__pb2.GraphProfileResponse.FromString,
             options,
             channel_credentials,
             insecure,

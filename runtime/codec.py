@@ -319,3 +319,25 @@ def _inflate(data: memoryview, nbytes: int) -> bytes:
     if inflater.unused_data:
         raise CodecError(f"zlib payload has {len(inflater.unused_data)} trailing bytes")
     return out
+
+
+def seconds_per_element(codec: str = "int8", elements: int = 1 << 18, repeats: int = 5) -> tuple[float, float]:
+    """Median seconds per element to encode and to decode a ``codec`` tensor on this host.
+
+    The partitioner's cost model charges them per crossing element (encoding on the
+    device, decoding on the edge): a slow device can spend more time quantising a large
+    tensor than the link takes to carry it.
+    """
+    import statistics
+    import time
+
+    x = torch.randn(elements)
+    enc_times, dec_times = [], []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        enc = encode(x, codec)
+        encoded = time.perf_counter()
+        decode(enc.data, enc.datatype, enc.shape, enc.params)
+        enc_times.append(encoded - started)
+        dec_times.append(time.perf_counter() - encoded)
+    return statistics.median(enc_times[1:]) / elements, statistics.median(dec_times[1:]) / elements

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from . import netns, shaping, state
-from .cgroups import CpuQuota, list_cgroups, remove_cgroup
+from .cgroups import DEFAULT_PERIOD_US, CpuQuota, list_cgroups, remove_cgroup
 from .commands import check_available
 from .errors import TestbedError
 
@@ -349,7 +349,7 @@ class Testbed:
         return shaping.drop_rules(self.netns(host))
 
     # ----------------------------------------------------------------- CPU
-    def _new_quota(self, fraction: float, suffix: str | None = None) -> CpuQuota:
+    def _new_quota(self, fraction: float, suffix: str | None = None, period_us: int = DEFAULT_PERIOD_US) -> CpuQuota:
         self._need_up()
         if suffix is None:
             taken = {q.name for q in self._cgroups} | {p.name for p in _bed_cgroups(self.name, [])}
@@ -361,36 +361,39 @@ class Testbed:
         if self._state is not None and name not in self._state.cgroups:
             self._state.cgroups.append(name)  # recorded before it exists, so a crash cannot leak it
             state.save(self._state, self.state_dir)
-        quota = CpuQuota.create(name, fraction)
+        quota = CpuQuota.create(name, fraction, period_us)
         self._cgroups.append(quota)
         return quota
 
-    def cpu_quota(self, pid_or_cgroup: int | str | CpuQuota, fraction: float) -> CpuQuota:
+    def cpu_quota(self, pid_or_cgroup: int | str | CpuQuota, fraction: float,
+                  period_us: int | None = None) -> CpuQuota:
         """Limit a process, or a cgroup, to ``fraction`` of one CPU (cgroup CFS quota).
 
         A pid is moved into a new cgroup ``<bed>-cpu<k>`` (children it starts later
         inherit it); a name makes (or updates) cgroup ``<bed>-<name>``; an absolute path or
         a :class:`CpuQuota` changes an existing cgroup. Cgroups made here are removed, their
         processes moved back to the parent, when the bed goes down. See
-        :data:`edgesplit.testbed.PI4_CPU_FRACTION` for a Raspberry Pi 4.
+        :data:`edgesplit.testbed.PI4_CPU_FRACTION` for a Raspberry Pi 4. ``period_us`` sets
+        the CFS period (default: unchanged, or the kernel's 100 ms for a new cgroup);
+        :func:`~edgesplit.testbed.cgroups.smooth_period_us` gives one that slows short work evenly.
         """
         if isinstance(pid_or_cgroup, CpuQuota):
-            pid_or_cgroup.set(fraction)
+            pid_or_cgroup.set(fraction, period_us)
             return pid_or_cgroup
         if isinstance(pid_or_cgroup, int):
-            quota = self._new_quota(fraction)
+            quota = self._new_quota(fraction, period_us=period_us or DEFAULT_PERIOD_US)
             quota.add(pid_or_cgroup)
             return quota
         if pid_or_cgroup.startswith("/"):
             quota = CpuQuota.open(pid_or_cgroup)
-            quota.set(fraction)
+            quota.set(fraction, period_us)
             return quota
         suffix = pid_or_cgroup.removeprefix(f"{self.name}-")
         for quota in self._cgroups:
             if quota.name == f"{self.name}-{suffix}":
-                quota.set(fraction)
+                quota.set(fraction, period_us)
                 return quota
-        return self._new_quota(fraction, suffix)
+        return self._new_quota(fraction, suffix, period_us or DEFAULT_PERIOD_US)
 
     # ----------------------------------------------------------------- status
     def status(self) -> dict:

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import time
@@ -24,6 +25,24 @@ from .errors import TestbedError, TestbedUnavailable
 V1_ROOT = Path("/sys/fs/cgroup/cpu")
 V2_ROOT = Path("/sys/fs/cgroup")
 DEFAULT_PERIOD_US = 100_000  # the kernel's default CFS period
+MIN_QUOTA_US = 1_000  # the kernel refuses a smaller cfs_quota_us
+BUDGET_PER_PERIOD_US = 5_000
+
+
+def smooth_period_us(fraction: float) -> int:
+    """The CFS period for emulating a slower CPU with a quota of ``fraction`` of a core.
+
+    Two effects pull against each other. Under a long period (the kernel's 100 ms) a
+    process limited to 0.6 of a core runs a 45 ms inference at full speed, since it never
+    uses up its 60 ms budget. Under a very short one the budget per period drops below the
+    scheduler tick, which enforces it: a 1 ms budget (0.05 of a core, 20 ms period) was
+    overrun erratically, MobileNetV2 taking 560-640 ms instead of ~320 ms and a 3 ms model
+    3-80 ms. The period here gives every period a budget of 5 ms (at least 5 ms long):
+    8.3 ms at 0.6, 33 ms at 0.15, 100 ms at 0.05 (docs/partitioner.md, "device classes").
+    """
+    if not fraction > 0:
+        raise ValueError(f"fraction must be positive, not {fraction!r}")
+    return min(1_000_000, max(BUDGET_PER_PERIOD_US, math.ceil(BUDGET_PER_PERIOD_US / min(fraction, 1.0))))
 
 
 def cpu_root() -> tuple[Path, int]:
@@ -88,7 +107,7 @@ class CpuQuota:
         period = int(period_us or self.period_us)
         if not 1000 <= period <= 1_000_000:
             raise ValueError(f"period_us must be within 1000..1000000, not {period}")
-        quota = max(1000, round(fraction * period))
+        quota = max(MIN_QUOTA_US, round(fraction * period))
         if self.version == 1:
             (self.path / "cpu.cfs_period_us").write_text(str(period))
             (self.path / "cpu.cfs_quota_us").write_text(str(quota))

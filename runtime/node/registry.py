@@ -26,6 +26,7 @@ from functools import cached_property
 import torch
 
 from edgesplit.models.split_model import SplitModel
+from edgesplit.runtime.codec import seconds_per_element
 from edgesplit.runtime.inference import InferError
 
 # Datatypes a float input accepts: FP32 as is, FP16 and INT8 with the codec parameters
@@ -136,6 +137,7 @@ class ModelRegistry:
     def __init__(self) -> None:
         self._models: dict[str, ServedModel] = {}
         self.split_models: dict[str, SplitModel] = {}  # networks whose segments are served
+        self.graphs: dict[str, ServedGraph] = {}  # traced graphs whose cuts are served (bundles)
 
     def add(self, model: ServedModel) -> None:
         if model.name in self._models:
@@ -199,6 +201,42 @@ def _segment_runner(model: SplitModel, start: int) -> Callable[[list[torch.Tenso
     return run
 
 
+MAX_PROFILE_REPEATS = 50
+
+
+class ServedGraph:
+    """A traced graph whose cuts a node serves, and the per-node profiles taken of it here.
+
+    :meth:`profile` measures on this node (the edge side of the partitioner's cost model)
+    and keeps the result, so a controller asking again gets the same numbers at once.
+    """
+
+    def __init__(self, name: str, graph, example_inputs: tuple[torch.Tensor, ...]) -> None:
+        self.name = name
+        self.graph = graph
+        self.example_inputs = example_inputs
+        self._profiles: dict[tuple[int, int], str] = {}
+        self._lock = threading.Lock()  # one profile at a time: two would time each other
+
+    def profile(self, repeats: int = 9, batch: int = 1) -> str:
+        """This graph's per-node profile on this host, as Profile JSON (cached per arguments)."""
+        from edgesplit.partitioner.profile import profile_graph
+
+        if not 1 <= repeats <= MAX_PROFILE_REPEATS:
+            raise InferError(InferError.INVALID_ARGUMENT,
+                             f"repeats must be within 1..{MAX_PROFILE_REPEATS}, not {repeats}")
+        if not 1 <= batch <= 64:
+            raise InferError(InferError.INVALID_ARGUMENT, f"batch must be within 1..64, not {batch}")
+        with self._lock:
+            key = (repeats, batch)
+            if key not in self._profiles:
+                profile = profile_graph(self.graph, self.example_inputs, batches=(batch,), repeats=repeats,
+                                        warmup=2, model_name=self.name)
+                profile.encode_seconds_per_element, profile.decode_seconds_per_element = seconds_per_element()
+                self._profiles[key] = profile.to_json()
+            return self._profiles[key]
+
+
 def register_graph_cuts(registry: ModelRegistry, name: str, graph, batching: BatchingConfig | None = None,
                         indices: list[int] | None = None) -> list[str]:
     """Serve the tail after cuts of a traced graph (:func:`edgesplit.partitioner.graph.trace`).
@@ -214,6 +252,8 @@ def register_graph_cuts(registry: ModelRegistry, name: str, graph, batching: Bat
     batching = batching or BatchingConfig()
     cuts = enumerate_cuts(graph)
     output = cuts[-1].crossing_shapes
+    example = tuple(torch.zeros(1, *s[1:]) for s in cuts[0].crossing_shapes)
+    registry.graphs[name] = ServedGraph(name, graph, example)
     names = []
     for cut in cuts[:-1]:
         if not cut.transferable or (indices is not None and cut.index not in indices):

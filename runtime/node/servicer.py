@@ -36,6 +36,7 @@ from edgesplit.runtime.transport.oip import (
 )
 
 from .dataplane import DataPlane
+from .registry import shown
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"  # trailing metadata: milliseconds before a retry is worth it
 SERVER_NAME = "edgesplit"
@@ -197,7 +198,7 @@ class ControlServicer(edgesplit_pb2_grpc.EdgeSplitControlServicer):
             max_inflight=self.plane.max_inflight,
             max_batch=max((m.batching.max_batch for m in registry), default=0),
             served_models=registry.names(), models=models, workers=self.plane.workers,
-            intra_op_threads=self.intra_op_threads,
+            intra_op_threads=self.intra_op_threads, graphs=sorted(registry.graphs),
         )
 
     async def SegmentProfile(self, request, context):
@@ -213,6 +214,21 @@ class ControlServicer(edgesplit_pb2_grpc.EdgeSplitControlServicer):
                     mean_queue_seconds=stats.queue_seconds / stats.requests if stats.requests else 0.0,
                 ))
             return edgesplit_pb2.SegmentProfileResponse(profiles=profiles)
+        return await _answer(handle, context)
+
+
+    async def GraphProfile(self, request, context):
+        async def handle():
+            graphs = self.plane.registry.graphs
+            graph = graphs.get(request.graph_name)
+            if graph is None:
+                served = ", ".join(sorted(graphs)) or "none (start the node with --bundle DIR)"
+                raise InferError(InferError.NOT_FOUND,
+                                 f"unknown graph {shown(request.graph_name)}; graphs served here: {served}")
+            # Minutes of work for a big graph at many repeats: off the event loop, which
+            # keeps answering inference and health checks meanwhile.
+            text = await asyncio.to_thread(graph.profile, request.repeats or 9, request.batch or 1)
+            return edgesplit_pb2.GraphProfileResponse(profile_json=text)
         return await _answer(handle, context)
 
 

@@ -20,13 +20,13 @@ from collections.abc import Mapping
 
 import grpc
 
-from edgesplit.protos import inference_pb2_grpc
+from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2_grpc
 from edgesplit.runtime import codec
 from edgesplit.runtime.inference import OffloadError, OffloadResult
 
 from .oip import DEFAULT_MAX_MESSAGE_BYTES, build_infer_request, parse_infer_response
 
-__all__ = ["CHANNEL_OPTIONS", "EdgeClient", "OffloadError", "OffloadResult"]
+__all__ = ["CHANNEL_OPTIONS", "EdgeClient", "OffloadError", "OffloadResult", "fetch_graph_profile"]
 
 # Reconnect quickly after a node comes back: gRPC's default backoff grows to 120 s.
 CHANNEL_OPTIONS = (
@@ -101,3 +101,26 @@ class EdgeClient:
 
     def close(self) -> None:
         self.channel.close()
+
+
+def fetch_graph_profile(target: str, graph_name: str, repeats: int = 9, batch: int = 1, timeout: float = 600.0,
+                        credentials: grpc.ChannelCredentials | None = None, token: str | None = None) -> str:
+    """Ask the node at ``target`` to profile a graph it serves; the Profile JSON it measured.
+
+    The edge side of the partitioner's cost model comes from here: the node times every
+    graph node on its own hardware (``edgesplit.v1`` ``GraphProfile``). Raises
+    OffloadError with the status name if the node refuses or cannot be reached.
+    """
+    channel = (grpc.secure_channel(target, credentials, options=CHANNEL_OPTIONS) if credentials is not None
+               else grpc.insecure_channel(target, options=CHANNEL_OPTIONS))
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    try:
+        stub = edgesplit_pb2_grpc.EdgeSplitControlStub(channel)
+        answer = stub.GraphProfile(
+            edgesplit_pb2.GraphProfileRequest(graph_name=graph_name, repeats=repeats, batch=batch),
+            timeout=timeout, metadata=metadata, wait_for_ready=True)
+        return answer.profile_json
+    except grpc.RpcError as exc:
+        raise OffloadError(exc.code().name, exc.details() or "") from None
+    finally:
+        channel.close()

@@ -2,10 +2,13 @@
 the reason names the plan kind, and an edge profile from another graph is refused."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from edgesplit.partitioner.explain import plan_rows, render
+from edgesplit.partitioner.profile import Profile
 from edgesplit.runtime.cli import main
 
 
@@ -35,3 +38,30 @@ def test_cli_writes_json_and_plot_and_refuses_a_foreign_edge_profile(tmp_path, c
                                    "schema": 1}))
     assert main(["plan", "resnet_fm", "--edge-profile", str(foreign)]) == 2
     assert "profile the same model" in capsys.readouterr().err
+
+
+def test_exit_rates_lower_the_expected_cost_of_cuts_that_hold_the_exit(tmp_path, capsys):
+    plain = plan_rows("resnet_fm", bandwidth_mbit=0.5, device="mcu", repeats=2)
+    early = plan_rows("resnet_fm", bandwidth_mbit=0.5, device="mcu", repeats=2, exit_rates=[0.9, 0.05])
+    exit_, second = early["exits"]
+    assert exit_["rate"] == 0.9 and exit_["device_ms"] > 0 and second["cut"] > exit_["cut"]
+    before = {r["cut"]: r for r in plain["cuts"]}
+    for r in early["cuts"]:
+        if r["cut"] >= exit_["cut"] + 5:  # well past the exit, 90 % of inputs stop early
+            assert r["total_ms"] < before[r["cut"]]["total_ms"]
+    assert "early exits: cut" in render(early)
+    assert main(["plan", "resnet_fm", "--exit-rates", "0.5"]) == 2
+    assert "has 2 exits" in capsys.readouterr().err
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.geteuid() != 0, reason="a CPU quota needs root (a cgroup)")
+def test_profile_under_a_device_quota_feeds_plan(tmp_path, capsys):
+    out = tmp_path / "mcu.json"
+    assert main(["profile", "resnet_fm", "--cpu-quota", "0.3", "--repeats", "2", "--out", str(out)]) == 0
+    profile = Profile.load(out)
+    assert (profile.cpu_quota, profile.statistic, profile.threads) == (0.3, "mean", 1)
+    assert profile.pause_s > 0 and profile.encode_seconds_per_element > 0
+    assert not list(Path("/sys/fs/cgroup/cpu").glob("edgesplit-profile-*"))  # the cgroup is gone again
+    assert main(["plan", "resnet_fm", "--device-profile", str(out), "--bandwidth", "5"]) == 0
+    assert f"{out}: measured on" in capsys.readouterr().out

@@ -54,3 +54,15 @@ def test_profile_json_round_trips_with_host_torch_and_threads(profiled, tmp_path
     path.write_text(json.dumps(data))
     with pytest.raises(ValueError, match="profile again"):
         Profile.load(path)
+
+
+def test_under_a_cpu_quota_the_profile_keeps_means_and_records_its_pauses():
+    graph_model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU())
+    x = torch.randn(1, 32)
+    graph = trace(graph_model, (x,))
+    started = time.perf_counter()
+    profile = profile_graph(graph, (x,), repeats=4, warmup=1, cpu_quota=0.5, pause_s=0.01)
+    assert time.perf_counter() - started >= 5 * 0.01  # it idled before every run
+    assert (profile.statistic, profile.cpu_quota, profile.pause_s) == ("mean", 0.5, 0.01)
+    again = Profile.from_json(profile.to_json())
+    assert again == profile

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from edgesplit.testbed import Testbed, TestbedUnavailable, cleanup_stale, unavailable_reason
+from edgesplit.testbed.cgroups import smooth_period_us
 
 REASON = unavailable_reason()  # None when root and `ip netns` work
 
@@ -149,6 +150,13 @@ def test_docstring_examples(module):
     assert result.attempted > 0 and result.failed == 0
 
 
+def test_device_class_periods_give_every_period_a_five_millisecond_budget():
+    assert [smooth_period_us(f) for f in (2.0, 1.0, 0.6, 0.15, 0.05, 0.001)] == \
+        [5000, 5000, 8334, 33334, 100000, 1000000]
+    with pytest.raises(ValueError):
+        smooth_period_us(0)
+
+
 def test_bad_addresses_are_refused():
     with pytest.raises(ValueError, match="benchmarking range"):
         Testbed({"device": "10.0.0.1"})
@@ -223,9 +231,12 @@ class TestTestbed:
             free_wall, _ = map(float, free.communicate("go\n", timeout=60)[0].split())
             busy = bed.exec("device", [sys.executable, "-c", BUSY_SCRIPT], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
-            quota = bed.cpu_quota(busy.pid, 0.2)
+            quota = bed.cpu_quota(busy.pid, 0.2, period_us=smooth_period_us(0.2))
             assert busy.pid in quota.pids()
             assert quota.path.name == f"{bed.name}-cpu0"
+            if quota.version == 1:  # the period asked for is the one the kernel enforces
+                assert (quota.path / "cpu.cfs_period_us").read_text().strip() == "25000"
+                assert (quota.path / "cpu.cfs_quota_us").read_text().strip() == "5000"
             wall, cpu = map(float, busy.communicate("go\n", timeout=60)[0].split())
             path = quota.path
             assert path.exists()

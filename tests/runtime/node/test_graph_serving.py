@@ -84,3 +84,32 @@ def test_edge_node_serves_a_bundle_and_refuses_a_tampered_one(tmp_path):
     data[100] ^= 0xFF
     (tmp_path / "b" / WEIGHTS).write_bytes(bytes(data))
     assert node_main(["--bundle", str(tmp_path / "b"), "--port", "0", "--metrics-port", "-1"]) == 2
+
+
+def test_graph_profile_is_measured_on_the_node_and_fetched_over_the_control_service(served):
+    from edgesplit.partitioner.profile import Profile
+    from edgesplit.runtime.transport.client import fetch_graph_profile
+
+    _, graph, _, _, running = served
+    text = fetch_graph_profile(running.address, "incept", repeats=3, timeout=60)
+    profile = Profile.from_json(text)
+    assert profile.node_names == [n.name for n in graph.nodes]
+    assert profile.repeats == 3 and profile.statistic == "median" and profile.cpu_quota is None
+    assert all(t > 0 for t in profile.seconds[1])
+    assert profile.decode_seconds_per_element > 0  # the node measured its own codec cost too
+    # Asked again, the node answers the profile it took instead of measuring anew.
+    assert fetch_graph_profile(running.address, "incept", repeats=3, timeout=60) == text
+
+
+@pytest.mark.parametrize("graph_name,repeats,code,words", [
+    ("nope", 3, "NOT_FOUND", "graphs served here: incept"),
+    ("incept", 1000, "INVALID_ARGUMENT", "repeats must be within 1..50"),
+    ("incept", -1, "INVALID_ARGUMENT", "repeats must be within 1..50"),
+])
+def test_graph_profile_refuses_unknown_graphs_and_unbounded_work(served, graph_name, repeats, code, words):
+    from edgesplit.runtime.transport.client import fetch_graph_profile
+
+    running = served[-1]
+    with pytest.raises(OffloadError) as err:
+        fetch_graph_profile(running.address, graph_name, repeats=repeats, timeout=30)
+    assert err.value.reason == code and words in str(err.value)
