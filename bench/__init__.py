@@ -18,7 +18,7 @@ import platform
 import time
 from pathlib import Path
 
-BENCHMARKS = ("accuracy", "linksim", "chaos", "throughput")
+BENCHMARKS = ("accuracy", "linksim", "chaos", "throughput", "split", "controller")
 
 
 def machine_info() -> dict:
@@ -43,11 +43,15 @@ def load(name: str):
     return importlib.import_module(f"edgesplit.bench.{name}")
 
 
-def run_benchmark(name: str, quick: bool = False, json_path: str | None = None, progress: bool = True) -> dict:
-    """Run a benchmark, print its table, and write its results as JSON when asked."""
+def run_benchmark(name: str, quick: bool = False, json_path: str | None = None, progress: bool = True,
+                  **options) -> dict:
+    """Run a benchmark, print its table, and write its results as JSON when asked.
+
+    ``options`` (those not None) go to the benchmark's ``run``, e.g. ``traces`` for ``controller``.
+    """
     module = load(name)
     started = time.time()
-    result = module.run(quick=quick, progress=progress)
+    result = module.run(quick=quick, progress=progress, **{k: v for k, v in options.items() if v is not None})
     result.setdefault("benchmark", name)
     result.setdefault("quick", quick)
     result["seconds"] = round(time.time() - started, 2)

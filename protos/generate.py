@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
-SOURCES = ("inference.proto", "edgesplit.proto")
+SOURCES = ("inference.proto", "edgesplit.proto", "telemetry.proto")
 
 
 def generate(out_dir: Path = PROTO_DIR) -> list[Path]:

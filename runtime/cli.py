@@ -1,10 +1,12 @@
-"""``edgesplit``: the command line (train, demo, bench, info, node, linksim, certs).
+"""``edgesplit``: the command line (train, demo, bench, info, profile, plan, node, linksim, certs).
 
 Examples::
 
     edgesplit demo                      # local cluster on loopback, node killed halfway
     edgesplit train resnet_fm --epochs 10
     edgesplit bench accuracy --quick --json results/accuracy.json
+    edgesplit profile resnet18 --device pi4 --out pi4.json    # root: under the Pi-4 class's CPU quota
+    edgesplit plan resnet18 --bandwidth 5 --device pi4 --device-profile pi4.json --plot plan.png
     edgesplit node --port 8001          # same as edge-node
     edgesplit linksim --listen 127.0.0.1:9000 --target 127.0.0.1:8001 --rate 5 --delay 20
     edgesplit certs --out certs --host device --host node1=198.18.0.11,localhost
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -51,7 +54,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from edgesplit.bench import run_benchmark
 
-    run_benchmark(args.name, quick=args.quick, json_path=args.json, progress=not args.no_progress)
+    run_benchmark(args.name, quick=args.quick, json_path=args.json, progress=not args.no_progress,
+                  traces=args.traces)
     return 0
 
 
@@ -70,12 +74,70 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    """Profile a zoo model here, optionally under a device class's CPU quota (root: a cgroup)."""
+    import torch
+
+    from edgesplit.models import build_model
+    from edgesplit.partitioner.explain import DEVICE_QUOTAS
+    from edgesplit.partitioner.graph import trace
+    from edgesplit.partitioner.profile import profile_graph
+
+    quota = args.cpu_quota or (DEVICE_QUOTAS[args.device] if args.device else None)
+    torch.set_num_threads(args.threads)
+    try:
+        model = build_model(args.model).eval()
+    except KeyError as exc:
+        print(f"edgesplit profile: {exc.args[0]}", file=sys.stderr)
+        return 2
+    x = torch.zeros(1, *model.input_shape)
+    graph = trace(model, (x,))
+    batches = tuple(int(b) for b in args.batches.split(","))
+    group, pause_s = None, 0.0
+    if quota:
+        from edgesplit.testbed.cgroups import CpuQuota, smooth_period_us
+        from edgesplit.testbed.errors import TestbedUnavailable
+
+        try:
+            group = CpuQuota.create(f"edgesplit-profile-{os.getpid()}", quota, smooth_period_us(quota))
+        except TestbedUnavailable as exc:
+            print(f"edgesplit profile: {exc} (a CPU quota needs root)", file=sys.stderr)
+            return 2
+        group.add(os.getpid())
+        pause_s = 2 * smooth_period_us(quota) / 1e6  # a fresh budget per run, as between frames
+    try:
+        profile = profile_graph(graph, (x,), batches=batches, repeats=args.repeats, warmup=2,
+                                model_name=args.model, cpu_quota=quota, pause_s=pause_s)
+        from edgesplit.runtime.codec import seconds_per_element
+
+        profile.encode_seconds_per_element, profile.decode_seconds_per_element = seconds_per_element()
+    finally:
+        if group is not None:
+            group.remove()  # this process goes back to its parent cgroup
+    profile.save(args.out)
+    total = {b: 1000 * sum(v) for b, v in profile.seconds.items()}
+    where = f" under a {quota:g}-core CPU quota" if quota else ""
+    print(f"{args.model}: {len(profile.node_names)} nodes, "
+          + ", ".join(f"batch {b}: {t:.2f} ms" for b, t in total.items()) + f"{where}; written to {args.out}")
+    return 0
+
+
+def _controller(args: argparse.Namespace) -> int:
+    from edgesplit.partitioner.explain import DEVICE_QUOTAS
+    from edgesplit.runtime.control.remote import serve
+
+    return serve(args.model, DEVICE_QUOTAS[args.device], args.telemetry, args.decisions, args.policy,
+                 args.slo_ms / 1000, args.accuracy_target, args.low_battery, args.heartbeat, args.curve_dir,
+                 args.port_file)
+
+
 def _plan(args: argparse.Namespace) -> int:
     from edgesplit.partitioner.explain import plan_rows, plot, render
 
     try:
+        rates = [float(r) for r in args.exit_rates.split(",")] if args.exit_rates else None
         plan = plan_rows(args.model, args.bandwidth, device=args.device, rtt_ms=args.rtt, codec=args.codec,
-                         edge_profile=args.edge_profile)
+                         edge_profile=args.edge_profile, exit_rates=rates, device_profile=args.device_profile)
     except (KeyError, ValueError) as exc:
         print(f"edgesplit plan: {exc}", file=sys.stderr)
         return 2
@@ -134,11 +196,45 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="about a minute")
     b.add_argument("--json", help="write machine-readable results here")
     b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--traces", help="controller: a folder of '<seconds> <Mbit/s>' bandwidth traces "
+                   "(default: ../shared/traces)")
     b.set_defaults(func=_bench)
 
     i = sub.add_parser("info", help="show a model's cuts, crossing tensors and costs")
     i.add_argument("model", nargs="?", default="resnet_fm")
     i.set_defaults(func=_info)
+
+    pr = sub.add_parser("profile", help="measure a model's per-node latency here, optionally under a device "
+                        "class's CPU quota", description="Per-node latency of a zoo model on this host (median "
+                        "of repeats; under a CPU quota the mean, idling between runs as a device does between "
+                        "frames), saved as Profile JSON for 'edgesplit plan --device-profile/--edge-profile'.")
+    pr.add_argument("model")
+    pr.add_argument("--out", required=True, help="write the profile JSON here")
+    group = pr.add_mutually_exclusive_group()
+    group.add_argument("--device", choices=["pi4", "pizero2", "mcu"],
+                       help="run under this device class's CPU quota (needs root: a cgroup)")
+    group.add_argument("--cpu-quota", type=float, help="run under this fraction of a core (needs root)")
+    pr.add_argument("--repeats", type=int, default=9)
+    pr.add_argument("--batches", default="1", help="comma-separated batch sizes (default: 1)")
+    pr.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    pr.set_defaults(func=_profile)
+
+    co = sub.add_parser("controller", help="decide plans for devices from their telemetry (ZeroMQ bus)",
+                        description="Subscribe to telemetry, run a policy per device on the cost model, publish "
+                        "decisions (cut, thresholds, codec, epoch); devices fall back to their embedded controller "
+                        "when it goes silent.")
+    co.add_argument("--model", default="resnet_fm")
+    co.add_argument("--device", default="mcu", choices=["pi4", "pizero2", "mcu"], help="device class (CPU quota)")
+    co.add_argument("--telemetry", default="tcp://127.0.0.1:5555", help="bind telemetry SUB here")
+    co.add_argument("--decisions", default="tcp://127.0.0.1:5556", help="bind decision XPUB here")
+    co.add_argument("--policy", default="battery", choices=["latency", "energy", "accuracy", "battery"])
+    co.add_argument("--slo-ms", type=float, default=200.0, help="latency SLO for energy/accuracy policies")
+    co.add_argument("--accuracy-target", type=float, default=0.0)
+    co.add_argument("--low-battery", type=float, default=0.3, help="battery level that switches to saving energy")
+    co.add_argument("--heartbeat", type=float, default=1.0, help="seconds between repeats of the decisions")
+    co.add_argument("--curve-dir", help="CURVE keys (controller.key, controller.key_secret): encrypt the bus")
+    co.add_argument("--port-file", help="write the bound endpoints here as JSON")
+    co.set_defaults(func=_controller)
 
     pl = sub.add_parser("plan", help="predict every cut's latency and choose the split",
                         description="Trace the model, profile it on this host, and predict each cut's latency "
@@ -150,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="device class, as a CPU quota of this host (default: pi4 = 0.6 of a core)")
     pl.add_argument("--codec", default="int8", choices=["fp32", "fp16", "int8", "int8-channel"])
     pl.add_argument("--edge-profile", help="edge profile JSON measured elsewhere (default: this host)")
+    pl.add_argument("--device-profile", help="device profile JSON measured on the device, e.g. "
+                    "'edgesplit profile MODEL --device pi4' (default: this host's divided by the class's quota)")
+    pl.add_argument("--exit-rates", help="share of inputs leaving at each early exit of the model, in order, "
+                    "e.g. 0.4,0.2 (default: exits not counted)")
     pl.add_argument("--plot", help="write stacked bars per cut to this PNG")
     pl.add_argument("--json", help="write the table and the choice as JSON")
     pl.add_argument("--all", action="store_true", help="list every cut (default: about 24, evenly spread)")

@@ -82,3 +82,18 @@ class DeviceMetrics:
         self.plan_epoch = Gauge(
             "edgesplit_device_plan_epoch", "Epoch of the plan in force on the device.", registry=registry
         )
+        self.plan_cut = Gauge("edgesplit_device_plan_cut", "Cut of the plan in force (blocks on the device).",
+                              registry=registry)
+        self.plan_codec = Gauge("edgesplit_device_plan_codec_info", "Codec of the plan in force (1 for it).",
+                                ["codec"], registry=registry)
+        self.plan_threshold = Gauge("edgesplit_device_plan_exit_threshold",
+                                    "Confidence an exit needs under the plan in force (above 1: never taken).",
+                                    ["exit"], registry=registry)
+        self.bandwidth = Gauge("edgesplit_device_estimated_bandwidth_bits_per_second",
+                               "Bandwidth to the edge estimated from real transfers.", registry=registry)
+        self.rtt = Gauge("edgesplit_device_estimated_rtt_seconds", "Round-trip time estimated from real transfers.",
+                         registry=registry)
+        self.battery = Gauge("edgesplit_device_battery_ratio", "Battery level, 0 to 1.", registry=registry)
+        self.on_battery = Gauge("edgesplit_device_on_battery", "1 on battery, 0 on mains power.", registry=registry)
+        self.decisions = Counter("edgesplit_device_controller_decisions_total",
+                                 "Plan changes made by the controller.", registry=registry)

@@ -31,7 +31,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -77,6 +77,8 @@ class Answer:
     offload_error: str | None = None
     logits: torch.Tensor | None = None
     epoch: int = 0  # the plan this request ran under
+    sent_bytes: int = 0  # what was offloaded (0 when nothing was)
+    cut: int = 0  # the plan's cut this request ran under
 
 
 class DeviceRunner:
@@ -116,6 +118,7 @@ class DeviceRunner:
         self._local_tail: dict[int, float] = {}
         self._tail_lock = threading.Lock()
         self._state = self._prepare(plan)
+        self.observers: list[Callable[[Answer], None]] = []
         if latency_target_s:
             self.local_tail_seconds(self._plan.cut)
 
@@ -130,6 +133,11 @@ class DeviceRunner:
         self._state = self._prepare(plan)
         if self.metrics:
             self.metrics.plan_epoch.set(plan.epoch)
+            self.metrics.plan_cut.set(plan.cut)
+            self.metrics.plan_codec.clear()
+            self.metrics.plan_codec.labels(codec=plan.codec).set(1)
+            for exit_cut in self.model.exit_cuts:
+                self.metrics.plan_threshold.labels(exit=str(exit_cut)).set(plan.threshold(exit_cut))
         return plan
 
     @property
@@ -209,7 +217,11 @@ class DeviceRunner:
         request_id = next(self._ids)
         if x.dim() == len(self.model.input_shape):
             x = x.unsqueeze(0)
-        answer = self._infer(request_id, x, *self._state)
+        state = self._state
+        answer = self._infer(request_id, x, *state)
+        answer.cut = state[0].cut
+        for observe in self.observers:
+            observe(answer)  # the embedded controller learns from every answer
         if self.metrics:
             self.metrics.answers.labels(where=answer.where, exit=answer.exit).inc()
             for part in ("device", "transfer", "edge"):
@@ -277,7 +289,7 @@ class DeviceRunner:
             self.metrics.sent_bytes.inc(result.sent_bytes)
         conf, pred = confidence(result.logits)
         return Answer(request_id, int(pred[0]), float(conf[0]), "final", WHERE_EDGE, latency,
-                      logits=result.logits, epoch=plan.epoch)
+                      logits=result.logits, epoch=plan.epoch, sent_bytes=result.sent_bytes)
 
     def _count_failure(self, reason: str) -> None:
         if self.metrics:

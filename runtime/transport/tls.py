@@ -205,6 +205,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     )
     p.add_argument("--ca-name", default=DEFAULT_CA_NAME, help=f"common name of a new CA (default: {DEFAULT_CA_NAME})")
     p.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"validity in days (default: {DEFAULT_DAYS})")
+    p.add_argument("--curve", action="store_true",
+                   help="also write ZeroMQ CURVE key pairs for the telemetry bus: OUT/curve/controller.key(_secret) "
+                   "and one per host")
     return p
 
 
@@ -223,6 +226,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"CA: {files['ca']} ({'new' if files['ca_created'] else 'kept'}); keep {files['ca_key']} offline")
     for name, entry in files["hosts"].items():
         print(f"{name}: {entry['cert']} {entry['key']}  SANs: {', '.join(entry['sans'])}")
+    if getattr(args, "curve", False):
+        from edgesplit.runtime.control.bus import CurveKeys
+
+        folder = Path(args.out) / "curve"
+        for name in ["controller", *files["hosts"]]:
+            CurveKeys.generate().save(folder, _file_name(name))
+        print(f"CURVE keys for the telemetry bus: {folder} (controller and {len(files['hosts'])} hosts; "
+              "every process needs controller.key, each its own pair)")
     return 0
 
 

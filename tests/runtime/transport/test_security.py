@@ -384,3 +384,14 @@ def test_a_token_file_readable_by_others_is_warned_about(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="edgesplit.auth"):
         read_token(path, env={})
     assert not caplog.records
+
+
+def test_certs_cli_writes_curve_keys_for_the_telemetry_bus(tmp_path):
+    from edgesplit.runtime.control.bus import CurveKeys
+
+    assert tls.main(["--out", str(tmp_path / "c"), "--host", "dev", "--curve"]) == 0
+    curve = tmp_path / "c" / "curve"
+    assert {p.name for p in curve.iterdir()} == {"controller.key", "controller.key_secret", "dev.key", "dev.key_secret"}
+    assert oct((curve / "dev.key_secret").stat().st_mode & 0o777) == "0o600"
+    keys = CurveKeys.load(curve, "dev", server="controller")
+    assert len(keys.public) == 40 and keys.server_public == CurveKeys.load(curve, "controller").public

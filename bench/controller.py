@@ -1,0 +1,305 @@
+"""``edgesplit bench controller``: the embedded controller against fixed plans on real bandwidth traces.
+
+In the test bed: an ``edge-node --random-weights`` serving the model's tails in ``edge1``
+pinned to core 1, the device (:mod:`edgesplit.bench.controller_device`) in ``device`` pinned
+to core 0 under a CPU quota (the ``mcu`` class, 0.05 of a core, by default: there the best
+plan for MobileNetV2 changes within the traces' 0.2-8 Mbit/s; on the Pi-4 class all-on-device
+wins throughout and there is nothing to adapt). For each trace, its first ``duration_s``
+seconds are replayed on the device's link with tbf, once per live run:
+
+- **adaptive**: the embedded controller (least latency with hysteresis, probing while idle),
+  starting all on the device, choosing among the same candidate plans as the table (cut 0,
+  every cut sending fewer bytes than all before it, all on the device);
+- **all_device** and **all_edge** (the image, int8): fixed plans.
+
+A table of every candidate fixed plan's median latency at a grid of bandwidths is measured
+first; the **oracle** (best plan for each request's bandwidth) and the **best static** plan
+in hindsight come from that table, evaluated at the times of the adaptive run's requests.
+
+Run as root: ``edgesplit bench controller --json bench/results/controller.json`` (``--quick``:
+two traces of 15 s; ``--traces DIR``: any folder of ``<seconds> <Mbit/s>`` traces).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from . import machine_info, table
+from .split import DeviceProcess
+
+DEFAULT_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
+FULL = {"model": "mobilenet_v2", "device": "mcu", "traces": 10, "duration_s": 30.0,
+        "grid": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "repeats": 2, "profile_repeats": 3, "slo_ms": 1000.0}
+QUICK = {"model": "mobilenet_v2", "device": "mcu", "traces": 2, "duration_s": 15.0,
+         "grid": (0.5, 2.0, 8.0), "repeats": 1, "profile_repeats": 3, "slo_ms": 1000.0}
+EDGE_PORT = 8001
+MIN_RATE_MBIT = 0.05  # a trace's zero (link down for that moment) is shaped to this
+GAIN_FLOOR = 0.05  # gain_captured counts traces where the oracle beats the best static by this share
+
+
+def trace_files(folder: str | Path) -> list[Path]:
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in (".txt", ".log", ""))
+    if not files:
+        raise SystemExit(f"no traces in {folder}: expected files of '<seconds> <Mbit/s>' lines")
+    return files
+
+
+def pick(files: list[Path], n: int) -> list[Path]:
+    """``n`` traces spread evenly over the sorted list (deterministic)."""
+    if n >= len(files):
+        return files
+    return [files[round(i * (len(files) - 1) / max(1, n - 1))] for i in range(n)]
+
+
+def rate_at(samples: list[tuple[float, float]], t: float) -> float:
+    rate = samples[0][1]
+    for at, r in samples:
+        if at > t:
+            break
+        rate = r
+    return max(rate, MIN_RATE_MBIT)
+
+
+def table_at(table_ms: dict[float, dict[str, float]], plan: str, mbit: float) -> float:
+    """A fixed plan's latency at ``mbit``, linear in 1/bandwidth between measured grid points
+    (transfer time is); above the grid the top point, below it the line through the lowest two."""
+    grid = sorted(table_ms)
+    if mbit >= grid[-1] or len(grid) == 1:
+        return table_ms[grid[-1]][plan] if mbit >= grid[-1] else table_ms[grid[0]][plan]
+    lo, hi = (grid[0], grid[1]) if mbit < grid[0] else next((a, b) for a, b in zip(grid, grid[1:]) if a <= mbit <= b)
+    a, b = table_ms[lo][plan], table_ms[hi][plan]
+    w = (1 / mbit - 1 / lo) / (1 / hi - 1 / lo)
+    return max(0.0, a + w * (b - a))
+
+
+def analyse(name: str, samples, table_ms, live: dict[str, dict], slo_ms: float, model: str) -> dict:
+    adaptive = live["adaptive"]["records"]
+    plans = list(next(iter(table_ms.values())))
+    at_requests = [rate_at(samples, r["t"]) for r in adaptive]
+    oracle = statistics.fmean(min(table_at(table_ms, p, b) for p in plans) for b in at_requests)
+    static = {p: statistics.fmean(table_at(table_ms, p, b) for b in at_requests) for p in plans}
+    best_static = min(static, key=static.get)
+    return {
+        "name": name, "model": model,
+        "mean_mbit": statistics.fmean(at_requests),
+        "adaptive_ms": statistics.fmean(r["ms"] for r in adaptive),
+        "oracle_ms": oracle, "best_static_ms": static[best_static], "best_static_plan": best_static,
+        "all_device_ms": statistics.fmean(r["ms"] for r in live["all_device"]["records"]),
+        "all_edge_ms": statistics.fmean(r["ms"] for r in live["all_edge"]["records"]),
+        "slo_ms": slo_ms, "slo_miss_rate": sum(r["ms"] > slo_ms for r in adaptive) / len(adaptive),
+        "sent": sum(v["sent"] for v in live.values()),
+        "answered": sum(len(v["records"]) for v in live.values()),
+        "decisions": len(live["adaptive"]["decisions"]),
+        "decision_log": live["adaptive"]["decisions"],
+        "adaptive_records": adaptive,
+        "trace": [(t, r) for t, r in samples],
+        "fallbacks": sum(r["error"] is not None for v in live.values() for r in v["records"]),
+    }
+
+
+def summarise(rows: list[dict]) -> dict:
+    gains = [(r["best_static_ms"] - r["adaptive_ms"]) / (r["best_static_ms"] - r["oracle_ms"]) for r in rows
+             if r["oracle_ms"] <= (1 - GAIN_FLOOR) * r["best_static_ms"]]
+    ratio = statistics.fmean(r["adaptive_ms"] / r["oracle_ms"] for r in rows)
+    lost = sum(r["sent"] - r["answered"] for r in rows)
+    return {
+        "traces": len(rows),
+        "adaptive_over_oracle": ratio,
+        "gain_captured": statistics.fmean(gains) if gains else None,
+        "gain_traces": len(gains),
+        "lost": lost,
+        "goals": {"adaptive_over_oracle": 1.10, "gain_captured": 0.8, "lost": 0, "traces": 10},
+        "goals_met": {"adaptive_over_oracle": ratio <= 1.10,
+                      "gain_captured": bool(gains) and statistics.fmean(gains) >= 0.8,
+                      "lost": lost == 0, "traces": len(rows) >= 10},
+    }
+
+
+class Replay:
+    """Applies a trace's rates to the device's link on schedule, in a thread."""
+
+    def __init__(self, bed, samples, duration_s: float) -> None:
+        self.bed, self.samples, self.duration_s = bed, samples, duration_s
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            started = time.monotonic()
+            for t, rate in self.samples:
+                if t >= self.duration_s or self._stop.wait(max(0.0, t - (time.monotonic() - started))):
+                    break
+                self.bed.shape("device", max(rate, MIN_RATE_MBIT), burst=2 * 1514, latency=4.0)
+        except BaseException as exc:  # surfaced by stop()
+            self.error = exc
+
+    def start(self) -> Replay:
+        self.bed.shape("device", rate_at(self.samples, 0.0), burst=2 * 1514, latency=4.0)
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+        if self.error is not None:
+            raise self.error
+
+
+def _candidates(numels: list[int]) -> list[int]:
+    keep, fewest = [], math.inf
+    for cut, n in enumerate(numels[:-1]):
+        if n < fewest:
+            keep.append(cut)
+            fewest = n
+    return [*keep, len(numels) - 1]
+
+
+def run(quick: bool = False, progress: bool = True, config: dict | None = None, traces: str | None = None) -> dict:
+    from edgesplit.linksim.traces import load_trace
+    from edgesplit.partitioner.explain import DEVICE_QUOTAS
+    from edgesplit.runtime.node.launcher import NodeProcess
+    from edgesplit.testbed.bed import Testbed
+    from edgesplit.testbed.cgroups import smooth_period_us
+
+    if os.geteuid() != 0:
+        raise SystemExit("the controller benchmark builds network namespaces and CPU quotas: run it as root")
+    config = dict(config or (QUICK if quick else FULL))
+    folder = Path(traces or os.environ.get("EDGESPLIT_TRACES") or DEFAULT_TRACES)
+    chosen = pick(trace_files(folder), config["traces"])
+    work = Path(tempfile.mkdtemp(prefix="edgesplit-controller-"))
+    q = DEVICE_QUOTAS[config["device"]]
+    pause_s = 2 * smooth_period_us(q) / 1e6
+    rows = []
+    with Testbed(hosts={"device": "198.18.0.1", "edge1": "198.18.0.11"}) as bed:
+        node = NodeProcess(model=config["model"], host=bed.address("edge1"), port=EDGE_PORT, metrics_port=-1,
+                           threads=1, command_prefix=[*bed.exec_prefix("edge1"), "taskset", "-c", "1"],
+                           extra_args=["--random-weights", "--workers", "1"], log_path=work / "edge.log",
+                           startup_timeout=300)
+        with node:
+            quota = bed.cpu_quota("device", 1.0, smooth_period_us(1.0))
+            log = open(work / "device.log", "w")
+            proc = bed.exec("device", ["taskset", "-c", "0", sys.executable, "-m",
+                                       "edgesplit.bench.controller_device", "--model", config["model"],
+                                       "--target", f"{bed.address('edge1')}:{EDGE_PORT}"],
+                            cpu=quota, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True)
+            device = DeviceProcess(proc, config["model"])
+            try:
+                edge = _edge_blocks(config["model"])
+                bed.cpu_quota(quota, q, smooth_period_us(q))
+                numels = device.hello["bytes"]
+                candidates = _candidates(numels)
+                heads = device.ask(op="profile", repeats=config["profile_repeats"], pause_s=pause_s,
+                                   edge=edge, cuts=candidates)["heads_ms"]
+                plans = [[c, "int8"] for c in candidates]
+                table_ms: dict[float, dict[str, float]] = {}
+                for mbit in config["grid"]:
+                    bed.shape("device", mbit, burst=2 * 1514, latency=4.0)
+                    table_ms[mbit] = device.ask(op="static", plans=plans, repeats=config["repeats"],
+                                                pause_s=pause_s)["ms"]
+                    if progress:
+                        print(f"controller: table at {mbit:g} Mbit/s: " + ", ".join(
+                            f"{k} {v:.0f} ms" for k, v in table_ms[mbit].items()), flush=True)
+                last = len(numels) - 1
+                modes = {"adaptive": "adaptive", "all_device": [last, "int8"], "all_edge": [0, "int8"]}
+                for path in chosen:
+                    samples = load_trace(path)
+                    live = {}
+                    for label, mode in modes.items():
+                        replay = Replay(bed, samples, config["duration_s"]).start()
+                        try:
+                            live[label] = device.ask(op="run", mode=mode, duration_s=config["duration_s"],
+                                                     pause_s=pause_s, timeout=config["duration_s"] + 600)
+                        finally:
+                            replay.stop()
+                    row = analyse(f"{path.parent.name}/{path.name}", samples, table_ms, live, config["slo_ms"],
+                                  config["model"])
+                    rows.append(row)
+                    if progress:
+                        print(f"controller: {row['name']}: adaptive {row['adaptive_ms']:.0f} ms, oracle "
+                              f"{row['oracle_ms']:.0f}, best static {row['best_static_ms']:.0f} "
+                              f"({row['best_static_plan']}), device {row['all_device_ms']:.0f}, edge "
+                              f"{row['all_edge_ms']:.0f}, {row['decisions']} decisions", flush=True)
+            finally:
+                device.close()
+                log.close()
+                bed.unshape("device")
+    return {"config": {**config, "grid": list(config["grid"]), "traces_folder": str(folder), "cpu_quota": q,
+                       "pause_s": pause_s},
+            "device_heads_ms": heads, "edge_blocks_ms": [1000 * t for t in edge], "table_ms": table_ms,
+            "traces": rows, "summary": summarise(rows), "logs": str(work), "machine": machine_info()}
+
+
+def _edge_blocks(model_name: str, repeats: int = 5) -> list[float]:
+    """Seconds per block on one core of this host, one thread (the edge node's), pinned to core 1."""
+    code = ("import json, statistics, time, torch\n"
+            "from edgesplit.models import build_model\n"
+            "torch.set_num_threads(1); torch.manual_seed(0)\n"
+            f"m = build_model({model_name!r}).eval(); h = torch.randn(1, *m.input_shape); out = []\n"
+            "with torch.inference_mode():\n"
+            "    for b in m.blocks:\n"
+            "        ts = []\n"
+            f"        for _ in range({repeats + 1}):\n"
+            "            t = time.perf_counter(); y = b(h); ts.append(time.perf_counter() - t)\n"
+            "        out.append(statistics.median(ts[1:])); h = y\n"
+            "print(json.dumps(out))\n")
+    done = subprocess.run(["taskset", "-c", "1", sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=600)
+    return json.loads(done.stdout)
+
+
+def render(result: dict) -> str:
+    headers = ["trace", "Mbit/s", "adaptive ms", "oracle ms", "best static ms", "(plan)", "all-device ms",
+               "all-edge ms", "SLO miss", "decisions", "sent", "answered"]
+    body = [[r["name"], f"{r['mean_mbit']:.2f}", f"{r['adaptive_ms']:.0f}", f"{r['oracle_ms']:.0f}",
+             f"{r['best_static_ms']:.0f}", r["best_static_plan"], f"{r['all_device_ms']:.0f}",
+             f"{r['all_edge_ms']:.0f}", f"{r['slo_miss_rate']:.0%}", r["decisions"], r["sent"], r["answered"]]
+            for r in result["traces"]]
+    s = result["summary"]
+    gain = "n/a (no trace where the oracle beats the best static by 5%)" if s["gain_captured"] is None \
+        else f"{s['gain_captured']:.2f} over {s['gain_traces']} traces"
+    return "\n".join([table(headers, body), "",
+                      f"adaptive / oracle: {s['adaptive_over_oracle']:.2f} (goal <= 1.10)",
+                      f"gain captured: {gain} (goal >= 0.8)",
+                      f"lost: {s['lost']} (goal 0); traces: {s['traces']} (goal >= 10)"])
+
+
+def plot(result: dict, path: str) -> None:
+    """Per trace: bandwidth over time, the adaptive plan's cut, latency per request."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["traces"]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(9, 2.6 * len(rows)), squeeze=False)
+    for ax, r in zip(axes[:, 0], rows):
+        duration = result["config"]["duration_s"]
+        trace = [(t, v) for t, v in r["trace"] if t <= duration]
+        ax.step([t for t, _ in trace], [v for _, v in trace], where="post", color="0.4", label="bandwidth (Mbit/s)")
+        ax.set_ylabel("Mbit/s")
+        ax.set_xlim(0, duration)
+        lat = ax.twinx()
+        recs = r["adaptive_records"]
+        lat.scatter([x["t"] for x in recs], [x["ms"] for x in recs], s=8, color="tab:red", label="latency (ms)")
+        lat.set_ylabel("ms")
+        cut = ax.twinx()
+        cut.spines["right"].set_position(("axes", 1.1))
+        cut.step([x["t"] for x in recs], [x["cut"] for x in recs], where="post", color="tab:blue", label="cut")
+        cut.set_ylabel("cut")
+        ax.set_title(f"{r['name']}: adaptive {r['adaptive_ms']:.0f} ms, oracle {r['oracle_ms']:.0f}, best static "
+                     f"{r['best_static_ms']:.0f}, device {r['all_device_ms']:.0f}, edge {r['all_edge_ms']:.0f}",
+                     fontsize=8)
+    axes[-1, 0].set_xlabel("seconds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

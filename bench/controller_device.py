@@ -1,0 +1,154 @@
+"""The device side of ``edgesplit bench controller``: a DeviceRunner under a plan or the
+embedded controller, in the test bed's device namespace under a CPU quota.
+
+JSON commands on stdin, one JSON answer per line on stdout:
+
+- ``{"op": "profile", "repeats": R, "pause_s": P, "edge": [seconds per block], "cuts": [...]}``:
+  time the device's own work for every block cut (blocks, encoding int8, building the
+  request), idling ``P`` before each run; build the controller's plan space from it and
+  the edge's per-block times, choosing among ``cuts``; answer the per-cut milliseconds;
+- ``{"op": "static", "plans": [[cut, codec], ...], "repeats": R, "pause_s": P}``: median
+  milliseconds of each fixed plan over the current link (the table the oracle reads);
+- ``{"op": "run", "mode": "adaptive" | [cut, codec], "duration_s": D, "pause_s": P}``:
+  requests one after another for ``D`` seconds (idling ``P`` before each, like frames of a
+  camera), each recorded with its time, latency, plan epoch, cut and where it ran; the
+  adaptive mode also reports the controller's decisions;
+- ``{"op": "quit"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from edgesplit.models import build_model
+from edgesplit.partitioner.profile import Profile
+from edgesplit.runtime import codec as codecs
+from edgesplit.runtime.control.controller import EmbeddedController
+from edgesplit.runtime.control.estimators import LinkEstimator
+from edgesplit.runtime.control.policy import Hysteresis, LeastLatency, PlanSpace
+from edgesplit.runtime.device.runner import DeviceRunner
+from edgesplit.runtime.plan import Plan
+from edgesplit.runtime.transport.client import EdgeClient
+from edgesplit.runtime.transport.oip import build_infer_request
+
+CODECS = ("int8",)
+
+
+class Device:
+    def __init__(self, model_name: str, target: str) -> None:
+        torch.manual_seed(0)
+        self.model = build_model(model_name).eval()
+        self.client = EdgeClient(target)
+        self.x = torch.randn(1, *self.model.input_shape)
+        self.space: PlanSpace | None = None
+
+    def runner(self, plan: Plan) -> DeviceRunner:
+        return DeviceRunner(self.model, plan=plan, client=self.client, deadline_s=30.0)
+
+    def profile(self, repeats: int, pause_s: float, edge_block_s: list[float], cuts: list[int]) -> list[float]:
+        """Milliseconds of the device's work at every block cut, as measured here."""
+        model, heads = self.model, [0.0]
+        with torch.inference_mode():
+            for cut in range(1, model.num_blocks + 1):
+                times = []
+                for i in range(repeats + 1):
+                    time.sleep(pause_s)
+                    started = time.perf_counter()
+                    h = model.run(self.x, 0, cut)
+                    if cut < model.num_blocks:
+                        enc = codecs.encode(h, "int8")
+                        build_infer_request(f"{model.name}.from.{cut}", {"input": enc}).SerializeToString()
+                    if i:
+                        times.append(time.perf_counter() - started)
+                heads.append(statistics.median(times))
+        # A longer head cannot take less time: under a quota a shorter one can be unlucky and
+        # wait out a period the longer one did not.
+        for k in range(1, len(heads)):
+            heads[k] = max(heads[k], heads[k - 1])
+        names = list(model.block_names)
+        per_block = [heads[k + 1] - heads[k] for k in range(model.num_blocks)]
+        device = Profile(model.name, "device", torch.__version__, 1, 1, names, {1: per_block})
+        edge = Profile(model.name, "edge", torch.__version__, 1, 1, names, {1: edge_block_s})
+        shapes = [c.shape for c in model.cut_points()]
+        self.space = PlanSpace(device, edge, shapes, codecs=CODECS, allowed_cuts=cuts)
+        return [1000 * t for t in heads]
+
+    def static(self, plans: list[list], repeats: int, pause_s: float) -> dict[str, float]:
+        out = {}
+        for cut, codec in plans:
+            runner = self.runner(Plan(cut=cut, codec=codec))
+            times = []
+            for i in range(repeats + 1):
+                time.sleep(pause_s)
+                answer = runner.infer(self.x)
+                if i:
+                    times.append(1000 * answer.latency.total)
+            out[f"{cut}:{codec}"] = statistics.median(times)
+        return out
+
+    def run(self, mode, duration_s: float, pause_s: float) -> dict:
+        if mode == "adaptive":
+            runner = self.runner(Plan(cut=self.model.num_blocks, codec="int8"))
+            controller = EmbeddedController(runner, self.space, Hysteresis(LeastLatency(), margin=0.1, hold=2),
+                                            estimator=LinkEstimator(initial_mbit=1.0, initial_rtt_s=0.01),
+                                            every=2, probe_interval_s=1.0)
+            controller.decide()
+            controller.start_probing()
+        else:
+            runner = self.runner(Plan(cut=int(mode[0]), codec=mode[1]))
+            controller = None
+        records, sent = [], 0
+        started = time.monotonic()
+        try:
+            while time.monotonic() - started < duration_s:
+                time.sleep(pause_s)
+                sent += 1
+                at = time.monotonic() - started
+                answer = runner.infer(self.x)
+                records.append({"t": round(at, 4), "ms": round(1000 * answer.latency.total, 3), "cut": answer.cut,
+                                "epoch": answer.epoch, "where": answer.where, "error": answer.offload_error})
+        finally:
+            if controller is not None:
+                controller.close()
+        decisions = [] if controller is None else [
+            {"t": round(d.at - started, 3), "epoch": d.epoch, "cut": d.cut, "codec": d.codec,
+             "bandwidth_mbit": round(d.bandwidth_mbit, 3), "rtt_ms": round(d.rtt_ms, 2),
+             "predicted_ms": round(d.predicted_ms, 2)} for d in controller.decisions]
+        return {"records": records, "sent": sent, "decisions": decisions}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="mobilenet_v2")
+    p.add_argument("--target", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    device = Device(args.model, args.target)
+    print(json.dumps({"ready": True, "blocks": device.model.num_blocks,
+                      "bytes": [c.numel for c in device.model.cut_points()]}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        op = command["op"]
+        if op == "quit":
+            break
+        if op == "profile":
+            answer = {"heads_ms": device.profile(command["repeats"], command["pause_s"], command["edge"],
+                                                 command["cuts"])}
+        elif op == "static":
+            answer = {"ms": device.static(command["plans"], command["repeats"], command["pause_s"])}
+        elif op == "run":
+            answer = device.run(command["mode"], command["duration_s"], command["pause_s"])
+        else:
+            answer = {"error": f"unknown op {op!r}"}
+        print(json.dumps(answer), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Telemetry bus over ZeroMQ: telemetry from every process up, decisions from the controller down.
+
+The controller binds two sockets: a SUB that every process's PUB connects to with its
+:class:`~edgesplit.protos.telemetry_pb2.Telemetry` (topic ``telemetry``), and an XPUB that
+devices subscribe to for their :class:`~edgesplit.protos.telemetry_pb2.Decision` (topic
+``decision/<device>``). The XPUB sees each new subscription, so a late joiner gets the
+current decision at once instead of waiting for the next change; decisions are also
+repeated every ``heartbeat_s`` so a device can tell a silent controller from a quiet one.
+
+Every message is a protobuf; one that fails to parse, or comes with a topic it does not
+match, is counted (``malformed``) and dropped, never raised. With :class:`CurveKeys` the
+sockets authenticate and encrypt with ZeroMQ CURVE: the controller is the CURVE server,
+everyone else needs its public key (``edgesplit certs --curve`` writes a key pair per
+role).
+
+Example (in one process, over inproc)::
+
+    >>> import zmq
+    >>> ctx = zmq.Context()
+    >>> hub = ControllerSockets(ctx, "inproc://t", "inproc://d")
+    >>> pub = TelemetryPublisher(ctx, "inproc://t", source="device/cam1")
+    >>> sub = DecisionSubscriber(ctx, "inproc://d", device="cam1")
+    >>> hub.publish_decision(decision("cam1", epoch=1, cut=3, codec="int8"))
+    >>> wait_for_subscribers(hub, sub)
+    >>> received = sub.receive(timeout_s=2.0)
+    >>> (received.device, received.cut, received.codec)
+    ('cam1', 3, 'int8')
+    >>> for s in (pub, sub, hub): s.close()
+    >>> ctx.term()
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import zmq
+
+from edgesplit.protos import telemetry_pb2
+
+TELEMETRY_TOPIC = b"telemetry"
+DECISION_PREFIX = b"decision/"
+MAX_MESSAGE_BYTES = 64 * 1024  # telemetry and decisions are small; anything bigger is refused by ZeroMQ
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """CURVE keys (Z85 text): this socket's pair, and the controller's public key for clients."""
+
+    public: bytes
+    secret: bytes
+    server_public: bytes | None = None
+
+    @classmethod
+    def generate(cls) -> CurveKeys:
+        public, secret = zmq.curve_keypair()
+        return cls(public, secret)
+
+    def client_of(self, server: CurveKeys) -> CurveKeys:
+        return CurveKeys(self.public, self.secret, server.public)
+
+    def save(self, folder: str | Path, name: str) -> None:
+        """``name.key`` (public) and ``name.key_secret`` (secret, mode 0600) in ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{name}.key").write_bytes(self.public + b"\n")
+        secret = folder / f"{name}.key_secret"
+        secret.touch(mode=0o600)
+        secret.chmod(0o600)
+        secret.write_bytes(self.secret + b"\n")
+
+    @classmethod
+    def load(cls, folder: str | Path, name: str, server: str | None = None) -> CurveKeys:
+        folder = Path(folder)
+        public = (folder / f"{name}.key").read_bytes().strip()
+        secret = (folder / f"{name}.key_secret").read_bytes().strip()
+        server_public = (folder / f"{server}.key").read_bytes().strip() if server else None
+        return cls(public, secret, server_public)
+
+
+def _secure(sock: zmq.Socket, keys: CurveKeys | None, server: bool) -> None:
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys is None:
+        return
+    sock.curve_publickey = keys.public
+    sock.curve_secretkey = keys.secret
+    if server:
+        sock.curve_server = True
+    else:
+        if keys.server_public is None:
+            raise ValueError("a CURVE client needs the controller's public key (server_public)")
+        sock.curve_serverkey = keys.server_public
+
+
+def decision(device: str, epoch: int, cut: int, codec: str, thresholds: dict[int, float] | None = None,
+             reason: str = "", predicted_seconds: float = 0.0,
+             controller: str = "controller") -> telemetry_pb2.Decision:
+    """A Decision message."""
+    msg = telemetry_pb2.Decision(device=device, controller=controller, epoch=epoch, cut=cut, codec=codec,
+                                 reason=reason, predicted_seconds=predicted_seconds, time=time.time())
+    for k, v in (thresholds or {}).items():
+        msg.thresholds[int(k)] = float(v)
+    return msg
+
+
+class ControllerSockets:
+    """The controller's end: receives telemetry, publishes decisions (re-sent to late joiners)."""
+
+    def __init__(self, ctx: zmq.Context, telemetry_endpoint: str, decision_endpoint: str,
+                 keys: CurveKeys | None = None) -> None:
+        self.telemetry = ctx.socket(zmq.SUB)
+        _secure(self.telemetry, keys, server=True)
+        self.telemetry.setsockopt(zmq.SUBSCRIBE, TELEMETRY_TOPIC)
+        self.telemetry.bind(telemetry_endpoint)
+        self.decisions = ctx.socket(zmq.XPUB)
+        _secure(self.decisions, keys, server=True)
+        self.decisions.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, not only the first
+        self.decisions.bind(decision_endpoint)
+        self.current: dict[str, telemetry_pb2.Decision] = {}
+        self.subscriptions = 0
+        self.malformed = 0
+        self._lock = threading.Lock()
+
+    @property
+    def telemetry_endpoint(self) -> str:
+        return self.telemetry.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def decision_endpoint(self) -> str:
+        return self.decisions.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def publish_decision(self, msg: telemetry_pb2.Decision) -> None:
+        with self._lock:
+            self.current[msg.device] = msg
+            self.decisions.send_multipart([DECISION_PREFIX + msg.device.encode(), msg.SerializeToString()])
+
+    def republish(self) -> None:
+        """Send every current decision again (the heartbeat)."""
+        with self._lock:
+            for msg in self.current.values():
+                self.decisions.send_multipart([DECISION_PREFIX + msg.device.encode(), msg.SerializeToString()])
+
+    def poll(self, timeout_s: float) -> list[telemetry_pb2.Telemetry]:
+        """Serve new subscriptions and return the telemetry that arrived within ``timeout_s``."""
+        poller = zmq.Poller()
+        poller.register(self.telemetry, zmq.POLLIN)
+        poller.register(self.decisions, zmq.POLLIN)
+        received = []
+        for sock, _ in poller.poll(int(timeout_s * 1000)):
+            while True:
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if sock is self.decisions:
+                    self._subscribed(frames)
+                else:
+                    msg = self._parse_telemetry(frames)
+                    if msg is not None:
+                        received.append(msg)
+        return received
+
+    def _subscribed(self, frames: list[bytes]) -> None:
+        frame = frames[0] if frames else b""
+        if frame[:1] != b"\x01":
+            return  # an unsubscription
+        self.subscriptions += 1
+        device = frame[1:].removeprefix(DECISION_PREFIX).decode(errors="replace")
+        with self._lock:
+            current = self.current.get(device)
+            if current is not None:  # the late joiner gets the decision in force at once
+                self.decisions.send_multipart([DECISION_PREFIX + device.encode(), current.SerializeToString()])
+
+    def _parse_telemetry(self, frames: list[bytes]) -> telemetry_pb2.Telemetry | None:
+        if len(frames) != 2 or frames[0] != TELEMETRY_TOPIC:
+            self.malformed += 1
+            return None
+        msg = telemetry_pb2.Telemetry()
+        try:
+            msg.ParseFromString(frames[1])
+        except Exception:  # protobuf raises DecodeError, sometimes others on garbage
+            self.malformed += 1
+            return None
+        return msg
+
+    def close(self) -> None:
+        self.telemetry.close()
+        self.decisions.close()
+
+
+class TelemetryPublisher:
+    """A process's end for telemetry: connect and publish (sequence numbers per source)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, source: str, keys: CurveKeys | None = None) -> None:
+        self.source = source
+        self.sock = ctx.socket(zmq.PUB)
+        _secure(self.sock, keys, server=False)
+        self.sock.connect(endpoint)
+        self.seq = 0
+
+    def publish(self, msg: telemetry_pb2.Telemetry) -> None:
+        self.seq += 1
+        msg.source, msg.seq = self.source, self.seq
+        if not msg.time:
+            msg.time = time.time()
+        self.sock.send_multipart([TELEMETRY_TOPIC, msg.SerializeToString()])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class DecisionSubscriber:
+    """A device's end for decisions: the ones for this device, parsed, malformed ones counted."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, device: str, keys: CurveKeys | None = None) -> None:
+        self.device = device
+        self.topic = DECISION_PREFIX + device.encode()
+        self.sock = ctx.socket(zmq.SUB)
+        _secure(self.sock, keys, server=False)
+        self.sock.setsockopt(zmq.SUBSCRIBE, self.topic)
+        self.sock.connect(endpoint)
+        self.malformed = 0
+
+    def receive(self, timeout_s: float) -> telemetry_pb2.Decision | None:
+        """The next valid decision for this device within ``timeout_s``, else None."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not self.sock.poll(int(left * 1000)):
+                return None
+            frames = self.sock.recv_multipart()
+            if len(frames) != 2 or frames[0] != self.topic:
+                self.malformed += 1
+                continue
+            msg = telemetry_pb2.Decision()
+            try:
+                msg.ParseFromString(frames[1])
+            except Exception:
+                self.malformed += 1
+                continue
+            if msg.device != self.device or msg.cut < 0:
+                self.malformed += 1
+                continue
+            return msg
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def wait_for_subscribers(hub: ControllerSockets, *subscribers: DecisionSubscriber, timeout_s: float = 5.0) -> None:
+    """Serve ``hub`` until it has seen as many subscriptions as ``subscribers`` (ZeroMQ's slow joiner)."""
+    deadline = time.monotonic() + timeout_s
+    while hub.subscriptions < len(subscribers):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{hub.subscriptions} of {len(subscribers)} subscribers joined in {timeout_s} s")
+        hub.poll(0.05)

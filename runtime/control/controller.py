@@ -1,0 +1,186 @@
+"""The embedded controller: runs a policy inside the device runner, no extra process.
+
+It watches every answer the runner gives (``runner.observers``): offloaded requests feed
+the link estimator with their real bytes and timings, every request drains the (possibly
+simulated) battery by the energy the cost model charges it. Every ``every`` answers, or at
+once when the estimator sees a sharp drop, it asks the policy for the best option under
+the current state and, if that differs from the plan in force, swaps in a new plan (next
+epoch) between requests. Each change is recorded with the estimate that triggered it.
+
+While the plan keeps everything on the device nothing is offloaded and the link goes
+unobserved: :meth:`probe` sends one small real request (zeros at the smallest offload
+cut) and times it; :meth:`start_probing` does that in a thread whenever no offload was
+seen for ``probe_interval_s``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from edgesplit.partitioner.cost import PI4, DevicePower, Link
+from edgesplit.runtime import codec as codecs
+from edgesplit.runtime.device.runner import WHERE_EDGE, Answer, DeviceRunner
+from edgesplit.runtime.inference import OffloadError
+from edgesplit.runtime.plan import NEVER, Plan
+
+from .battery import BatteryReading, SimulatedBattery, system_battery
+from .estimators import LinkEstimator
+from .policy import Option, PlanSpace, Policy, State
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A plan change and why."""
+
+    at: float
+    epoch: int
+    cut: int
+    codec: str
+    exits: str
+    thresholds: dict
+    predicted_ms: float
+    bandwidth_mbit: float
+    rtt_ms: float
+    battery_level: float
+    on_battery: bool
+
+
+class EmbeddedController:
+    """Chooses the runner's plan from what its own requests observe."""
+
+    def __init__(self, runner: DeviceRunner, space: PlanSpace, policy: Policy,
+                 estimator: LinkEstimator | None = None, battery: SimulatedBattery | None = None,
+                 every: int = 8, power: DevicePower = PI4, clock: Callable[[], float] = time.monotonic,
+                 probe_interval_s: float = 2.0) -> None:
+        self.runner = runner
+        self.space = space
+        self.policy = policy
+        self.estimator = estimator or LinkEstimator()
+        self.battery = battery
+        self.every = every
+        self.power = power
+        self.clock = clock
+        self.probe_interval_s = probe_interval_s
+        self.decisions: list[Decision] = []
+        self.current: Option | None = None
+        self.deciding = True  # False while a cluster controller decides for this device (remote.DeviceLink)
+        self._seen = 0
+        self._drops = 0
+        self._last_offload_at = clock()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        runner.observers.append(self.observe)
+
+    # -- state ---------------------------------------------------------------------------
+    def battery_reading(self, at: float) -> BatteryReading:
+        if self.battery is not None:
+            return self.battery.reading(at)
+        return system_battery() or BatteryReading(1.0, False)
+
+    def state(self, at: float | None = None) -> State:
+        at = self.clock() if at is None else at
+        reading = self.battery_reading(at)
+        est = self.estimator.estimate
+        return State(est.bandwidth_mbit, est.rtt_s, reading.level, reading.on_battery)
+
+    # -- observing -----------------------------------------------------------------------
+    def observe(self, answer: Answer) -> None:
+        at = self.clock()
+        with self._lock:
+            lat = answer.latency
+            if answer.where == WHERE_EDGE and answer.sent_bytes:
+                answer_bytes = 4 * answer.logits.numel() if answer.logits is not None else 0
+                self.estimator.observe(answer.sent_bytes, lat.transfer + lat.edge, lat.edge, at, answer_bytes)
+                self._last_offload_at = at
+            if self.battery is not None:
+                link = Link(self.estimator.bandwidth_mbit, self.estimator.rtt_s)
+                self.battery.drain(self.power.energy_joules(lat.device, lat.transfer, link), at)
+            self._seen += 1
+            dropped = self.estimator.drops != self._drops
+            self._drops = self.estimator.drops
+            if self.deciding and (dropped or self._seen % self.every == 0):
+                self._decide(at)
+
+    def decide(self) -> Plan | None:
+        """Decide now (also done every ``every`` answers); the new plan, or None if unchanged."""
+        with self._lock:
+            return self._decide(self.clock())
+
+    def _decide(self, at: float) -> Plan | None:
+        state = self.state(at)
+        option = self.policy.choose(self.space.options(state), state)
+        self.current = option
+        plan = self.runner.plan
+        thresholds = {cut: option.exits.thresholds.get(cut, NEVER) for cut in self.runner.model.exit_cuts}
+        if (option.cut, option.codec, thresholds) == (plan.cut, plan.codec, {
+                c: plan.threshold(c) for c in self.runner.model.exit_cuts}):
+            return None
+        new = plan.with_changes(cut=option.cut, codec=option.codec, thresholds=thresholds)
+        self.runner.set_plan(new)
+        decision = Decision(at, new.epoch, new.cut, new.codec, option.exits.name, thresholds,
+                            1000 * option.latency_s, state.bandwidth_mbit, 1000 * state.rtt_s,
+                            state.battery_level, state.on_battery)
+        self.decisions.append(decision)
+        metrics = self.runner.metrics
+        if metrics:
+            metrics.decisions.inc()
+            metrics.bandwidth.set(state.bandwidth_mbit * 1e6)
+            metrics.rtt.set(state.rtt_s)
+            metrics.battery.set(state.battery_level)
+            metrics.on_battery.set(1 if state.on_battery else 0)
+        log.info("plan %d: cut %d, codec %s, exits %s (%.1f ms predicted) at %.2f Mbit/s, RTT %.1f ms, "
+                 "battery %.0f%%%s", new.epoch, new.cut, new.codec, option.exits.name, decision.predicted_ms,
+                 state.bandwidth_mbit, decision.rtt_ms, 100 * state.battery_level,
+                 " on battery" if state.on_battery else "")
+        return new
+
+    # -- probing -------------------------------------------------------------------------
+    def probe(self, timeout: float = 2.0) -> bool:
+        """One small real request to the node, timed into the estimator; False if it failed."""
+        client = self.runner.client
+        if client is None:
+            return False
+        model = self.runner.model
+        cut = min(range(1, model.num_blocks), key=lambda k: model.cut_points()[k].numel)
+        tensor = torch.zeros(1, *model.cut_points()[cut].shape)
+        encoded = codecs.encode(tensor, "fp32")
+        started = time.perf_counter()
+        try:
+            result = client.infer(DeviceRunner.tail_model_name_for(model, cut), encoded, timeout, "probe")
+        except OffloadError:
+            return False
+        seconds = time.perf_counter() - started
+        at = self.clock()
+        with self._lock:
+            self.estimator.observe(len(encoded.data), seconds, result.edge_seconds, at,
+                                   4 * result.logits.numel())
+            self._last_offload_at = at
+        return True
+
+    def start_probing(self) -> None:
+        """Probe in a thread whenever no offload was seen for ``probe_interval_s``."""
+
+        def loop() -> None:
+            while not self._stop.wait(self.probe_interval_s / 4):
+                if self.clock() - self._last_offload_at >= self.probe_interval_s:
+                    if self.probe() and self.deciding:
+                        self.decide()
+
+        self._thread = threading.Thread(target=loop, name="edgesplit-probe", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        if self.observe in self.runner.observers:
+            self.runner.observers.remove(self.observe)

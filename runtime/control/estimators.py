@@ -1,0 +1,111 @@
+"""Estimators of the link from real transfers: bandwidth and round-trip time.
+
+Every offload is a measurement: ``bytes`` went up (and an answer came back) in a round trip
+of ``seconds``, of which ``edge_seconds`` was the node's compute. :class:`LinkEstimator`
+turns them into a bandwidth and an RTT estimate:
+
+- the **RTT** is a low percentile of the overhead of small requests (those whose bytes take
+  less than a tenth of the round trip at the current estimate), or of all requests minus
+  their transfer time, so queueing on a busy link does not inflate it;
+- the **bandwidth** is the harmonic mean of the last ``window`` per-request rates
+  (``bytes / (round trip - edge - RTT)``): one very fast sample (a request that fit in a
+  token bucket, or in the socket buffer) cannot pull it up;
+- a **sharp drop** (``drop_samples`` consecutive rates below ``drop_ratio`` of the
+  estimate, or one below it when the last sample is older than ``drop_after_s``) restarts
+  the window from those samples, so the estimate follows a cut in bandwidth within a few
+  requests instead of a full window.
+
+Example::
+
+    >>> est = LinkEstimator(window=8)
+    >>> for _ in range(8):
+    ...     _ = est.observe(sent_bytes=125_000, seconds=0.12, edge_seconds=0.0, at=0.0)
+    >>> round(est.bandwidth_mbit, 1), round(1000 * est.rtt_s)
+    (10.0, 20)
+    >>> for t in (1.0, 1.1, 1.2):   # the link drops to 1 Mbit/s
+    ...     _ = est.observe(sent_bytes=125_000, seconds=1.02, edge_seconds=0.0, at=t)
+    >>> round(est.bandwidth_mbit, 1), est.drops
+    (1.0, 1)
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
+MIN_TRANSFER_S = 1e-4  # below this a request says nothing about the bandwidth
+
+
+@dataclass(frozen=True)
+class LinkEstimate:
+    bandwidth_mbit: float
+    rtt_s: float
+    samples: int
+    drops: int
+
+
+class LinkEstimator:
+    """Bandwidth and RTT from observed offloads, robust to outliers, quick to see a drop."""
+
+    def __init__(self, window: int = 16, initial_mbit: float = 10.0, initial_rtt_s: float = 0.02,
+                 drop_ratio: float = 0.5, drop_samples: int = 3, drop_after_s: float = 0.5) -> None:
+        if window < drop_samples or drop_samples < 1:
+            raise ValueError(f"need 1 <= drop_samples ({drop_samples}) <= window ({window})")
+        self.window = window
+        self.drop_ratio = drop_ratio
+        self.drop_samples = drop_samples
+        self.drop_after_s = drop_after_s
+        self._rates: deque[float] = deque(maxlen=window)  # bits per second, one per request
+        self._overheads: deque[float] = deque(maxlen=window)  # seconds of a round trip not spent sending
+        self._low: list[float] = []  # consecutive rates below the drop ratio
+        self._last_at: float | None = None
+        self.bandwidth_mbit = initial_mbit
+        self.rtt_s = initial_rtt_s
+        self.samples = 0
+        self.drops = 0
+
+    def observe(self, sent_bytes: int, seconds: float, edge_seconds: float = 0.0, at: float = 0.0,
+                answer_bytes: int = 0) -> LinkEstimate:
+        """One offload: ``sent_bytes`` up, ``answer_bytes`` back, ``seconds`` round trip, ``at`` its end."""
+        bits = 8 * (sent_bytes + answer_bytes)
+        carried = seconds - edge_seconds
+        if carried <= 0 or bits <= 0:
+            return self.estimate
+        expected_transfer = bits / (self.bandwidth_mbit * 1e6)
+        self._overheads.append(max(0.0, carried - expected_transfer))
+        if expected_transfer < 0.1 * carried or len(self._overheads) >= 3:
+            self.rtt_s = statistics.quantiles(self._overheads, n=10)[0] if len(self._overheads) >= 3 \
+                else min(self._overheads)
+        self.rtt_s = min(self.rtt_s, carried)  # no round trip is shorter than the RTT
+        transfer = carried - self.rtt_s
+        if transfer >= MIN_TRANSFER_S:
+            self._add_rate(bits / transfer, at)
+        elif bits / carried > self.bandwidth_mbit * 1e6:
+            # Too fast to time the bytes apart from the round trip: the link is at least
+            # this fast, which is all this request can tell.
+            self._add_rate(bits / carried, at)
+        self._last_at = at
+        self.samples += 1
+        return self.estimate
+
+    def _add_rate(self, rate: float, at: float) -> None:
+        current = self.bandwidth_mbit * 1e6
+        stale = self._last_at is not None and at - self._last_at > self.drop_after_s
+        if rate < self.drop_ratio * current:
+            self._low.append(rate)
+            if len(self._low) >= self.drop_samples or stale:
+                self._rates.clear()
+                self._rates.extend(self._low)
+                self._low.clear()
+                self.drops += 1
+                self.bandwidth_mbit = statistics.harmonic_mean(self._rates) / 1e6
+                return
+        else:
+            self._low.clear()
+        self._rates.append(rate)
+        self.bandwidth_mbit = statistics.harmonic_mean(self._rates) / 1e6
+
+    @property
+    def estimate(self) -> LinkEstimate:
+        return LinkEstimate(self.bandwidth_mbit, self.rtt_s, self.samples, self.drops)

@@ -1,0 +1,241 @@
+"""Policies: choose a plan (cut, exit thresholds, codec) from the cost model and the state.
+
+A :class:`PlanSpace` holds what does not change while a device runs: per-block device and
+edge times of its split model, the crossing tensor of every block cut, the exit settings
+it may use (thresholds with their calibrated exit rates and accuracy) and the codecs. For
+a :class:`State` (link estimate, battery) it predicts every option with the partitioner's
+cost model (:func:`edgesplit.partitioner.cost.predict`, exits weighted by their rates).
+
+Policies share one small interface, ``choose(options, state) -> Option``:
+
+- :class:`LeastLatency`: least expected latency among options meeting an accuracy target;
+- :class:`LeastEnergy`: least device energy among those meeting a latency SLO (and the
+  accuracy target), the fastest if none does;
+- :class:`MostAccurate`: most accurate option meeting the latency SLO (Edgent), the fastest
+  if none does;
+- :class:`BatteryAware`: one policy on mains power, another on battery below a level;
+- :class:`Hysteresis`: keeps the current option unless another is better by a margin for
+  ``hold`` decisions in a row, so decisions do not flap on a noisy estimate.
+
+Example::
+
+    >>> space = PlanSpace.uniform(blocks=4, device_block_s=0.01, edge_block_s=0.001,
+    ...                           shapes=[(1, 8, 8)] + [(16, 8, 8)] * 3 + [(10,)])
+    >>> fast, slow = State(bandwidth_mbit=100.0, rtt_s=0.001), State(bandwidth_mbit=0.01, rtt_s=0.05)
+    >>> LeastLatency().choose(space.options(fast), fast).cut, LeastLatency().choose(space.options(slow), slow).cut
+    (0, 4)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from edgesplit.partitioner.cost import PI4, DevicePower, Exit, Link, predict
+from edgesplit.partitioner.cuts import GraphCut
+from edgesplit.partitioner.profile import Profile
+
+
+@dataclass(frozen=True)
+class ExitSetting:
+    """Thresholds for the exits, the share of inputs leaving at each, and the accuracy that gives."""
+
+    thresholds: Mapping[int, float] = field(default_factory=dict)
+    rates: Mapping[int, float] = field(default_factory=dict)  # exit cut -> share of all inputs
+    accuracy: float = 1.0
+    name: str = "no exits"
+
+
+@dataclass(frozen=True)
+class State:
+    """What the controller knows now."""
+
+    bandwidth_mbit: float
+    rtt_s: float
+    battery_level: float = 1.0  # 0..1
+    on_battery: bool = False
+
+
+@dataclass(frozen=True)
+class Option:
+    """One plan with its predicted cost."""
+
+    cut: int
+    codec: str
+    exits: ExitSetting
+    latency_s: float
+    energy_j: float
+    accuracy: float
+
+    @property
+    def key(self) -> tuple:
+        return self.cut, self.codec, self.exits.name
+
+
+class PlanSpace:
+    """Every plan a device may run, and their predicted cost for a state."""
+
+    def __init__(self, device: Profile, edge: Profile, shapes: Sequence[tuple[int, ...]],
+                 exit_settings: Sequence[ExitSetting] = (), codecs: Sequence[str] = ("fp32", "fp16", "int8"),
+                 power: DevicePower = PI4, exit_seconds: Mapping[int, float] | None = None,
+                 allowed_cuts: Sequence[int] | None = None) -> None:
+        if len(shapes) != len(device.node_names) + 1:
+            raise ValueError(f"need one crossing shape per cut (0..{len(device.node_names)}), got {len(shapes)}")
+        self.device = device
+        self.edge = edge
+        self.shapes = [tuple(s) for s in shapes]
+        self.exit_settings = list(exit_settings) or [ExitSetting()]
+        self.codecs = tuple(codecs)
+        self.power = power
+        self.exit_seconds = dict(exit_seconds or {})
+        last = len(self.shapes) - 1
+        self.cuts = [GraphCut(k, "input" if k == 0 else device.node_names[k - 1], ("h",), ((1, *s),),
+                              4 * math.prod(s), 0, True) for k, s in enumerate(self.shapes)]
+        self.last = last
+        # Cuts the policies may choose (default: all); e.g. only those whose device time was measured.
+        self.allowed_cuts = set(range(last + 1)) if allowed_cuts is None else set(allowed_cuts)
+
+    @classmethod
+    def uniform(cls, blocks: int, device_block_s: float, edge_block_s: float, shapes, **kwargs) -> PlanSpace:
+        """A space of ``blocks`` equal blocks (for tests and examples)."""
+        names = [f"block{i}" for i in range(blocks)]
+
+        def profile(seconds: float) -> Profile:
+            return Profile("uniform", "-", "-", 1, 1, names, {1: [seconds] * blocks})
+
+        return cls(profile(device_block_s), profile(edge_block_s), shapes, **kwargs)
+
+    @classmethod
+    def for_model(cls, model, device_quota: float = 1.0, edge: Profile | None = None, repeats: int = 5,
+                  **kwargs) -> PlanSpace:
+        """A space for a ``SplitModel``: its blocks timed on this host (median of ``repeats``), the
+        device as this host divided by ``device_quota``, the edge as this host unless given."""
+        import statistics
+        import time
+
+        import torch
+
+        names = list(model.block_names)
+        h = torch.zeros(1, *model.input_shape)
+        block_s, exit_s = [], {}
+        with torch.inference_mode():
+            for index, block in enumerate(model.blocks, start=1):
+                times = []
+                for _ in range(repeats + 1):
+                    started = time.perf_counter()
+                    out = block(h)
+                    times.append(time.perf_counter() - started)
+                block_s.append(statistics.median(times[1:]))
+                h = out
+                if index in model.exit_cuts:
+                    times = []
+                    for _ in range(repeats + 1):
+                        started = time.perf_counter()
+                        model.exit_logits(index, h)
+                        times.append(time.perf_counter() - started)
+                    exit_s[index] = statistics.median(times[1:]) / device_quota
+        host = Profile(model.name, "this host", torch.__version__, torch.get_num_threads(), 1, names, {1: block_s})
+        device = Profile(model.name, "this host", torch.__version__, torch.get_num_threads(), 1, names,
+                         {1: [t / device_quota for t in block_s]}, cpu_quota=device_quota)
+        shapes = [c.shape for c in model.cut_points()[:-1]] + [(model.num_classes,)]
+        return cls(device, edge or host, shapes, exit_seconds=exit_s, **kwargs)
+
+    def options(self, state: State) -> list[Option]:
+        link = Link(state.bandwidth_mbit, state.rtt_s)
+        out = []
+        for setting in self.exit_settings:
+            exits = [Exit(cut, rate, self.exit_seconds.get(cut, 0.0)) for cut, rate in setting.rates.items()]
+            for codec in self.codecs:
+                for p in predict(self.cuts, self.device, self.edge, link, codec=codec, power=self.power,
+                                 exits=exits):
+                    if p.cut not in self.allowed_cuts or (p.cut == self.last and codec != self.codecs[0]):
+                        continue  # all on the device sends nothing: one codec is enough
+                    out.append(Option(p.cut, codec, setting, p.total_s, p.energy_j, setting.accuracy))
+        return out
+
+
+class Policy:
+    """Chooses one option for a state."""
+
+    def choose(self, options: Sequence[Option], state: State) -> Option:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _fastest(options: Sequence[Option]) -> Option:
+    return min(options, key=lambda o: (o.latency_s, -o.cut))
+
+
+@dataclass
+class LeastLatency(Policy):
+    accuracy_target: float = 0.0
+
+    def choose(self, options, state):
+        good = [o for o in options if o.accuracy >= self.accuracy_target] or list(options)
+        return _fastest(good)
+
+
+@dataclass
+class LeastEnergy(Policy):
+    slo_s: float
+    accuracy_target: float = 0.0
+
+    def choose(self, options, state):
+        good = [o for o in options if o.accuracy >= self.accuracy_target] or list(options)
+        within = [o for o in good if o.latency_s <= self.slo_s]
+        return min(within, key=lambda o: (o.energy_j, o.latency_s)) if within else _fastest(good)
+
+
+@dataclass
+class MostAccurate(Policy):
+    slo_s: float
+
+    def choose(self, options, state):
+        within = [o for o in options if o.latency_s <= self.slo_s]
+        return max(within, key=lambda o: (o.accuracy, -o.latency_s)) if within else _fastest(options)
+
+
+@dataclass
+class BatteryAware(Policy):
+    """``mains`` while plugged in or above ``low_level``; ``saving`` on battery below it."""
+
+    mains: Policy
+    saving: Policy
+    low_level: float = 0.3
+
+    def choose(self, options, state):
+        policy = self.saving if state.on_battery and state.battery_level < self.low_level else self.mains
+        return policy.choose(options, state)
+
+
+@dataclass
+class Hysteresis(Policy):
+    """Switch away from the current option only when another is better by ``margin`` (a share
+    of the current one's latency, or energy for an energy policy) ``hold`` times in a row."""
+
+    inner: Policy
+    margin: float = 0.1
+    hold: int = 2
+    objective: str = "latency_s"
+    current: Option | None = None
+    _streak: int = 0
+
+    def choose(self, options, state):
+        wanted = self.inner.choose(options, state)
+        if self.current is None:
+            self.current = wanted
+            return wanted
+        now = next((o for o in options if o.key == self.current.key), None)
+        if now is None or wanted.key == now.key:
+            self._streak = 0
+            self.current = now or wanted
+            return self.current
+        better = getattr(wanted, self.objective) < (1 - self.margin) * getattr(now, self.objective)
+        different_rule = wanted.accuracy != now.accuracy or (now.latency_s > getattr(self.inner, "slo_s", math.inf))
+        self._streak = self._streak + 1 if (better or different_rule) else 0
+        if self._streak >= self.hold:
+            self._streak = 0
+            self.current = wanted
+        else:
+            self.current = now
+        return self.current

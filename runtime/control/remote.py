@@ -1,0 +1,238 @@
+"""The cluster controller and a device's link to it over the telemetry bus.
+
+- :class:`Controller` (``edgesplit controller``): receives telemetry, keeps each device's
+  state (link estimate, battery), runs the same policies as the embedded controller per
+  device, publishes a decision when the choice changes and repeats the decisions in force
+  every ``heartbeat_s``.
+- :class:`DeviceLink` (on the device): publishes the embedded controller's estimates and
+  battery every ``interval_s``, applies the controller's decisions between requests, and
+  when nothing is heard for ``silence_s`` hands the choice back to the embedded controller
+  (the device keeps its last plan meanwhile). A decision the device cannot run (a cut
+  outside its model, an unknown codec) is counted and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from edgesplit.protos import telemetry_pb2
+from edgesplit.runtime import codec as codecs
+from edgesplit.runtime.plan import NEVER
+
+from .bus import ControllerSockets, DecisionSubscriber, TelemetryPublisher, decision
+from .controller import EmbeddedController
+from .policy import Hysteresis, Option, PlanSpace, Policy, State
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DeviceView:
+    """What the controller knows of one device."""
+
+    state: State
+    heard_at: float
+    policy: Policy
+    current: Option | None = None
+    epoch: int = 0
+    decisions: list[dict] = field(default_factory=list)
+
+
+class Controller:
+    """Decides for every device that sends telemetry."""
+
+    def __init__(self, sockets: ControllerSockets, space_for: Callable[[str], PlanSpace],
+                 policy_for: Callable[[str], Policy], heartbeat_s: float = 1.0, name: str = "controller",
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.sockets = sockets
+        self.space_for = space_for
+        self.policy_for = policy_for
+        self.heartbeat_s = heartbeat_s
+        self.name = name
+        self.clock = clock
+        self.devices: dict[str, DeviceView] = {}
+        self._spaces: dict[str, PlanSpace] = {}
+        self._last_beat = clock()
+
+    def step(self, timeout_s: float = 0.1) -> None:
+        for msg in self.sockets.poll(timeout_s):
+            self.handle(msg)
+        now = self.clock()
+        if now - self._last_beat >= self.heartbeat_s:
+            self.sockets.republish()
+            self._last_beat = now
+
+    def handle(self, msg: telemetry_pb2.Telemetry) -> None:
+        if not msg.source.startswith("device/") or not msg.HasField("link"):
+            return  # nodes' load is kept for later policies; only devices are decided for
+        name = msg.source.removeprefix("device/")
+        link = msg.link
+        if not (link.bandwidth_mbit > 0 and link.rtt_seconds >= 0):
+            self.sockets.malformed += 1
+            return
+        battery = msg.battery if msg.HasField("battery") else telemetry_pb2.Battery(level=1.0)
+        state = State(link.bandwidth_mbit, link.rtt_seconds, battery.level, battery.on_battery)
+        view = self.devices.get(name)
+        if view is None:
+            view = self.devices[name] = DeviceView(state, self.clock(), Hysteresis(self.policy_for(name)))
+            self._spaces[name] = self.space_for(name)
+        view.state, view.heard_at = state, self.clock()
+        option = view.policy.choose(self._spaces[name].options(state), state)
+        if view.current is not None and option.key == view.current.key:
+            return
+        view.current = option
+        view.epoch += 1
+        reason = (f"{state.bandwidth_mbit:.2f} Mbit/s, RTT {1000 * state.rtt_s:.1f} ms, battery "
+                  f"{100 * state.battery_level:.0f}%{' on battery' if state.on_battery else ''}")
+        self.sockets.publish_decision(decision(name, view.epoch, option.cut, option.codec,
+                                               dict(option.exits.thresholds), reason, option.latency_s, self.name))
+        view.decisions.append({"epoch": view.epoch, "cut": option.cut, "codec": option.codec, "reason": reason})
+        log.info("%s: plan %d: cut %d, codec %s (%s)", name, view.epoch, option.cut, option.codec, reason)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            self.step(0.1)
+
+
+class DeviceLink:
+    """A device's side of the bus: telemetry out, decisions in, embedded fallback on silence."""
+
+    def __init__(self, embedded: EmbeddedController, publisher: TelemetryPublisher, subscriber: DecisionSubscriber,
+                 interval_s: float = 0.5, silence_s: float = 3.0) -> None:
+        self.embedded = embedded
+        self.runner = embedded.runner
+        self.publisher = publisher
+        self.subscriber = subscriber
+        self.interval_s = interval_s
+        self.silence_s = silence_s
+        self.applied: list[telemetry_pb2.Decision] = []
+        self.rejected = 0
+        self.fallbacks = 0
+        self.following = False  # a controller is deciding for this device
+        self._heard_at: float | None = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.errors: list[BaseException] = []
+
+    def start(self) -> DeviceLink:
+        for target, name in ((self._publish_loop, "edgesplit-telemetry"), (self._follow_loop, "edgesplit-decisions")):
+            thread = threading.Thread(target=self._guarded(target), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def _guarded(self, target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:  # surfaced by close()
+                self.errors.append(exc)
+                log.exception("%s failed", threading.current_thread().name)
+
+        return run
+
+    def telemetry(self) -> telemetry_pb2.Telemetry:
+        est = self.embedded.estimator.estimate
+        reading = self.embedded.battery_reading(self.embedded.clock())
+        return telemetry_pb2.Telemetry(
+            link=telemetry_pb2.LinkObservation(bandwidth_mbit=est.bandwidth_mbit, rtt_seconds=est.rtt_s,
+                                               samples=est.samples, drops=est.drops),
+            battery=telemetry_pb2.Battery(level=reading.level, on_battery=reading.on_battery,
+                                          simulated=self.embedded.battery is not None))
+
+    def _publish_loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.publisher.publish(self.telemetry())
+
+    def _follow_loop(self) -> None:
+        while not self._stop.is_set():
+            msg = self.subscriber.receive(timeout_s=0.1)
+            now = time.monotonic()
+            if msg is not None:
+                self._heard_at = now
+                if not self.following:
+                    self.following = True
+                    self.embedded.deciding = False
+                if not self.applied or (msg.epoch, msg.controller) != (self.applied[-1].epoch,
+                                                                       self.applied[-1].controller):
+                    self._apply(msg)
+            elif self.following and self._heard_at is not None and now - self._heard_at > self.silence_s:
+                self.following = False
+                self.embedded.deciding = True  # the last plan stays until the embedded one decides
+                self.fallbacks += 1
+                log.warning("no decision for %.1f s: the embedded controller decides again", self.silence_s)
+
+    def _apply(self, msg: telemetry_pb2.Decision) -> None:
+        model = self.runner.model
+        if not 0 <= msg.cut <= model.num_blocks or msg.codec not in codecs.CODECS:
+            self.rejected += 1
+            return
+        thresholds = {c: float(msg.thresholds.get(c, NEVER)) for c in model.exit_cuts}
+        self.runner.set_plan(self.runner.plan.with_changes(cut=msg.cut, codec=msg.codec, thresholds=thresholds))
+        self.applied.append(msg)
+
+    def close(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(5)
+        if self.errors:
+            raise self.errors[0]
+
+
+def policy_named(name: str, slo_s: float, accuracy_target: float, low_battery: float) -> Policy:
+    """The policies ``edgesplit controller --policy`` offers."""
+    from .policy import BatteryAware, LeastEnergy, LeastLatency, MostAccurate
+
+    if name == "latency":
+        return LeastLatency(accuracy_target)
+    if name == "energy":
+        return LeastEnergy(slo_s, accuracy_target)
+    if name == "accuracy":
+        return MostAccurate(slo_s)
+    if name == "battery":
+        return BatteryAware(LeastLatency(accuracy_target), LeastEnergy(slo_s, accuracy_target), low_battery)
+    raise ValueError(f"unknown policy {name!r}; choose latency, energy, accuracy or battery")
+
+
+def serve(model_name: str, device_quota: float, telemetry: str, decisions: str, policy: str = "battery",
+          slo_s: float = 0.2, accuracy_target: float = 0.0, low_battery: float = 0.3, heartbeat_s: float = 1.0,
+          curve_dir: str | None = None, port_file: str | None = None, stop: threading.Event | None = None) -> int:
+    """Run a controller until ``stop`` is set (or SIGTERM / Ctrl-C)."""
+    import json
+    import signal
+
+    import zmq
+
+    from edgesplit.models import load_trained
+
+    from .bus import CurveKeys
+
+    keys = CurveKeys.load(curve_dir, "controller") if curve_dir else None
+    model = load_trained(model_name)
+    space = PlanSpace.for_model(model, device_quota=device_quota)
+    ctx = zmq.Context()
+    sockets = ControllerSockets(ctx, telemetry, decisions, keys)
+    controller = Controller(sockets, lambda _: space, lambda _: policy_named(policy, slo_s, accuracy_target,
+                                                                                 low_battery), heartbeat_s)
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    if port_file:
+        with open(port_file + ".tmp", "w") as f:
+            json.dump({"telemetry": sockets.telemetry_endpoint, "decisions": sockets.decision_endpoint}, f)
+        import os
+
+        os.replace(port_file + ".tmp", port_file)
+    print(f"controller: telemetry on {sockets.telemetry_endpoint}, decisions on {sockets.decision_endpoint}, "
+          f"policy {policy}, {model_name} on a {device_quota:g}-core device", flush=True)
+    try:
+        controller.run(stop)
+    finally:
+        sockets.close()
+        ctx.term()
+    return 0

@@ -1,0 +1,82 @@
+"""Telemetry bus: garbage is counted and dropped, a late joiner gets the decision in force at
+once, CURVE keeps out a client without the controller's key."""
+
+import zmq
+
+from edgesplit.protos import telemetry_pb2
+from edgesplit.runtime.control.bus import (
+    ControllerSockets,
+    CurveKeys,
+    DecisionSubscriber,
+    TelemetryPublisher,
+    decision,
+    wait_for_subscribers,
+)
+from tests.helpers import wait_until
+
+
+def test_malformed_telemetry_is_counted_and_dropped_and_good_telemetry_still_arrives():
+    ctx = zmq.Context()
+    hub = ControllerSockets(ctx, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+    raw = ctx.socket(zmq.PUB)
+    raw.connect(hub.telemetry_endpoint)
+    pub = TelemetryPublisher(ctx, hub.telemetry_endpoint, "device/a")
+    got = []
+    try:
+        def delivered():
+            raw.send_multipart([b"telemetry", b"\xff\xff\xff not a protobuf"])
+            raw.send_multipart([b"telemetry", b"x", b"three frames"])
+            pub.publish(telemetry_pb2.Telemetry(link=telemetry_pb2.LinkObservation(bandwidth_mbit=3.0)))
+            got.extend(hub.poll(0.1))
+            return got and hub.malformed >= 2
+
+        wait_until(delivered, timeout=10, what="telemetry through the bus")
+        assert got[0].source == "device/a" and got[0].link.bandwidth_mbit == 3.0 and got[0].seq >= 1
+    finally:
+        for s in (raw, pub, hub):
+            s.close()
+        ctx.term()
+
+
+def test_a_late_joiner_gets_the_decision_in_force_at_once():
+    ctx = zmq.Context()
+    hub = ControllerSockets(ctx, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+    hub.publish_decision(decision("cam1", epoch=7, cut=4, codec="int8", thresholds={4: 0.9}))
+    late = DecisionSubscriber(ctx, hub.decision_endpoint, "cam1")
+    other = DecisionSubscriber(ctx, hub.decision_endpoint, "cam2")
+    try:
+        wait_for_subscribers(hub, late, other)
+        msg = late.receive(timeout_s=5)
+        assert (msg.epoch, msg.cut, msg.codec, dict(msg.thresholds)) == (7, 4, "int8", {4: 0.9})
+        assert other.receive(timeout_s=0.3) is None  # only its own topic
+    finally:
+        for s in (late, other, hub):
+            s.close()
+        ctx.term()
+
+
+def test_curve_encrypts_and_refuses_a_client_without_the_servers_key(tmp_path):
+    server = CurveKeys.generate()
+    server.save(tmp_path, "controller")
+    assert oct((tmp_path / "controller.key_secret").stat().st_mode & 0o777) == "0o600"
+    server = CurveKeys.load(tmp_path, "controller")
+    good = CurveKeys.generate().client_of(server)
+    bad = CurveKeys.generate().client_of(CurveKeys.generate())  # trusts another server
+    ctx = zmq.Context()
+    hub = ControllerSockets(ctx, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*", keys=server)
+    hub.publish_decision(decision("d", epoch=1, cut=2, codec="fp16"))
+    ok = DecisionSubscriber(ctx, hub.decision_endpoint, "d", keys=good)
+    shut_out = DecisionSubscriber(ctx, hub.decision_endpoint, "d", keys=bad)
+    plain = DecisionSubscriber(ctx, hub.decision_endpoint, "d")
+    try:
+        wait_for_subscribers(hub, ok)
+        assert ok.receive(timeout_s=5).cut == 2
+        for _ in range(5):
+            hub.republish()
+            hub.poll(0.05)
+        assert hub.subscriptions == 1  # the two without the right key never got through the handshake
+        assert shut_out.receive(timeout_s=0.2) is None and plain.receive(timeout_s=0.2) is None
+    finally:
+        for s in (ok, shut_out, plain, hub):
+            s.close()
+        ctx.term()

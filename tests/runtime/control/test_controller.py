@@ -1,0 +1,134 @@
+"""Embedded controller with a real node: real offloads feed the estimator, plans change
+under load with every request answered once under the epoch it ran with, a low simulated
+battery moves the plan, and probing sees the link while everything runs on the device."""
+
+import threading
+
+import pytest
+import torch
+from prometheus_client import CollectorRegistry
+
+from edgesplit.models import load_trained
+from edgesplit.runtime.control.battery import SimulatedBattery
+from edgesplit.runtime.control.controller import EmbeddedController
+from edgesplit.runtime.control.estimators import LinkEstimator
+from edgesplit.runtime.control.policy import BatteryAware, LeastEnergy, LeastLatency, PlanSpace
+from edgesplit.runtime.device.runner import WHERE_EDGE, DeviceRunner
+from edgesplit.runtime.metrics import DeviceMetrics
+from edgesplit.runtime.plan import Plan
+from edgesplit.runtime.transport.client import EdgeClient
+from tests.helpers import CheckedThread, start_in_thread, stop_in_thread, wait_until
+
+
+@pytest.fixture(scope="module")
+def node():
+    model = load_trained("resnet_fm")
+    running, thread = start_in_thread(model, workers=1)
+    yield model, running
+    stop_in_thread(running, thread)
+
+
+@pytest.fixture(scope="module")
+def space(node):
+    model, _ = node
+    return PlanSpace.for_model(model, device_quota=0.05, repeats=2, codecs=("fp32", "int8"))
+
+
+def runner_for(model, running, plan=None):
+    client = EdgeClient(running.address)
+    metrics = DeviceMetrics(CollectorRegistry())
+    return DeviceRunner(model, plan=plan or Plan(cut=4, codec="fp32"), client=client, deadline_s=5.0,
+                        metrics=metrics), client
+
+
+def test_plans_change_under_load_and_every_answer_carries_its_plans_epoch(node, space):
+    model, running = node
+    runner, client = runner_for(model, running)
+    controller = EmbeddedController(runner, space, LeastLatency(), every=1000)  # decisions forced below
+    epochs = {0: runner.plan}
+    lock = threading.Lock()
+    x = torch.randn(1, 1, 28, 28)
+    answers = []
+
+    def load():
+        for _ in range(60):
+            answer = runner.infer(x)
+            with lock:
+                answers.append(answer)
+
+    workers = [CheckedThread(load, name=f"load{i}") for i in range(4)]
+    for w in workers:
+        w.start()
+    # Alternate a hopeless link and a perfect one: the policy must swap device and edge plans
+    # while the requests run.
+    flips = 0
+    while any(w.is_alive() for w in workers) and flips < 12:
+        est = controller.estimator
+        est.bandwidth_mbit, est.rtt_s = (0.001, 5.0) if flips % 2 == 0 else (1000.0, 0.0001)
+        plan = controller.decide()
+        if plan is not None:
+            epochs[plan.epoch] = plan
+            flips += 1
+        seen = len(answers)
+        wait_until(lambda seen=seen: len(answers) > seen or not any(w.is_alive() for w in workers), timeout=30)
+    for w in workers:
+        w.result(timeout=120)
+    try:
+        assert flips >= 4, "the plan must have changed several times under load"
+        assert len(answers) == 240 and len({a.request_id for a in answers}) == 240
+        for a in answers:
+            plan = epochs[a.epoch]
+            assert a.cut == plan.cut
+            assert (a.where == WHERE_EDGE) == (plan.cut < model.num_blocks and a.exit == "final"
+                                                and a.offload_error is None)
+        assert len({a.epoch for a in answers}) >= 3
+        assert [d.epoch for d in controller.decisions] == sorted(d.epoch for d in controller.decisions)
+    finally:
+        controller.close()
+        client.close()
+
+
+def test_a_low_battery_moves_the_plan_to_less_device_energy(node, space):
+    model, running = node
+    runner, client = runner_for(model, running, Plan(cut=model.num_blocks, codec="fp32"))
+    battery = SimulatedBattery(capacity_j=2.0, level=0.35)
+    # 0.1 Mbit/s: even the 784-byte image takes longer to send than the device needs (about
+    # 60 ms at 0.05 of a core), but sending it costs the device far less energy.
+    estimator = LinkEstimator(initial_mbit=0.1, initial_rtt_s=0.02)
+    policy = BatteryAware(mains=LeastLatency(), saving=LeastEnergy(slo_s=1.0), low_level=0.3)
+    controller = EmbeddedController(runner, space, policy, estimator=estimator, battery=battery, every=1,
+                                    clock=iter(range(10_000)).__next__)
+    try:
+        first = controller.decide() or runner.plan
+        mains_option = controller.current
+        assert first.cut == model.num_blocks  # on mains: the fastest plan, all on the device
+        x = torch.randn(1, 1, 28, 28)
+        for _ in range(200):
+            runner.infer(x)
+            if battery.reading(controller.clock()).level < 0.3:
+                break
+        controller.estimator.bandwidth_mbit, controller.estimator.rtt_s = 0.1, 0.02  # same link as before
+        controller.decide()
+        saving = controller.current
+        assert battery.reading(controller.clock()).level < 0.3
+        assert saving.energy_j < mains_option.energy_j, (saving, mains_option)
+        assert runner.plan.cut != first.cut or runner.plan.codec != first.codec
+        metrics = runner.metrics.registry
+        assert metrics.get_sample_value("edgesplit_device_battery_ratio") < 0.3
+        assert metrics.get_sample_value("edgesplit_device_controller_decisions_total") >= 1
+    finally:
+        controller.close()
+        client.close()
+
+
+def test_probing_measures_the_link_while_everything_runs_on_the_device(node, space):
+    model, running = node
+    runner, client = runner_for(model, running, Plan(cut=model.num_blocks))
+    controller = EmbeddedController(runner, space, LeastLatency(), estimator=LinkEstimator(initial_mbit=0.001))
+    try:
+        assert controller.estimator.samples == 0
+        assert controller.probe(timeout=10)
+        assert controller.estimator.samples == 1 and controller.estimator.bandwidth_mbit > 0.001
+    finally:
+        controller.close()
+        client.close()

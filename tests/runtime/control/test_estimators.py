@@ -1,0 +1,44 @@
+"""Link estimator: harmonic mean shrugs off a fast outlier, a sharp drop is followed within
+three requests or at once after a silence, the RTT is the overhead of small requests."""
+
+import pytest
+
+from edgesplit.runtime.control.estimators import LinkEstimator
+
+
+def feed(est, mbit, n, start=0.0, step=0.05, nbytes=125_000, rtt=0.02):
+    for i in range(n):
+        est.observe(nbytes, nbytes * 8 / (mbit * 1e6) + rtt, 0.0, at=start + i * step)
+
+
+def test_one_fast_outlier_barely_moves_the_estimate():
+    est = LinkEstimator(window=16, initial_mbit=5.0, initial_rtt_s=0.02)
+    feed(est, 5.0, 15)
+    est.observe(125_000, 0.021, 0.0, at=1.0)  # one request that went through a buffer almost at once
+    assert est.bandwidth_mbit == pytest.approx(5.0, rel=0.07)
+
+
+def test_a_sharp_drop_is_followed_within_three_requests():
+    est = LinkEstimator(window=16, initial_mbit=20.0)
+    feed(est, 20.0, 16)
+    assert est.bandwidth_mbit == pytest.approx(20.0, rel=0.02)
+    feed(est, 1.0, 2, start=1.0, step=0.1)
+    assert est.drops == 0 and est.bandwidth_mbit > 5  # two slow requests are not yet a drop
+    feed(est, 1.0, 1, start=1.2)
+    assert est.drops == 1 and est.bandwidth_mbit == pytest.approx(1.0, rel=0.05)
+
+
+def test_after_a_silence_one_slow_request_is_enough():
+    est = LinkEstimator(window=16, initial_mbit=20.0, drop_after_s=0.5)
+    feed(est, 20.0, 16)
+    est.observe(125_000, 1.02, 0.0, at=10.0)  # the first request after 9 s of silence
+    assert est.drops == 1 and est.bandwidth_mbit == pytest.approx(1.0, rel=0.05)
+
+
+def test_rtt_comes_from_the_overhead_and_edge_time_is_not_transfer():
+    est = LinkEstimator(window=8, initial_mbit=10.0, initial_rtt_s=0.05)
+    for i in range(8):
+        est.observe(1000, 0.0308 + 0.010, edge_seconds=0.010, at=i * 0.1)
+    assert est.rtt_s == pytest.approx(0.03, abs=0.002)
+    with pytest.raises(ValueError):
+        LinkEstimator(window=2, drop_samples=3)

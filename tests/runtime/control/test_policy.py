@@ -1,0 +1,94 @@
+"""Policies over the cost model: the cut follows the bandwidth, exits and accuracy targets
+trade off, a low battery moves to a lower-energy plan with a predicted saving, and
+hysteresis stops a noisy estimate from flapping the plan."""
+
+import pytest
+
+from edgesplit.runtime.control.battery import SimulatedBattery
+from edgesplit.runtime.control.policy import (
+    BatteryAware,
+    ExitSetting,
+    Hysteresis,
+    LeastEnergy,
+    LeastLatency,
+    MostAccurate,
+    PlanSpace,
+    State,
+)
+
+SHAPES = [(3, 64, 64), (32, 16, 16), (64, 8, 8), (128, 4, 4), (10,)]
+
+
+def space(**kwargs):
+    return PlanSpace.uniform(blocks=4, device_block_s=0.02, edge_block_s=0.002, shapes=SHAPES, **kwargs)
+
+
+def test_the_cut_moves_to_the_edge_as_bandwidth_grows():
+    s, policy = space(), LeastLatency()
+    cuts = [policy.choose(s.options(st), st).cut for st in (State(m, 0.01) for m in (0.05, 1.0, 5.0, 200.0))]
+    assert cuts[0] == 4 and cuts[-1] == 0
+    assert cuts == sorted(cuts, reverse=True)
+
+
+def test_accuracy_target_and_slo_trade_exits_against_latency():
+    exits = [ExitSetting({}, {}, 0.93, "off"), ExitSetting({1: 0.8}, {1: 0.6}, 0.90, "exit@1 0.8")]
+    s, st = space(exit_settings=exits, exit_seconds={1: 0.001}), State(0.5, 0.02)
+    fastest = LeastLatency().choose(s.options(st), st)
+    assert fastest.exits.name == "exit@1 0.8"  # 60 % leave after one block
+    assert LeastLatency(accuracy_target=0.92).choose(s.options(st), st).exits.name == "off"
+    accurate = MostAccurate(slo_s=10.0).choose(s.options(st), st)
+    assert accurate.accuracy == 0.93
+    assert MostAccurate(slo_s=1e-6).choose(s.options(st), st) == fastest  # nothing meets it: the fastest
+
+
+def test_a_low_battery_moves_to_a_lower_energy_plan_with_a_predicted_saving():
+    s = space()
+    policy = BatteryAware(mains=LeastLatency(), saving=LeastEnergy(slo_s=0.2), low_level=0.3)
+    battery = SimulatedBattery(capacity_j=10.0, level=0.5)
+    full = battery.reading(at=0.0)
+    st = State(0.8, 0.01, full.level, full.on_battery)  # the device is faster than sending the image
+    before = policy.choose(s.options(st), st)
+    for i in range(100):  # requests drain it below the threshold
+        battery.drain(0.05, at=float(i))
+    low = battery.reading(at=100.0)
+    assert low.level < 0.3 and low.on_battery
+    st_low = State(0.8, 0.01, low.level, low.on_battery)
+    after = policy.choose(s.options(st_low), st_low)
+    assert after.key != before.key
+    assert after.energy_j < before.energy_j  # the predicted saving per request
+    assert after.latency_s <= 0.2  # within the SLO
+    saving = 1 - after.energy_j / before.energy_j
+    assert saving > 0.1, saving
+
+
+def test_hysteresis_keeps_the_plan_while_the_estimate_wobbles():
+    s, inner = space(), LeastLatency()
+
+    def cut_at(mbit):
+        st = State(mbit, 0.01)
+        return inner.choose(s.options(st), st).cut
+
+    low, high = 0.05, 200.0  # device at one end, edge at the other: find where it switches
+    for _ in range(40):
+        mid = (low * high) ** 0.5
+        low, high = (mid, high) if cut_at(mid) == cut_at(0.05) else (low, mid)
+    wobbling = [State(m, 0.01) for m in (low * 0.97, high * 1.03) * 3]
+    bare = {inner.choose(s.options(st), st).cut for st in wobbling}
+    steady = Hysteresis(inner, margin=0.1, hold=2)
+    held = {steady.choose(s.options(st), st).cut for st in wobbling}
+    assert len(bare) == 2, "the wobble must straddle a switch point for this test to mean anything"
+    assert len(held) == 1
+    # a real change, seen twice, goes through
+    for st in (State(200.0, 0.01), State(200.0, 0.01)):
+        choice = steady.choose(s.options(st), st)
+    assert choice.cut == 0
+
+
+def test_battery_schedule_and_bounds():
+    battery = SimulatedBattery(capacity_j=100.0, level=0.1, schedule=[(5.0, True), (8.0, False)], charge_w=10.0)
+    assert battery.reading(0.0).on_battery
+    assert not battery.reading(6.0).on_battery
+    assert battery.reading(7.0).level == pytest.approx(0.3)  # plugged in from 5 s to 7 s at 10 W
+    assert battery.reading(9.0).on_battery
+    with pytest.raises(ValueError):
+        SimulatedBattery(capacity_j=0)

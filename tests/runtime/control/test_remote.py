@@ -1,0 +1,92 @@
+"""A real `edgesplit controller` process decides for a device over the bus; killed with
+SIGKILL mid-run, the device keeps answering on its last plan, then its embedded controller
+takes the decisions back."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import zmq
+from prometheus_client import CollectorRegistry
+
+from edgesplit.models import load_trained
+from edgesplit.runtime.control.bus import DecisionSubscriber, TelemetryPublisher
+from edgesplit.runtime.control.controller import EmbeddedController
+from edgesplit.runtime.control.policy import LeastLatency, PlanSpace
+from edgesplit.runtime.control.remote import DeviceLink
+from edgesplit.runtime.device.runner import DeviceRunner
+from edgesplit.runtime.metrics import DeviceMetrics
+from edgesplit.runtime.plan import Plan
+from edgesplit.runtime.transport.client import EdgeClient
+from tests.helpers import start_in_thread, stop_in_thread, wait_until
+
+
+@pytest.fixture(scope="module")
+def node():
+    model = load_trained("resnet_fm")
+    running, thread = start_in_thread(model, workers=1)
+    yield model, running
+    stop_in_thread(running, thread)
+
+
+def start_controller(tmp_path):
+    port_file = tmp_path / "controller.json"
+    code = "import sys; from edgesplit.runtime.cli import main; sys.exit(main(sys.argv[1:]))"
+    proc = subprocess.Popen([sys.executable, "-c", code, "controller", "--model", "resnet_fm", "--device", "mcu",
+                             "--policy", "latency", "--telemetry", "tcp://127.0.0.1:*",
+                             "--decisions", "tcp://127.0.0.1:*", "--heartbeat", "0.2", "--port-file", str(port_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_until(lambda: port_file.exists() or proc.poll() is not None, timeout=60, what="controller start")
+    if proc.poll() is not None:
+        raise AssertionError(f"controller exited {proc.returncode}: {proc.stdout.read()}")
+    return proc, json.loads(port_file.read_text())
+
+
+def test_killed_controller_leaves_the_last_plan_then_the_embedded_controller_decides(node, tmp_path):
+    model, running = node
+    proc, endpoints = start_controller(tmp_path)
+    ctx = zmq.Context()
+    client = EdgeClient(running.address)
+    runner = DeviceRunner(model, plan=Plan(cut=4, codec="fp32"), client=client, deadline_s=5.0,
+                          metrics=DeviceMetrics(CollectorRegistry()))
+    space = PlanSpace.for_model(model, device_quota=0.05, repeats=2)
+    embedded = EmbeddedController(runner, space, LeastLatency(), every=10**9)
+    link = DeviceLink(embedded, TelemetryPublisher(ctx, endpoints["telemetry"], "device/cam1"),
+                      DecisionSubscriber(ctx, endpoints["decisions"], "cam1"), interval_s=0.1, silence_s=1.0)
+    x = torch.randn(1, 1, 28, 28)
+    try:
+        embedded.estimator.bandwidth_mbit, embedded.estimator.rtt_s = 0.01, 2.0  # hopeless link: stay local
+        link.start()
+        wait_until(lambda: link.applied and runner.plan.cut == model.num_blocks, timeout=30,
+                   what="the controller's all-on-device decision applied")
+        assert link.following and not embedded.deciding
+        remote_plan = runner.plan
+        answers = [runner.infer(x) for _ in range(5)]
+        assert all(a.epoch == remote_plan.epoch and a.where == "device" for a in answers)
+
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        answers = [runner.infer(x) for _ in range(20)]  # the device does not wait for anyone
+        assert len(answers) == 20 and all(a.epoch == remote_plan.epoch for a in answers)
+        wait_until(lambda: link.fallbacks == 1, timeout=15, what="fallback to the embedded controller")
+        assert runner.plan == remote_plan and embedded.deciding  # last plan kept until the embedded one decides
+
+        embedded.estimator.bandwidth_mbit, embedded.estimator.rtt_s = 1000.0, 0.0005  # a great link now
+        plan = embedded.decide()
+        assert plan is not None and plan.cut < model.num_blocks and plan.epoch > remote_plan.epoch
+        answer = runner.infer(x)
+        assert answer.epoch == plan.epoch and answer.where == "edge"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        link.close()
+        link.publisher.close()
+        link.subscriber.close()
+        embedded.close()
+        client.close()
+        ctx.term()
