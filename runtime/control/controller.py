@@ -8,9 +8,10 @@ the current state and, if that differs from the plan in force, swaps in a new pl
 epoch) between requests. Each change is recorded with the estimate that triggered it.
 
 While the plan keeps everything on the device nothing is offloaded and the link goes
-unobserved: :meth:`probe` sends one small real request (zeros at the smallest offload
-cut) and times it; :meth:`start_probing` does that in a thread whenever no offload was
-seen for ``probe_interval_s``.
+unobserved: :meth:`probe` sends a pair of real requests that differ only in size (the
+same tensor as int8 and as fp32) and takes the bandwidth from their difference;
+:meth:`start_probing` does that in a thread whenever no offload was seen for
+``probe_interval_s``.
 """
 
 from __future__ import annotations
@@ -144,25 +145,34 @@ class EmbeddedController:
         return new
 
     # -- probing -------------------------------------------------------------------------
-    def probe(self, timeout: float = 2.0) -> bool:
-        """One small real request to the node, timed into the estimator; False if it failed."""
+    def probe(self, timeout: float = 2.0, elements: int = 8192) -> bool:
+        """Measure the link with two real requests while nothing is offloaded; False if one failed.
+
+        Both carry the same zeros to the same tail (the cut whose tensor is nearest
+        ``elements`` in size), once as int8 and once as fp32: their difference in time is
+        three bytes per element at the link's rate, free of the RTT and the node's work.
+        """
         client = self.runner.client
         if client is None:
             return False
         model = self.runner.model
-        cut = min(range(1, model.num_blocks), key=lambda k: model.cut_points()[k].numel)
-        tensor = torch.zeros(1, *model.cut_points()[cut].shape)
-        encoded = codecs.encode(tensor, "fp32")
-        started = time.perf_counter()
-        try:
-            result = client.infer(DeviceRunner.tail_model_name_for(model, cut), encoded, timeout, "probe")
-        except OffloadError:
-            return False
-        seconds = time.perf_counter() - started
+        points = model.cut_points()
+        cut = min(range(1, model.num_blocks), key=lambda k: abs(points[k].numel - elements))
+        tensor = torch.zeros(1, *points[cut].shape)
+        name = DeviceRunner.tail_model_name_for(model, cut)
+        timed = []
+        for codec_name in ("int8", "fp32"):
+            encoded = codecs.encode(tensor, codec_name)
+            started = time.perf_counter()
+            try:
+                result = client.infer(name, encoded, timeout, "probe")
+            except OffloadError:
+                return False
+            timed.append((len(encoded.data), time.perf_counter() - started - result.edge_seconds))
         at = self.clock()
         with self._lock:
-            self.estimator.observe(len(encoded.data), seconds, result.edge_seconds, at,
-                                   4 * result.logits.numel())
+            (small, small_s), (large, large_s) = timed
+            self.estimator.observe_pair(small, small_s, large, large_s, at)
             self._last_offload_at = at
         return True
 

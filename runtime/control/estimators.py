@@ -89,6 +89,31 @@ class LinkEstimator:
         self.samples += 1
         return self.estimate
 
+    def observe_pair(self, small_bytes: int, small_s: float, large_bytes: int, large_s: float,
+                     at: float = 0.0) -> LinkEstimate:
+        """Two probes that differ only in size (same answer, edge time already taken out).
+
+        Their difference in time is the difference in bytes at the link's rate, whatever the
+        fixed costs (RTT, serving, the answer): the bandwidth without knowing the RTT first.
+        """
+        extra_bits, extra_s = 8 * (large_bytes - small_bytes), large_s - small_s
+        if extra_bits <= 0:
+            return self.estimate
+        if extra_s < MIN_TRANSFER_S:
+            # Too close to tell apart: the link is at least this fast, and that is all.
+            floor = extra_bits / MIN_TRANSFER_S
+            if floor <= self.bandwidth_mbit * 1e6:
+                return self.estimate
+            extra_s = MIN_TRANSFER_S
+        rate = extra_bits / extra_s
+        self._overheads.append(max(0.0, small_s - 8 * small_bytes / rate))
+        self.rtt_s = statistics.quantiles(self._overheads, n=10)[0] if len(self._overheads) >= 3 \
+            else min(self._overheads)
+        self._add_rate(rate, at)
+        self._last_at = at
+        self.samples += 1
+        return self.estimate
+
     def _add_rate(self, rate: float, at: float) -> None:
         current = self.bandwidth_mbit * 1e6
         stale = self._last_at is not None and at - self._last_at > self.drop_after_s

@@ -138,11 +138,18 @@ class DeviceLink:
     def telemetry(self) -> telemetry_pb2.Telemetry:
         est = self.embedded.estimator.estimate
         reading = self.embedded.battery_reading(self.embedded.clock())
-        return telemetry_pb2.Telemetry(
+        msg = telemetry_pb2.Telemetry(
             link=telemetry_pb2.LinkObservation(bandwidth_mbit=est.bandwidth_mbit, rtt_seconds=est.rtt_s,
                                                samples=est.samples, drops=est.drops),
             battery=telemetry_pb2.Battery(level=reading.level, on_battery=reading.on_battery,
                                           simulated=self.embedded.battery is not None))
+        try:
+            import psutil
+        except ImportError:
+            return msg
+        msg.resources.cpu_percent = psutil.cpu_percent(None)  # since the previous call: the last interval
+        msg.resources.memory_bytes = psutil.Process().memory_info().rss
+        return msg
 
     def _publish_loop(self) -> None:
         while not self._stop.wait(self.interval_s):

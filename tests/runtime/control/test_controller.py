@@ -8,7 +8,6 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from edgesplit.models import load_trained
 from edgesplit.runtime.control.battery import SimulatedBattery
 from edgesplit.runtime.control.controller import EmbeddedController
 from edgesplit.runtime.control.estimators import LinkEstimator
@@ -17,15 +16,7 @@ from edgesplit.runtime.device.runner import WHERE_EDGE, DeviceRunner
 from edgesplit.runtime.metrics import DeviceMetrics
 from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.transport.client import EdgeClient
-from tests.helpers import CheckedThread, start_in_thread, stop_in_thread, wait_until
-
-
-@pytest.fixture(scope="module")
-def node():
-    model = load_trained("resnet_fm")
-    running, thread = start_in_thread(model, workers=1)
-    yield model, running
-    stop_in_thread(running, thread)
+from tests.helpers import CheckedThread, wait_until
 
 
 @pytest.fixture(scope="module")

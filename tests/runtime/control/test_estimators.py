@@ -42,3 +42,13 @@ def test_rtt_comes_from_the_overhead_and_edge_time_is_not_transfer():
     assert est.rtt_s == pytest.approx(0.03, abs=0.002)
     with pytest.raises(ValueError):
         LinkEstimator(window=2, drop_samples=3)
+
+
+def test_a_probe_pair_measures_bandwidth_free_of_the_fixed_costs():
+    est = LinkEstimator(initial_mbit=100.0, initial_rtt_s=0.0)
+    # 8 kB and 32 kB at 2 Mbit/s behind 30 ms of fixed cost (RTT, serving, the answer)
+    est.observe_pair(8_000, 0.030 + 8_000 * 8 / 2e6, 32_000, 0.030 + 32_000 * 8 / 2e6, at=0.0)
+    assert est.bandwidth_mbit == pytest.approx(2.0) and est.rtt_s == pytest.approx(0.030)
+    before = est.estimate
+    est.observe_pair(8_000, 0.05, 32_000, 0.05, at=1.0)  # indistinguishable: only "at least 1.9 Gbit/s"
+    assert est.bandwidth_mbit > before.bandwidth_mbit and est.samples == before.samples + 1

@@ -8,12 +8,10 @@ import signal
 import subprocess
 import sys
 
-import pytest
 import torch
 import zmq
 from prometheus_client import CollectorRegistry
 
-from edgesplit.models import load_trained
 from edgesplit.runtime.control.bus import DecisionSubscriber, TelemetryPublisher
 from edgesplit.runtime.control.controller import EmbeddedController
 from edgesplit.runtime.control.policy import LeastLatency, PlanSpace
@@ -22,15 +20,7 @@ from edgesplit.runtime.device.runner import DeviceRunner
 from edgesplit.runtime.metrics import DeviceMetrics
 from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.transport.client import EdgeClient
-from tests.helpers import start_in_thread, stop_in_thread, wait_until
-
-
-@pytest.fixture(scope="module")
-def node():
-    model = load_trained("resnet_fm")
-    running, thread = start_in_thread(model, workers=1)
-    yield model, running
-    stop_in_thread(running, thread)
+from tests.helpers import wait_until
 
 
 def start_controller(tmp_path):
@@ -64,6 +54,8 @@ def test_killed_controller_leaves_the_last_plan_then_the_embedded_controller_dec
         wait_until(lambda: link.applied and runner.plan.cut == model.num_blocks, timeout=30,
                    what="the controller's all-on-device decision applied")
         assert link.following and not embedded.deciding
+        sent = link.telemetry()  # what the device publishes: its estimate, battery, CPU and memory
+        assert sent.link.bandwidth_mbit == 0.01 and sent.resources.memory_bytes > 0 and not sent.battery.simulated
         remote_plan = runner.plan
         answers = [runner.infer(x) for _ in range(5)]
         assert all(a.epoch == remote_plan.epoch and a.where == "device" for a in answers)
