@@ -47,13 +47,14 @@ class Controller:
 
     def __init__(self, sockets: ControllerSockets, space_for: Callable[[str], PlanSpace],
                  policy_for: Callable[[str], Policy], heartbeat_s: float = 1.0, name: str = "controller",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_devices: int = 1024) -> None:
         self.sockets = sockets
         self.space_for = space_for
         self.policy_for = policy_for
         self.heartbeat_s = heartbeat_s
         self.name = name
         self.clock = clock
+        self.max_devices = max_devices
         self.devices: dict[str, DeviceView] = {}
         self._spaces: dict[str, PlanSpace] = {}
         self._last_beat = clock()
@@ -78,6 +79,9 @@ class Controller:
         state = State(link.bandwidth_mbit, link.rtt_seconds, battery.level, battery.on_battery)
         view = self.devices.get(name)
         if view is None:
+            if len(self.devices) >= self.max_devices or not 0 < len(name) <= 128:
+                self.sockets.malformed += 1  # a flood of invented names must not grow the controller
+                return
             view = self.devices[name] = DeviceView(state, self.clock(), Hysteresis(self.policy_for(name)))
             self._spaces[name] = self.space_for(name)
         view.state, view.heard_at = state, self.clock()

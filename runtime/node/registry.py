@@ -202,6 +202,7 @@ def _segment_runner(model: SplitModel, start: int) -> Callable[[list[torch.Tenso
 
 
 MAX_PROFILE_REPEATS = 50
+MAX_CACHED_PROFILES = 8
 
 
 class ServedGraph:
@@ -227,14 +228,26 @@ class ServedGraph:
                              f"repeats must be within 1..{MAX_PROFILE_REPEATS}, not {repeats}")
         if not 1 <= batch <= 64:
             raise InferError(InferError.INVALID_ARGUMENT, f"batch must be within 1..64, not {batch}")
-        with self._lock:
-            key = (repeats, batch)
+        key = (repeats, batch)
+        cached = self._profiles.get(key)
+        if cached is not None:
+            return cached
+        # One profile at a time, and none queued behind it: each takes a core for seconds,
+        # which the node's inference needs more than a second caller does.
+        if not self._lock.acquire(blocking=False):
+            raise InferError(InferError.RESOURCE_EXHAUSTED, f"a profile of {self.name} is being taken; ask again "
+                             "when it is done (answers come from a cache after that)", retry_after_s=1.0)
+        try:
             if key not in self._profiles:
                 profile = profile_graph(self.graph, self.example_inputs, batches=(batch,), repeats=repeats,
                                         warmup=2, model_name=self.name)
                 profile.encode_seconds_per_element, profile.decode_seconds_per_element = seconds_per_element()
+                if len(self._profiles) >= MAX_CACHED_PROFILES:
+                    self._profiles.pop(next(iter(self._profiles)))
                 self._profiles[key] = profile.to_json()
             return self._profiles[key]
+        finally:
+            self._lock.release()
 
 
 def register_graph_cuts(registry: ModelRegistry, name: str, graph, batching: BatchingConfig | None = None,

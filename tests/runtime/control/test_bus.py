@@ -80,3 +80,29 @@ def test_curve_encrypts_and_refuses_a_client_without_the_servers_key(tmp_path):
         for s in (ok, shut_out, plain, hub):
             s.close()
         ctx.term()
+
+
+def test_the_controller_drops_nonsense_telemetry_and_bounds_the_devices_it_keeps():
+    from edgesplit.runtime.control.policy import LeastLatency, PlanSpace
+    from edgesplit.runtime.control.remote import Controller
+
+    ctx = zmq.Context()
+    hub = ControllerSockets(ctx, "inproc://tel", "inproc://dec")
+    space = PlanSpace.uniform(blocks=2, device_block_s=0.01, edge_block_s=0.001, shapes=[(8,), (8,), (2,)])
+    controller = Controller(hub, lambda _: space, lambda _: LeastLatency(), max_devices=2)
+    try:
+        def telemetry(source, mbit, rtt=0.01):
+            return telemetry_pb2.Telemetry(source=source, link=telemetry_pb2.LinkObservation(
+                bandwidth_mbit=mbit, rtt_seconds=rtt))
+
+        for msg in (telemetry("device/a", float("nan")), telemetry("device/a", 1.0, float("nan")),
+                    telemetry("device/a", -1.0), telemetry("device/" + "x" * 500, 1.0)):
+            controller.handle(msg)
+        assert controller.devices == {} and hub.malformed == 4
+        for name in ("a", "b", "c", "d"):
+            controller.handle(telemetry(f"device/{name}", 5.0))
+        assert sorted(controller.devices) == ["a", "b"] and hub.malformed == 6
+        assert set(hub.current) == {"a", "b"}  # each known device got its decision
+    finally:
+        hub.close()
+        ctx.term()

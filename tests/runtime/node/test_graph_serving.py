@@ -4,6 +4,8 @@ its own codec, and the answer equals the model's."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -113,3 +115,18 @@ def test_graph_profile_refuses_unknown_graphs_and_unbounded_work(served, graph_n
     with pytest.raises(OffloadError) as err:
         fetch_graph_profile(running.address, graph_name, repeats=repeats, timeout=30)
     assert err.value.reason == code and words in str(err.value)
+
+
+def test_a_second_profile_while_one_is_taken_is_refused_not_queued(served):
+    from edgesplit.runtime.inference import InferError
+
+    registry = served[-1].plane.registry
+    graph = registry.graphs["incept"]
+    assert graph._lock.acquire()  # a profile in progress
+    try:
+        with pytest.raises(InferError) as err:
+            graph.profile(repeats=7)
+        assert err.value.code == InferError.RESOURCE_EXHAUSTED and err.value.retry_after_s == 1.0
+    finally:
+        graph._lock.release()
+    assert json.loads(graph.profile(repeats=2))["repeats"] == 2  # free again: measured and cached
