@@ -20,7 +20,7 @@ first; the **oracle** (best plan for each request's bandwidth) and the **best st
 in hindsight come from that table, evaluated at the times of the adaptive run's requests.
 
 Run as root: ``edgesplit bench controller --json bench/results/controller.json`` (``--quick``:
-two traces of 15 s; ``--traces DIR``: any folder of ``<seconds> <Mbit/s>`` traces).
+two traces of 12 s, under 3 minutes; ``--traces DIR``: any folder of ``<seconds> <Mbit/s>`` traces).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from .split import DeviceProcess
 DEFAULT_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 FULL = {"model": "mobilenet_v2", "device": "pizero2", "traces": 10, "duration_s": 30.0,
         "grid": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "repeats": 3, "profile_repeats": 3, "slo_ms": 1000.0}
-QUICK = {"model": "mobilenet_v2", "device": "pizero2", "traces": 2, "duration_s": 15.0,
+QUICK = {"model": "mobilenet_v2", "device": "pizero2", "traces": 2, "duration_s": 12.0,
          "grid": (0.5, 2.0, 8.0), "repeats": 1, "profile_repeats": 3, "slo_ms": 1000.0}
 EDGE_PORT = 8001
 MIN_RATE_MBIT = 0.05  # a trace's zero (link down for that moment) is shaped to this
