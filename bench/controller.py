@@ -26,7 +26,6 @@ two traces of 12 s, under 3 minutes; ``--traces DIR``: any folder of ``<seconds>
 from __future__ import annotations
 
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 
 from . import machine_info, table
-from .split import DeviceProcess
+from .split import TBF_LATENCY_S, DeviceProcess, tbf_burst
 
 DEFAULT_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
 FULL = {"model": "mobilenet_v2", "device": "pizero2", "traces": 10, "duration_s": 30.0,
@@ -104,7 +103,7 @@ def analyse(name: str, samples, table_ms, live: dict[str, dict], slo_ms: float, 
         "decisions": len(live["adaptive"]["decisions"]),
         "decision_log": live["adaptive"]["decisions"],
         "adaptive_records": adaptive,
-        "trace": [(t, r) for t, r in samples],
+        "trace": list(samples),
         "fallbacks": sum(r["error"] is not None for v in live.values() for r in v["records"]),
     }
 
@@ -142,12 +141,13 @@ class Replay:
             for t, rate in self.samples:
                 if t >= self.duration_s or self._stop.wait(max(0.0, t - (time.monotonic() - started))):
                     break
-                self.bed.shape("device", max(rate, MIN_RATE_MBIT), burst=2 * 1514, latency=4.0)
+                self.bed.shape("device", max(rate, MIN_RATE_MBIT), burst=tbf_burst(rate), latency=TBF_LATENCY_S)
         except BaseException as exc:  # surfaced by stop()
             self.error = exc
 
     def start(self) -> Replay:
-        self.bed.shape("device", rate_at(self.samples, 0.0), burst=2 * 1514, latency=4.0)
+        self.bed.shape("device", rate_at(self.samples, 0.0), burst=tbf_burst(rate_at(self.samples, 0.0)),
+                       latency=TBF_LATENCY_S)
         self.thread.start()
         return self
 
@@ -158,18 +158,10 @@ class Replay:
             raise self.error
 
 
-def _candidates(numels: list[int]) -> list[int]:
-    keep, fewest = [], math.inf
-    for cut, n in enumerate(numels[:-1]):
-        if n < fewest:
-            keep.append(cut)
-            fewest = n
-    return [*keep, len(numels) - 1]
-
-
 def run(quick: bool = False, progress: bool = True, config: dict | None = None, traces: str | None = None) -> dict:
     from edgesplit.linksim.traces import load_trace
     from edgesplit.partitioner.explain import DEVICE_QUOTAS
+    from edgesplit.partitioner.optimise import fewer_bytes_than_before
     from edgesplit.runtime.node.launcher import NodeProcess
     from edgesplit.testbed.bed import Testbed
     from edgesplit.testbed.cgroups import smooth_period_us
@@ -200,19 +192,20 @@ def run(quick: bool = False, progress: bool = True, config: dict | None = None, 
                 edge = _edge_blocks(config["model"])
                 bed.cpu_quota(quota, q, smooth_period_us(q))
                 numels = device.hello["bytes"]
-                candidates = _candidates(numels)
+                last = len(numels) - 1
+                # the rule of partitioner.optimise.undominated_cuts, on the model's block cuts
+                candidates = [*fewer_bytes_than_before(dict(enumerate(numels[:-1]))), last]
                 heads = device.ask(op="profile", repeats=config["profile_repeats"], pause_s=pause_s,
                                    edge=edge, cuts=candidates)["heads_ms"]
                 plans = [[c, "int8"] for c in candidates]
                 table_ms: dict[float, dict[str, float]] = {}
                 for mbit in config["grid"]:
-                    bed.shape("device", mbit, burst=2 * 1514, latency=4.0)
+                    bed.shape("device", mbit, burst=tbf_burst(mbit), latency=TBF_LATENCY_S)
                     table_ms[mbit] = device.ask(op="static", plans=plans, repeats=config["repeats"],
                                                 pause_s=pause_s)["ms"]
                     if progress:
                         print(f"controller: table at {mbit:g} Mbit/s: " + ", ".join(
                             f"{k} {v:.0f} ms" for k, v in table_ms[mbit].items()), flush=True)
-                last = len(numels) - 1
                 modes = {"adaptive": "adaptive", "all_device": [last, "int8"], "all_edge": [0, "int8"]}
                 for path in chosen:
                     samples = load_trace(path)
@@ -244,17 +237,12 @@ def run(quick: bool = False, progress: bool = True, config: dict | None = None, 
 
 def _edge_blocks(model_name: str, repeats: int = 5) -> list[float]:
     """Seconds per block on one core of this host, one thread (the edge node's), pinned to core 1."""
-    code = ("import json, statistics, time, torch\n"
+    code = ("import json, torch\n"
             "from edgesplit.models import build_model\n"
+            "from edgesplit.runtime.control.policy import PlanSpace\n"
             "torch.set_num_threads(1); torch.manual_seed(0)\n"
-            f"m = build_model({model_name!r}).eval(); h = torch.randn(1, *m.input_shape); out = []\n"
-            "with torch.inference_mode():\n"
-            "    for b in m.blocks:\n"
-            "        ts = []\n"
-            f"        for _ in range({repeats + 1}):\n"
-            "            t = time.perf_counter(); y = b(h); ts.append(time.perf_counter() - t)\n"
-            "        out.append(statistics.median(ts[1:])); h = y\n"
-            "print(json.dumps(out))\n")
+            f"space = PlanSpace.for_model(build_model({model_name!r}).eval(), repeats={repeats})\n"
+            "print(json.dumps(space.edge.seconds[1]))\n")
     done = subprocess.run(["taskset", "-c", "1", sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, timeout=600)
     return json.loads(done.stdout)

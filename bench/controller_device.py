@@ -19,7 +19,6 @@ JSON commands on stdin, one JSON answer per line on stdout:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -36,6 +35,8 @@ from edgesplit.runtime.device.runner import DeviceRunner
 from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.transport.client import EdgeClient
 from edgesplit.runtime.transport.oip import build_infer_request
+
+from .commands import answer_commands
 
 CODECS = ("int8",)
 
@@ -130,25 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     device = Device(args.model, args.target)
-    print(json.dumps({"ready": True, "blocks": device.model.num_blocks,
-                      "bytes": [c.numel for c in device.model.cut_points()]}), flush=True)
-    for line in sys.stdin:
-        command = json.loads(line)
-        op = command["op"]
-        if op == "quit":
-            break
-        if op == "profile":
-            answer = {"heads_ms": device.profile(command["repeats"], command["pause_s"], command["edge"],
-                                                 command["cuts"])}
-        elif op == "static":
-            answer = {"ms": device.static(command["plans"], command["repeats"], command["pause_s"])}
-        elif op == "run":
-            answer = device.run(command["mode"], command["duration_s"], command["pause_s"])
-        else:
-            answer = {"error": f"unknown op {op!r}"}
-        print(json.dumps(answer), flush=True)
-    return 0
-
+    hello = {"blocks": device.model.num_blocks, "bytes": [c.numel for c in device.model.cut_points()]}
+    return answer_commands(hello, {
+        "profile": lambda c: {"heads_ms": device.profile(c["repeats"], c["pause_s"], c["edge"], c["cuts"])},
+        "static": lambda c: {"ms": device.static(c["plans"], c["repeats"], c["pause_s"])},
+        "run": lambda c: device.run(c["mode"], c["duration_s"], c["pause_s"]),
+    })
 
 if __name__ == "__main__":
     sys.exit(main())

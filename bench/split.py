@@ -143,6 +143,7 @@ def _row(name: str, device: str, quota: float, bandwidth: float, rtt_ms: float, 
 
 
 def _measure_model(bed, name: str, config: dict, work: Path, progress: bool) -> tuple[list[dict], dict]:
+    from edgesplit.partitioner.bundle import load_bundle
     from edgesplit.partitioner.cost import Link, predict
     from edgesplit.partitioner.cuts import enumerate_cuts
     from edgesplit.partitioner.explain import DEVICE_QUOTAS, POWER
@@ -153,8 +154,6 @@ def _measure_model(bed, name: str, config: dict, work: Path, progress: bool) -> 
 
     bundle = work / name
     _write_bundle(name, bundle)
-    from edgesplit.partitioner.bundle import load_bundle
-
     cuts = enumerate_cuts(load_bundle(bundle).graph)
     candidates = undominated_cuts(cuts, CODEC)
     graph_name = f"{name}.graph"

@@ -31,7 +31,6 @@ pixels a camera gives); other cuts send every crossing tensor as one input of on
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -44,6 +43,8 @@ from edgesplit.partitioner.profile import profile_graph
 from edgesplit.runtime import codec
 from edgesplit.runtime.transport.client import EdgeClient, fetch_graph_profile
 from edgesplit.runtime.transport.oip import build_infer_request
+
+from .commands import answer_commands
 
 TIMEOUT_S = 120.0
 
@@ -146,31 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     side = DeviceSide(args.bundle, args.target, args.graph)
-    print(json.dumps({"ready": True, "last": side.last}), flush=True)
-    for line in sys.stdin:
-        command = json.loads(line)
-        op = command["op"]
-        if op == "quit":
-            break
-        if op == "profile":
-            answer = {"profile": side.profile(command["repeats"], command.get("quota"), command.get("pause_s", 0.0))}
-        elif op == "segments":
-            found = side.segments(command["cuts"], command["repeats"], command.get("pause_s", 0.0),
-                                  command.get("codec", "int8"))
-            answer = {"seconds": {str(k): v for k, v in found.items()}}
-        elif op == "edge_profile":
-            answer = {"profile": fetch_graph_profile(args.target, args.graph, repeats=command["repeats"])}
-        elif op == "round_trip":
-            answer = side.round_trip(command["cut"], command["repeats"], command.get("pause_s", 0.0))
-        elif op == "measure":
-            times = side.measure(command["cuts"], command["repeats"], command.get("warmup", 1),
-                                 command.get("codec", "int8"), command.get("pause_s", 0.0))
-            answer = {"ms": {str(k): v for k, v in times.items()}}
-        else:
-            answer = {"error": f"unknown op {op!r}"}
-        print(json.dumps(answer), flush=True)
-    return 0
-
+    return answer_commands({"last": side.last}, {
+        "profile": lambda c: {"profile": side.profile(c["repeats"], c.get("quota"), c.get("pause_s", 0.0))},
+        "segments": lambda c: {"seconds": {str(k): v for k, v in side.segments(
+            c["cuts"], c["repeats"], c.get("pause_s", 0.0), c.get("codec", "int8")).items()}},
+        "edge_profile": lambda c: {"profile": fetch_graph_profile(args.target, args.graph, repeats=c["repeats"])},
+        "round_trip": lambda c: side.round_trip(c["cut"], c["repeats"], c.get("pause_s", 0.0)),
+        "measure": lambda c: {"ms": {str(k): v for k, v in side.measure(
+            c["cuts"], c["repeats"], c.get("warmup", 1), c.get("codec", "int8"), c.get("pause_s", 0.0)).items()}},
+    })
 
 if __name__ == "__main__":
     sys.exit(main())

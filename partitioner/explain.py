@@ -17,8 +17,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 
 import torch
 
@@ -26,7 +24,7 @@ from .cost import PI4, DevicePower, Exit, Link, predict
 from .cuts import block_cuts, enumerate_cuts
 from .graph import trace
 from .optimise import choose
-from .profile import Profile, profile_graph
+from .profile import Profile, median_seconds, profile_graph
 
 # Fraction of one core of this host that behaves like each device class (deploy/testbed).
 DEVICE_QUOTAS = {"pi4": 0.6, "pizero2": 0.15, "mcu": 0.05}
@@ -50,12 +48,8 @@ def _exits(model, graph, rates: list[float], quota: float, repeats: int) -> list
     with torch.no_grad():
         for cut, rate in zip(model.exit_cuts, rates):
             h = model.run(torch.zeros(1, *model.input_shape), 0, cut)
-            times = []
-            for _ in range(repeats + 1):
-                started = time.perf_counter()
-                model.exit_logits(cut, h)
-                times.append(time.perf_counter() - started)
-            exits.append(Exit(where[cut], rate, statistics.median(times[1:]) / quota))
+            seconds = median_seconds(lambda c=cut, x=h: model.exit_logits(c, x), repeats)
+            exits.append(Exit(where[cut], rate, seconds / quota))
     return exits
 
 

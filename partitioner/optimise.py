@@ -23,6 +23,7 @@ Example::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import networkx as nx
 
@@ -51,15 +52,18 @@ def undominated_cuts(cuts: list[GraphCut], codec: str = "int8") -> list[int]:
     that is 6 of 70 cuts; a benchmark measures these instead of every prefix.
     """
     last = cuts[-1].index
+    sizes = {c.index: cut_bytes(c, codec, last) for c in cuts[:-1] if c.transferable}
+    return [*fewer_bytes_than_before(sizes), last]
+
+
+def fewer_bytes_than_before(sizes: Mapping[int, int]) -> list[int]:
+    """The cuts (in order) that send fewer bytes than every cut before them."""
     keep, fewest = [], math.inf
-    for cut in cuts[:-1]:
-        if not cut.transferable:
-            continue
-        nbytes = cut_bytes(cut, codec, last)
-        if nbytes < fewest:
-            keep.append(cut.index)
-            fewest = nbytes
-    return [*keep, last]
+    for cut in sorted(sizes):
+        if sizes[cut] < fewest:
+            keep.append(cut)
+            fewest = sizes[cut]
+    return keep
 
 
 def pareto(predictions: list[Prediction]) -> list[Prediction]:

@@ -25,7 +25,8 @@ import os
 import platform
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -96,6 +97,17 @@ class _Timed(Interpreter):
         return out
 
 
+def median_seconds(run: Callable[[], object], repeats: int = 5) -> float:
+    """Median wall seconds of ``run()`` over ``repeats`` calls, after one untimed warm-up call."""
+    times = []
+    for i in range(repeats + 1):
+        started = time.perf_counter()
+        run()
+        if i:
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def profile_graph(
     graph: ModelGraph,
     example_inputs: tuple[torch.Tensor, ...],
@@ -158,4 +170,4 @@ def calibrate(profile: Profile, segments: dict[int, float], batch: int = 1) -> P
         out[start:k] = ([t * gained / share for t in span] if share > 0 else [gained / len(span)] * len(span))
         start, before = k, before + gained
     calibrated = {**profile.seconds, batch: out}
-    return Profile(**{**asdict(profile), "seconds": calibrated, "calibrated_at": sorted(segments)})
+    return replace(profile, seconds=calibrated, calibrated_at=sorted(segments))

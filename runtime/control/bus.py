@@ -119,6 +119,9 @@ class ControllerSockets:
         _secure(self.decisions, keys, server=True)
         self.decisions.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, not only the first
         self.decisions.bind(decision_endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self.telemetry, zmq.POLLIN)
+        self._poller.register(self.decisions, zmq.POLLIN)
         self.current: dict[str, telemetry_pb2.Decision] = {}
         self.subscriptions = 0
         self.malformed = 0
@@ -132,24 +135,24 @@ class ControllerSockets:
     def decision_endpoint(self) -> str:
         return self.decisions.getsockopt_string(zmq.LAST_ENDPOINT)
 
+    def _send(self, msg: telemetry_pb2.Decision) -> None:
+        self.decisions.send_multipart([DECISION_PREFIX + msg.device.encode(), msg.SerializeToString()])
+
     def publish_decision(self, msg: telemetry_pb2.Decision) -> None:
         with self._lock:
             self.current[msg.device] = msg
-            self.decisions.send_multipart([DECISION_PREFIX + msg.device.encode(), msg.SerializeToString()])
+            self._send(msg)
 
     def republish(self) -> None:
         """Send every current decision again (the heartbeat)."""
         with self._lock:
             for msg in self.current.values():
-                self.decisions.send_multipart([DECISION_PREFIX + msg.device.encode(), msg.SerializeToString()])
+                self._send(msg)
 
     def poll(self, timeout_s: float) -> list[telemetry_pb2.Telemetry]:
         """Serve new subscriptions and return the telemetry that arrived within ``timeout_s``."""
-        poller = zmq.Poller()
-        poller.register(self.telemetry, zmq.POLLIN)
-        poller.register(self.decisions, zmq.POLLIN)
         received = []
-        for sock, _ in poller.poll(int(timeout_s * 1000)):
+        for sock, _ in self._poller.poll(int(timeout_s * 1000)):
             while True:
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
@@ -172,7 +175,7 @@ class ControllerSockets:
         with self._lock:
             current = self.current.get(device)
             if current is not None:  # the late joiner gets the decision in force at once
-                self.decisions.send_multipart([DECISION_PREFIX + device.encode(), current.SerializeToString()])
+                self._send(current)
 
     def _parse_telemetry(self, frames: list[bytes]) -> telemetry_pb2.Telemetry | None:
         if len(frames) != 2 or frames[0] != TELEMETRY_TOPIC:

@@ -75,8 +75,7 @@ class LinkEstimator:
         expected_transfer = bits / (self.bandwidth_mbit * 1e6)
         self._overheads.append(max(0.0, carried - expected_transfer))
         if expected_transfer < 0.1 * carried or len(self._overheads) >= 3:
-            self.rtt_s = statistics.quantiles(self._overheads, n=10)[0] if len(self._overheads) >= 3 \
-                else min(self._overheads)
+            self.rtt_s = self._low_overhead()
         self.rtt_s = min(self.rtt_s, carried)  # no round trip is shorter than the RTT
         transfer = carried - self.rtt_s
         if transfer >= MIN_TRANSFER_S:
@@ -107,12 +106,17 @@ class LinkEstimator:
             extra_s = MIN_TRANSFER_S
         rate = extra_bits / extra_s
         self._overheads.append(max(0.0, small_s - 8 * small_bytes / rate))
-        self.rtt_s = statistics.quantiles(self._overheads, n=10)[0] if len(self._overheads) >= 3 \
-            else min(self._overheads)
+        self.rtt_s = self._low_overhead()
         self._add_rate(rate, at)
         self._last_at = at
         self.samples += 1
         return self.estimate
+
+    def _low_overhead(self) -> float:
+        """The RTT: the 10th percentile of the overheads seen (their minimum while there are few)."""
+        if len(self._overheads) < 3:
+            return min(self._overheads)
+        return statistics.quantiles(self._overheads, n=10)[0]
 
     def _add_rate(self, rate: float, at: float) -> None:
         current = self.bandwidth_mbit * 1e6

@@ -29,6 +29,7 @@ Example::
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -111,30 +112,19 @@ class PlanSpace:
                   **kwargs) -> PlanSpace:
         """A space for a ``SplitModel``: its blocks timed on this host (median of ``repeats``), the
         device as this host divided by ``device_quota``, the edge as this host unless given."""
-        import statistics
-        import time
-
         import torch
+
+        from edgesplit.partitioner.profile import median_seconds
 
         names = list(model.block_names)
         h = torch.zeros(1, *model.input_shape)
         block_s, exit_s = [], {}
         with torch.inference_mode():
             for index, block in enumerate(model.blocks, start=1):
-                times = []
-                for _ in range(repeats + 1):
-                    started = time.perf_counter()
-                    out = block(h)
-                    times.append(time.perf_counter() - started)
-                block_s.append(statistics.median(times[1:]))
-                h = out
+                block_s.append(median_seconds(lambda b=block, x=h: b(x), repeats))
+                h = block(h)
                 if index in model.exit_cuts:
-                    times = []
-                    for _ in range(repeats + 1):
-                        started = time.perf_counter()
-                        model.exit_logits(index, h)
-                        times.append(time.perf_counter() - started)
-                    exit_s[index] = statistics.median(times[1:]) / device_quota
+                    exit_s[index] = median_seconds(lambda i=index, x=h: model.exit_logits(i, x), repeats) / device_quota
         host = Profile(model.name, "this host", torch.__version__, torch.get_num_threads(), 1, names, {1: block_s})
         device = Profile(model.name, "this host", torch.__version__, torch.get_num_threads(), 1, names,
                          {1: [t / device_quota for t in block_s]}, cpu_quota=device_quota)
@@ -155,11 +145,12 @@ class PlanSpace:
         return out
 
 
-class Policy:
+class Policy(ABC):
     """Chooses one option for a state."""
 
-    def choose(self, options: Sequence[Option], state: State) -> Option:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def choose(self, options: Sequence[Option], state: State) -> Option:
+        """The option to run in ``state``."""
 
 
 def _fastest(options: Sequence[Option]) -> Option:

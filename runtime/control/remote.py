@@ -214,6 +214,7 @@ def serve(model_name: str, device_quota: float, telemetry: str, decisions: str, 
           curve_dir: str | None = None, port_file: str | None = None, stop: threading.Event | None = None) -> int:
     """Run a controller until ``stop`` is set (or SIGTERM / Ctrl-C)."""
     import json
+    import os
     import signal
 
     import zmq
@@ -236,8 +237,6 @@ def serve(model_name: str, device_quota: float, telemetry: str, decisions: str, 
     if port_file:
         with open(port_file + ".tmp", "w") as f:
             json.dump({"telemetry": sockets.telemetry_endpoint, "decisions": sockets.decision_endpoint}, f)
-        import os
-
         os.replace(port_file + ".tmp", port_file)
     print(f"controller: telemetry on {sockets.telemetry_endpoint}, decisions on {sockets.decision_endpoint}, "
           f"policy {policy}, {model_name} on a {device_quota:g}-core device", flush=True)
