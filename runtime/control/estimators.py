@@ -13,7 +13,10 @@ turns them into a bandwidth and an RTT estimate:
 - a **sharp drop** (``drop_samples`` consecutive rates below ``drop_ratio`` of the
   estimate, or one below it when the last sample is older than ``drop_after_s``) restarts
   the window from those samples, so the estimate follows a cut in bandwidth within a few
-  requests instead of a full window.
+  requests instead of a full window;
+- a **sharp rise** (as many consecutive rates above ``1 / drop_ratio`` times the estimate,
+  or two when they come sparsely, as probes do) restarts it too: the harmonic mean would
+  otherwise cling to the low rates of a link that has come back.
 
 Example::
 
@@ -59,11 +62,13 @@ class LinkEstimator:
         self._rates: deque[float] = deque(maxlen=window)  # bits per second, one per request
         self._overheads: deque[float] = deque(maxlen=window)  # seconds of a round trip not spent sending
         self._low: list[float] = []  # consecutive rates below the drop ratio
+        self._high: list[float] = []  # consecutive rates above 1 / the drop ratio
         self._last_at: float | None = None
         self.bandwidth_mbit = initial_mbit
         self.rtt_s = initial_rtt_s
         self.samples = 0
         self.drops = 0
+        self.rises = 0
 
     def observe(self, sent_bytes: int, seconds: float, edge_seconds: float = 0.0, at: float = 0.0,
                 answer_bytes: int = 0) -> LinkEstimate:
@@ -122,17 +127,33 @@ class LinkEstimator:
         current = self.bandwidth_mbit * 1e6
         stale = self._last_at is not None and at - self._last_at > self.drop_after_s
         if rate < self.drop_ratio * current:
+            self._high.clear()
             self._low.append(rate)
             if len(self._low) >= self.drop_samples or stale:
-                self._rates.clear()
-                self._rates.extend(self._low)
-                self._low.clear()
+                self._restart(self._low)
                 self.drops += 1
-                self.bandwidth_mbit = statistics.harmonic_mean(self._rates) / 1e6
+                return
+        elif rate > current / self.drop_ratio:
+            # A harmonic mean clings to the low rates in its window: a link that came back
+            # would take a whole window of samples (sparse probes: many seconds) to show.
+            # Consecutive rates this far above it restart the window, more warily than a
+            # drop: two when they come sparsely, as probes do.
+            self._low.clear()
+            self._high.append(rate)
+            if len(self._high) >= self.drop_samples or (stale and len(self._high) >= 2):
+                self._restart(self._high)
+                self.rises += 1
                 return
         else:
             self._low.clear()
+            self._high.clear()
         self._rates.append(rate)
+        self.bandwidth_mbit = statistics.harmonic_mean(self._rates) / 1e6
+
+    def _restart(self, rates: list[float]) -> None:
+        self._rates.clear()
+        self._rates.extend(rates)
+        rates.clear()
         self.bandwidth_mbit = statistics.harmonic_mean(self._rates) / 1e6
 
     @property

@@ -33,7 +33,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from edgesplit.partitioner.cost import PI4, DevicePower, Exit, Link, predict
+from edgesplit.partitioner.cost import CODEC_BYTES, INPUT_BYTES_PER_ELEMENT, PI4, DevicePower, Exit, Link, predict
 from edgesplit.partitioner.cuts import GraphCut
 from edgesplit.partitioner.profile import Profile
 
@@ -56,6 +56,7 @@ class State:
     rtt_s: float
     battery_level: float = 1.0  # 0..1
     on_battery: bool = False
+    edge_wait_s: float = 0.0  # expected wait in the edge's queue (from nodes' telemetry)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ class PlanSpace:
 
     def options(self, state: State) -> list[Option]:
         link = Link(state.bandwidth_mbit, state.rtt_s)
+        plain = next((s for s in self.exit_settings if not s.thresholds), None)
         out = []
         for setting in self.exit_settings:
             exits = [Exit(cut, rate, self.exit_seconds.get(cut, 0.0)) for cut, rate in setting.rates.items()]
@@ -141,7 +143,12 @@ class PlanSpace:
                                  exits=exits):
                     if p.cut not in self.allowed_cuts or (p.cut == self.last and codec != self.codecs[0]):
                         continue  # all on the device sends nothing: one codec is enough
-                    out.append(Option(p.cut, codec, setting, p.total_s, p.energy_j, setting.accuracy))
+                    if p.cut == 0 and CODEC_BYTES[codec] > INPUT_BYTES_PER_ELEMENT:
+                        continue  # the model sends the image at a byte a pixel: only what the runtime sends so
+                    if plain is not None and setting is not plain and all(c > p.cut for c in setting.thresholds):
+                        continue  # the head holds none of its exits: the same plan as no exits
+                    wait = state.edge_wait_s if p.cut < self.last else 0.0
+                    out.append(Option(p.cut, codec, setting, p.total_s + wait, p.energy_j, setting.accuracy))
         return out
 
 

@@ -52,3 +52,23 @@ def test_a_probe_pair_measures_bandwidth_free_of_the_fixed_costs():
     before = est.estimate
     est.observe_pair(8_000, 0.05, 32_000, 0.05, at=1.0)  # indistinguishable: only "at least 1.9 Gbit/s"
     assert est.bandwidth_mbit > before.bandwidth_mbit and est.samples == before.samples + 1
+
+
+def test_a_link_that_comes_back_is_seen_after_two_sparse_probes_not_a_window():
+    est = LinkEstimator(window=16, initial_mbit=0.3)
+    feed(est, 0.3, 16, nbytes=10_000)
+    assert est.bandwidth_mbit == pytest.approx(0.3, rel=0.05)
+    # probe pairs a second apart at 2 Mbit/s: 30 kB more in the large one
+    est.observe_pair(8_000, 0.004 + 8 * 8_000 / 2e6, 32_000, 0.004 + 8 * 32_000 / 2e6, at=10.0)
+    assert est.rises == 0 and est.bandwidth_mbit < 0.5  # one fast probe may be an outlier
+    est.observe_pair(8_000, 0.004 + 8 * 8_000 / 2e6, 32_000, 0.004 + 8 * 32_000 / 2e6, at=11.0)
+    assert est.rises == 1 and est.bandwidth_mbit == pytest.approx(2.0, rel=0.05)
+    # dense requests need three in a row; a normal one in between resets the count
+    est2 = LinkEstimator(window=16, initial_mbit=1.0)
+    feed(est2, 1.0, 16)
+    feed(est2, 4.0, 2, start=1.0)
+    feed(est2, 1.0, 1, start=1.1)
+    feed(est2, 4.0, 2, start=1.15)
+    assert est2.rises == 0 and est2.bandwidth_mbit < 1.5
+    feed(est2, 4.0, 3, start=1.3)
+    assert est2.rises == 1 and est2.bandwidth_mbit == pytest.approx(4.0, rel=0.1)

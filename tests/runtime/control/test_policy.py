@@ -92,3 +92,11 @@ def test_battery_schedule_and_bounds():
     assert battery.reading(9.0).on_battery
     with pytest.raises(ValueError):
         SimulatedBattery(capacity_j=0)
+
+
+def test_a_head_that_holds_none_of_an_exit_settings_exits_is_offered_once_as_no_exits():
+    exits = [ExitSetting({}, {}, 0.93, "off"), ExitSetting({2: 0.8}, {2: 0.5}, 0.90, "exit@2 0.8")]
+    s, st = space(exit_settings=exits, exit_seconds={2: 0.001}), State(0.5, 0.02)
+    offered = {(o.cut, o.exits.name) for o in s.options(st) if o.codec == "int8" or o.cut == 4}
+    assert (0, "exit@2 0.8") not in offered and (1, "exit@2 0.8") not in offered
+    assert {(0, "off"), (1, "off"), (2, "exit@2 0.8"), (4, "exit@2 0.8")} <= offered
