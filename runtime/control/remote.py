@@ -1,9 +1,10 @@
 """The cluster controller and a device's link to it over the telemetry bus.
 
 - :class:`Controller` (``edgesplit controller``): receives telemetry, keeps each device's
-  state (link estimate, battery), runs the same policies as the embedded controller per
-  device, publishes a decision when the choice changes and repeats the decisions in force
-  every ``heartbeat_s``.
+  state (link estimate, battery) and each node's load (queue depth, segment times, from
+  ``edge-node --telemetry``), runs the same policies as the embedded controller per device
+  (offloading plans pay the least loaded node's expected queue wait), publishes a decision
+  when the choice changes and repeats the decisions in force every ``heartbeat_s``.
 - :class:`DeviceLink` (on the device): publishes the embedded controller's estimates and
   battery every ``interval_s``, applies the controller's decisions between requests, and
   when nothing is heard for ``silence_s`` hands the choice back to the embedded controller
@@ -28,6 +29,22 @@ from .controller import EmbeddedController
 from .policy import Hysteresis, Option, PlanSpace, Policy, State
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class NodeView:
+    """What the controller knows of one edge node's load."""
+
+    queue_depth: int
+    segment_seconds: dict[str, float]
+    heard_at: float
+
+    @property
+    def wait_s(self) -> float:
+        """Expected wait of a new request: the queue served one at a time at the mean segment time
+        (pessimistic: batching serves several at once)."""
+        times = [t for t in self.segment_seconds.values() if t > 0]
+        return self.queue_depth * (sum(times) / len(times)) if times else 0.0
 
 
 @dataclass
@@ -56,6 +73,7 @@ class Controller:
         self.clock = clock
         self.max_devices = max_devices
         self.devices: dict[str, DeviceView] = {}
+        self.nodes: dict[str, NodeView] = {}
         self._spaces: dict[str, PlanSpace] = {}
         self._last_beat = clock()
 
@@ -67,16 +85,36 @@ class Controller:
             self.sockets.republish()
             self._last_beat = now
 
+    def edge_wait_s(self) -> float:
+        """The expected queue wait at the least loaded node heard from in the last 3 heartbeats
+        (0 when none is): devices offload to whichever node answers, so the best one counts."""
+        fresh = [n.wait_s for n in self.nodes.values() if self.clock() - n.heard_at <= 3 * self.heartbeat_s]
+        return min(fresh) if fresh else 0.0
+
+    def handle_node(self, msg: telemetry_pb2.Telemetry) -> None:
+        name = msg.source.removeprefix("node/")
+        load = msg.node
+        if load.queue_depth < 0 or any(not 0 <= t < 3600 for t in load.segment_seconds.values()):
+            self.sockets.malformed += 1
+            return
+        if name not in self.nodes and (len(self.nodes) >= self.max_devices or not 0 < len(name) <= 128):
+            self.sockets.malformed += 1
+            return
+        self.nodes[name] = NodeView(load.queue_depth, dict(load.segment_seconds), self.clock())
+
     def handle(self, msg: telemetry_pb2.Telemetry) -> None:
+        if msg.source.startswith("node/") and msg.HasField("node"):
+            self.handle_node(msg)
+            return
         if not msg.source.startswith("device/") or not msg.HasField("link"):
-            return  # nodes' load is kept for later policies; only devices are decided for
+            return
         name = msg.source.removeprefix("device/")
         link = msg.link
         if not (link.bandwidth_mbit > 0 and link.rtt_seconds >= 0):
             self.sockets.malformed += 1
             return
         battery = msg.battery if msg.HasField("battery") else telemetry_pb2.Battery(level=1.0)
-        state = State(link.bandwidth_mbit, link.rtt_seconds, battery.level, battery.on_battery)
+        state = State(link.bandwidth_mbit, link.rtt_seconds, battery.level, battery.on_battery, self.edge_wait_s())
         view = self.devices.get(name)
         if view is None:
             if len(self.devices) >= self.max_devices or not 0 < len(name) <= 128:
@@ -91,7 +129,8 @@ class Controller:
         view.current = option
         view.epoch += 1
         reason = (f"{state.bandwidth_mbit:.2f} Mbit/s, RTT {1000 * state.rtt_s:.1f} ms, battery "
-                  f"{100 * state.battery_level:.0f}%{' on battery' if state.on_battery else ''}")
+                  f"{100 * state.battery_level:.0f}%{' on battery' if state.on_battery else ''}"
+                  + (f", edge queue {1000 * state.edge_wait_s:.0f} ms" if state.edge_wait_s else ""))
         self.sockets.publish_decision(decision(name, view.epoch, option.cut, option.codec,
                                                dict(option.exits.thresholds), reason, option.latency_s, self.name))
         view.decisions.append({"epoch": view.epoch, "cut": option.cut, "codec": option.codec, "reason": reason})

@@ -166,7 +166,11 @@ async def serve(settings: NodeSettings, security: Security | None = None) -> int
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    publisher, publishing = _start_telemetry(settings, plane, registry, stop)
     await stop.wait()
+    if publishing is not None:
+        await publishing
+        publisher.close()
     print(f"edge-node: draining {plane.inflight} in-flight requests", flush=True)
     await node.stop(settings.grace)
     if health_server:
@@ -176,6 +180,24 @@ async def serve(settings: NodeSettings, security: Security | None = None) -> int
         http.close()
     print("edge-node: stopped", flush=True)
     return 0
+
+
+def _start_telemetry(settings: NodeSettings, plane, registry, stop: asyncio.Event):
+    """The publisher and its task when ``--telemetry`` is set, else (None, None)."""
+    if not settings.telemetry:
+        return None, None
+    import zmq
+
+    from edgesplit.runtime.control.bus import CurveKeys, TelemetryPublisher
+
+    from .telemetry import publish_load
+
+    keys = (CurveKeys.load(settings.curve_dir, settings.name.replace(":", "_"), server="controller")
+            if settings.curve_dir else None)
+    publisher = TelemetryPublisher(zmq.Context.instance(), settings.telemetry, f"node/{settings.name}", keys)
+    task = asyncio.get_running_loop().create_task(
+        publish_load(publisher, plane, registry, settings.telemetry_interval, stop))
+    return publisher, task
 
 
 def run(args: argparse.Namespace) -> int:

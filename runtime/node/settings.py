@@ -55,6 +55,9 @@ class NodeSettings:
     metrics_tls: bool = False
     health_host: str = "127.0.0.1"
     health_port: int = -1
+    telemetry: str | None = None  # ZeroMQ endpoint of the controller's telemetry socket
+    telemetry_interval: float = 1.0
+    curve_dir: str | None = None  # CURVE keys for the bus: <name>.key(_secret) and controller.key
 
     def __post_init__(self) -> None:
         if not self.models:
@@ -68,6 +71,8 @@ class NodeSettings:
             raise ValueError("--workers and --threads must be >= 0 (0 picks them from the core count)")
         if self.grace < 0:
             raise ValueError(f"--grace must be >= 0, not {self.grace}")
+        if not self.telemetry_interval > 0:
+            raise ValueError(f"--telemetry-interval must be > 0 seconds, not {self.telemetry_interval}")
         self.batching_config()  # validates preferred/max batch and delay
 
     @classmethod
@@ -158,4 +163,11 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="extra port with only grpc.health.v1, for probes without certificate or token; 0 picks one, "
         "-1 (default) disables; health is always on --port too",
     )
+    t = p.add_argument_group("telemetry bus (see docs/controller.md)")
+    t.add_argument("--telemetry", help="publish queue depth and segment times to this controller endpoint "
+                   "(e.g. tcp://10.0.0.1:5555)")
+    t.add_argument("--telemetry-interval", type=float, default=d["telemetry_interval"].default,
+                   help="seconds between node telemetry messages (default: 1)")
+    t.add_argument("--curve-dir", help="CURVE keys for the bus: NAME.key and NAME.key_secret (NAME: --name) and "
+                   "controller.key, as edgesplit certs --curve writes them")
     return p

@@ -1,0 +1,81 @@
+"""A real edge-node with --telemetry publishes its queue depth and segment times on the bus;
+the cluster controller adds the least loaded node's queue wait to plans that offload, so a
+busy edge moves a device back onto itself, and nonsense node telemetry is dropped."""
+
+import torch
+import zmq
+
+from edgesplit.protos import telemetry_pb2
+from edgesplit.runtime import codec
+from edgesplit.runtime.control.bus import ControllerSockets
+from edgesplit.runtime.control.policy import LeastLatency, PlanSpace
+from edgesplit.runtime.control.remote import Controller
+from edgesplit.runtime.node.launcher import NodeProcess
+from edgesplit.runtime.transport.client import EdgeClient
+from tests.helpers import wait_until
+
+
+def test_a_node_publishes_its_load_on_the_bus():
+    ctx = zmq.Context()
+    hub = ControllerSockets(ctx, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+    got: list[telemetry_pb2.Telemetry] = []
+    try:
+        with NodeProcess(model="resnet_fm", extra_args=["--telemetry", hub.telemetry_endpoint,
+                                                        "--telemetry-interval", "0.1", "--name", "edge7"]) as node:
+            client = EdgeClient(node.address)
+            try:
+                client.infer("resnet_fm", codec.encode(torch.zeros(1, 1, 28, 28), "fp32"), 5.0, "t1")
+            finally:
+                client.close()
+
+            def served_one():
+                got.extend(m for m in hub.poll(0.1) if m.source == "node/edge7")
+                return any("resnet_fm" in m.node.segment_seconds for m in got)
+
+            wait_until(served_one, timeout=30, what="node telemetry with the served segment's time")
+        last = got[-1]
+        assert last.HasField("node") and last.node.queue_depth == 0 and last.seq >= 1
+        assert 0 < last.node.segment_seconds["resnet_fm"] < 5
+    finally:
+        hub.close()
+        ctx.term()
+
+
+def test_a_loaded_edge_moves_the_device_back_onto_itself_and_nonsense_load_is_dropped():
+    ctx = zmq.Context()
+    hub = ControllerSockets(ctx, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+    shapes = [(3, 64, 64), (32, 16, 16), (64, 8, 8), (128, 4, 4), (10,)]
+    now = [0.0]
+    controller = Controller(hub, lambda name: PlanSpace.uniform(4, 0.02, 0.002, shapes),
+                            lambda name: LeastLatency(), heartbeat_s=1.0, clock=lambda: now[0])
+
+    def device_says(mbit: float) -> None:
+        controller.handle(telemetry_pb2.Telemetry(source="device/cam1", link=telemetry_pb2.LinkObservation(
+            bandwidth_mbit=mbit, rtt_seconds=0.001)))
+
+    def node_says(name: str, depth: int, seconds: float) -> None:
+        msg = telemetry_pb2.Telemetry(source=f"node/{name}")
+        msg.node.queue_depth = depth
+        msg.node.segment_seconds["m.from.0"] = seconds
+        controller.handle(msg)
+
+    try:
+        device_says(200.0)
+        assert controller.devices["cam1"].current.cut == 0  # a fast link and an idle edge: offload all
+        node_says("busy", 40, 0.01)  # 400 ms of queue
+        assert controller.edge_wait_s() == 0.4
+        for _ in range(3):  # hysteresis holds a new choice for a few decisions
+            device_says(200.0)
+        assert controller.devices["cam1"].current.cut == 4
+        assert "edge queue 400 ms" in controller.devices["cam1"].decisions[-1]["reason"]
+        node_says("idle", 0, 0.01)  # another node with room: the least loaded one counts
+        assert controller.edge_wait_s() == 0.0
+        bad = controller.sockets.malformed
+        node_says("liar", -1, 0.01)
+        node_says("liar", 1, float("nan"))
+        assert controller.sockets.malformed == bad + 2 and "liar" not in controller.nodes
+        now[0] = 10.0  # node telemetry older than 3 heartbeats is forgotten
+        assert controller.edge_wait_s() == 0.0
+    finally:
+        hub.close()
+        ctx.term()
