@@ -43,7 +43,8 @@ def _demo(args: argparse.Namespace) -> int:
 
     summary = run_demo(samples=args.samples, cut=args.cut, threshold=args.threshold, codec=args.codec,
                        deadline_s=args.deadline, kill=not args.no_kill, rate_hz=args.rate,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, device=args.device, trace=args.trace, delay_ms=args.delay,
+                       compare=not args.no_compare)
     print(render_summary(summary))
     if args.json:
         with open(args.json, "w") as f:
@@ -55,7 +56,7 @@ def _bench(args: argparse.Namespace) -> int:
     from edgesplit.bench import run_benchmark
 
     run_benchmark(args.name, quick=args.quick, json_path=args.json, progress=not args.no_progress,
-                  traces=args.traces)
+                  traces=args.traces, device=args.device)
     return 0
 
 
@@ -179,13 +180,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="where to write weights and card (default: the shipped weights folder)")
     t.set_defaults(func=_train)
 
-    d = sub.add_parser("demo", help="local cluster on loopback with the shipped model; node killed halfway")
-    d.add_argument("--samples", type=int, default=1000)
-    d.add_argument("--cut", type=int, default=4)
-    d.add_argument("--threshold", type=float, default=0.9)
+    d = sub.add_parser("demo", help="local cluster on loopback with the shipped model behind a trace-driven link; "
+                       "the embedded controller picks the plan; node killed halfway")
+    d.add_argument("--samples", type=int, default=300, help="requests per phase (at most 700)")
+    d.add_argument("--cut", type=int, help="a fixed plan at this cut instead of the controller")
+    d.add_argument("--threshold", type=float, default=0.9, help="with --cut: the exit threshold")
     d.add_argument("--codec", default="int8", choices=["fp32", "fp16", "int8", "int8-channel"])
     d.add_argument("--deadline", type=float, default=1.0, help="offload deadline in seconds")
-    d.add_argument("--rate", type=float, default=50.0, help="requests per second, like a camera (0: flat out)")
+    d.add_argument("--rate", type=float, default=25.0, help="requests per second, like a camera (0: flat out)")
+    d.add_argument("--device", default="mcu", choices=["pi4", "pizero2", "mcu"],
+                   help="the device class, emulated by time (default: mcu, 20 times slower than this host)")
+    d.add_argument("--trace", help="a '<seconds> <Mbit/s>' bandwidth trace to replay (default: a shipped 3G excerpt)")
+    d.add_argument("--delay", type=float, default=2.0, help="one-way link delay in ms")
+    d.add_argument("--no-compare", action="store_true", help="skip the fixed-plan replays")
     d.add_argument("--no-kill", action="store_true", help="leave the node running")
     d.add_argument("--no-progress", action="store_true")
     d.add_argument("--json", help="write the summary here")
@@ -198,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--traces", help="controller: a folder of '<seconds> <Mbit/s>' bandwidth traces "
                    "(default: ../shared/traces)")
+    b.add_argument("--device", choices=["pi4", "pizero2", "mcu"],
+                   help="controller: the device class (CPU quota) to throttle the device to (default: mcu)")
     b.set_defaults(func=_bench)
 
     i = sub.add_parser("info", help="show a model's cuts, crossing tensors and costs")
