@@ -206,6 +206,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         settings = NodeSettings.from_args(args)
         security = load_security(settings)  # before loading the model: a bad flag fails at once
+        if settings.curve_dir:
+            from edgesplit.runtime.control.bus import CurveKeys
+
+            CurveKeys.load(settings.curve_dir, settings.name.replace(":", "_"), server="controller")
         return asyncio.run(serve(settings, security))
     except (FileNotFoundError, KeyError, ValueError) as exc:
         print(f"edge-node: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -73,6 +74,10 @@ class NodeSettings:
             raise ValueError(f"--grace must be >= 0, not {self.grace}")
         if not self.telemetry_interval > 0:
             raise ValueError(f"--telemetry-interval must be > 0 seconds, not {self.telemetry_interval}")
+        if self.telemetry is not None and not re.fullmatch(r"(tcp|ipc)://\S+", self.telemetry):
+            raise ValueError(f"--telemetry must be a ZeroMQ endpoint like tcp://10.0.0.1:5555, not {self.telemetry!r}")
+        if self.curve_dir and not self.telemetry:
+            raise ValueError("--curve-dir secures the telemetry bus: give --telemetry too")
         self.batching_config()  # validates preferred/max batch and delay
 
     @classmethod

@@ -2,6 +2,7 @@
 the cluster controller adds the least loaded node's queue wait to plans that offload, so a
 busy edge moves a device back onto itself, and nonsense node telemetry is dropped."""
 
+import pytest
 import torch
 import zmq
 
@@ -11,6 +12,7 @@ from edgesplit.runtime.control.bus import ControllerSockets
 from edgesplit.runtime.control.policy import LeastLatency, PlanSpace
 from edgesplit.runtime.control.remote import Controller
 from edgesplit.runtime.node.launcher import NodeProcess
+from edgesplit.runtime.node.settings import NodeSettings
 from edgesplit.runtime.transport.client import EdgeClient
 from tests.helpers import wait_until
 
@@ -79,3 +81,13 @@ def test_a_loaded_edge_moves_the_device_back_onto_itself_and_nonsense_load_is_dr
     finally:
         hub.close()
         ctx.term()
+
+
+def test_telemetry_flags_are_checked_before_anything_starts():
+    with pytest.raises(ValueError, match="ZeroMQ endpoint"):
+        NodeSettings(telemetry="controller:5555")
+    with pytest.raises(ValueError, match="give --telemetry"):
+        NodeSettings(curve_dir="/keys")
+    with pytest.raises(ValueError, match="telemetry-interval"):
+        NodeSettings(telemetry="tcp://127.0.0.1:5555", telemetry_interval=0)
+    assert NodeSettings(telemetry="tcp://127.0.0.1:5555").telemetry_interval == 1.0
