@@ -41,10 +41,14 @@ def _train(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import render_summary, run_demo
 
-    summary = run_demo(samples=args.samples, cut=args.cut, threshold=args.threshold, codec=args.codec,
-                       deadline_s=args.deadline, kill=not args.no_kill, rate_hz=args.rate,
-                       progress=not args.no_progress, device=args.device, trace=args.trace, delay_ms=args.delay,
-                       compare=not args.no_compare)
+    try:
+        summary = run_demo(samples=args.samples, cut=args.cut, threshold=args.threshold, codec=args.codec,
+                           deadline_s=args.deadline, kill=not args.no_kill, rate_hz=args.rate,
+                           progress=not args.no_progress, device=args.device, trace=args.trace,
+                           delay_ms=args.delay, compare=not args.no_compare)
+    except ValueError as exc:  # a bad flag or trace file: say what, not where
+        print(f"edgesplit demo: {exc}", file=sys.stderr)
+        return 2
     print(render_summary(summary))
     if args.json:
         with open(args.json, "w") as f:

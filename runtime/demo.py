@@ -190,9 +190,13 @@ def run_demo(
     if samples < 1 or samples > 1000 - CALIBRATION_IMAGES:
         raise ValueError(f"samples must be within 1..{1000 - CALIBRATION_IMAGES} (the shipped sample holds 1,000 "
                          f"images; {CALIBRATION_IMAGES} calibrate the exits)")
+    if not rate_hz >= 0 or not deadline_s > 0 or not delay_ms >= 0:
+        raise ValueError(f"need --rate >= 0, --deadline > 0 and --delay >= 0 (got {rate_hz}, {deadline_s}, {delay_ms})")
     torch.set_num_threads(1)
     model = load_trained("resnet_fm")
     last = model.num_blocks
+    if cut is not None:
+        model.check_cut(cut)
     images, labels = load_images("sample")
     x = to_tensor(images[CALIBRATION_IMAGES : CALIBRATION_IMAGES + samples])
     ys = [int(v) for v in labels[CALIBRATION_IMAGES : CALIBRATION_IMAGES + samples]]

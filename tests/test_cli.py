@@ -29,3 +29,15 @@ def test_console_scripts_start():
         [sys.executable, "-m", "edgesplit.runtime.cli", "demo", "--help"], capture_output=True, text=True
     )
     assert "--threshold" in out.stdout
+
+
+def test_demo_refuses_bad_flags_with_a_message_not_a_traceback(capsys, tmp_path):
+    from edgesplit.runtime.cli import main
+
+    bad = tmp_path / "bad.txt"
+    bad.write_text("0 1\nnot a sample\n")
+    for argv, needle in ((["--samples", "0"], "samples must be within"), (["--rate", "-1"], "--rate >= 0"),
+                         (["--cut", "99"], "cut must be"), (["--trace", str(bad)], "bad.txt:2")):
+        assert main(["demo", "--no-progress", *argv]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err

@@ -8,17 +8,32 @@ import shutil
 
 import pytest
 
-from edgesplit.bench.controller import analyse, pick, rate_at, render, summarise, table_at, trace_files
+from edgesplit.bench.controller import (
+    analyse,
+    best_static_plan,
+    fit_table,
+    pick,
+    rate_at,
+    render,
+    shifted,
+    summarise,
+    table_at,
+    trace_files,
+    window_start,
+)
 
-TABLE = {1.0: {"0:int8": 1000.0, "9:int8": 300.0}, 4.0: {"0:int8": 250.0, "9:int8": 300.0}}
+SAMPLES = {1.0: {"0:int8": [900.0, 1100.0], "9:int8": [280.0, 320.0]},
+           4.0: {"0:int8": [240.0, 260.0], "9:int8": [310.0, 330.0]}}
+TABLE = fit_table(SAMPLES)
 
 
-def test_table_is_linear_in_inverse_bandwidth_and_clamped_above():
-    assert table_at(TABLE, "0:int8", 1.0) == 1000.0 and table_at(TABLE, "0:int8", 4.0) == 250.0
-    assert table_at(TABLE, "0:int8", 2.0) == pytest.approx(500.0)  # half way in 1/b
-    assert table_at(TABLE, "0:int8", 100.0) == 250.0
-    assert table_at(TABLE, "0:int8", 0.5) == pytest.approx(2000.0)  # extrapolated along 1/b
-    assert table_at(TABLE, "9:int8", 0.5) == pytest.approx(300.0)
+def test_the_table_is_fitted_linear_in_inverse_bandwidth_over_all_samples():
+    assert TABLE["0:int8"] == pytest.approx((0.0, 1000.0))  # all transfer: 1000 ms per 1/Mbit
+    assert table_at(TABLE, "0:int8", 2.0) == pytest.approx(500.0)
+    assert table_at(TABLE, "0:int8", 0.5) == pytest.approx(2000.0)
+    # all on the device: latency does not fall with bandwidth, so the noise is not a slope
+    assert TABLE["9:int8"] == pytest.approx((310.0, 0.0))
+    assert table_at(TABLE, "9:int8", 0.5) == pytest.approx(310.0)
 
 
 def test_analysis_takes_oracle_and_best_static_at_the_adaptive_requests():
@@ -31,14 +46,40 @@ def test_analysis_takes_oracle_and_best_static_at_the_adaptive_requests():
             "all_edge": {"records": [], "sent": 1, "decisions": []}}
     live["all_edge"]["records"] = [{"t": 1.0, "ms": 900.0, "cut": 0, "epoch": 0, "where": "edge", "error": None}]
     row = analyse("t", samples, TABLE, live, slo_ms=305.0, model="m")
-    assert row["oracle_ms"] == pytest.approx((300 + 300 + 250 + 250) / 4)
-    assert row["best_static_plan"] == "9:int8" and row["best_static_ms"] == 300.0
+    assert row["oracle_ms"] == pytest.approx((310 + 310 + 250 + 250) / 4)
+    assert row["best_static_plan"] == "9:int8" and row["best_static_ms"] == pytest.approx(310.0)
     assert row["slo_miss_rate"] == 0.25 and row["decisions"] == 1
     assert (row["sent"], row["answered"]) == (6, 6)
     s = summarise([row])
-    assert s["lost"] == 0 and s["gain_traces"] == 1  # oracle 275 beats best static 300 by > 5 %
-    assert s["gain_captured"] == pytest.approx((300 - row["adaptive_ms"]) / (300 - 275))
+    assert s["lost"] == 0 and s["gain_traces"] == 1  # oracle 280 beats best static 310 by > 5 %
+    assert s["gain_captured"] == pytest.approx((310 - row["adaptive_ms"]) / (310 - 280))
     assert "adaptive / oracle" in render({"traces": [row], "summary": s})
+
+
+def test_the_live_best_static_run_anchors_the_oracle_at_its_level():
+    samples = [(0.0, 1.0), (10.0, 4.0)]
+    rec = lambda t, ms: {"t": t, "ms": ms, "cut": 9, "epoch": 1, "where": "device", "error": None}  # noqa: E731
+    adaptive = [rec(1, 310.0), rec(5, 300.0), rec(11, 260.0), rec(15, 255.0)]
+    assert best_static_plan(samples, TABLE, adaptive) == "9:int8"
+    live = {"adaptive": {"records": adaptive, "sent": 4, "decisions": []},
+            "all_device": {"records": [rec(1, 372.0)], "sent": 1, "decisions": []},  # 20 % slower than the table
+            "all_edge": {"records": [rec(1, 900.0)], "sent": 1, "decisions": []}}
+    row = analyse("t", samples, TABLE, live, slo_ms=1000.0, model="m", best_static_live="all_device")
+    assert row["best_static_ms"] == 372.0 and row["best_static_table_ms"] == pytest.approx(310.0)
+    assert row["oracle_table_ms"] == pytest.approx(280.0)
+    assert row["oracle_ms"] == pytest.approx(280.0 * 1.2)
+
+
+def test_the_widest_window_is_where_the_bandwidth_swings_most():
+    trace = [(0.0, 2.0), (10.0, 2.1), (20.0, 1.9), (30.0, 0.2), (40.0, 4.0), (50.0, 2.0), (90.0, 2.0)]
+    assert window_start(trace, 30.0, "start") == 0.0
+    start = window_start(trace, 30.0)
+    assert start in (20.0, 30.0)  # a window holding both 0.2 and 4.0
+    moved = shifted(trace, 25.0)
+    assert moved[0] == (0.0, 1.9) and moved[1] == (5.0, 0.2) and rate_at(moved, 16.0) == 4.0
+    assert window_start([(0.0, 1.0), (5.0, 0.1)], 30.0) == 0.0  # shorter than the window
+    with pytest.raises(ValueError, match="window"):
+        window_start(trace, 30.0, "middle")
 
 
 def test_traces_are_picked_evenly_and_rates_hold_until_the_next_sample(tmp_path):
