@@ -4,21 +4,25 @@ embedded controller, in the test bed's device namespace under a CPU quota.
 JSON commands on stdin, one JSON answer per line on stdout:
 
 - ``{"op": "profile", "repeats": R, "pause_s": P, "edge": [seconds per block], "cuts": [...]}``:
-  time the device's own work for every block cut (blocks, encoding int8, building the
+  time the device's own work at each of ``cuts`` (blocks, encoding int8, building the
   request), idling ``P`` before each run; build the controller's plan space from it and
-  the edge's per-block times, choosing among ``cuts``; answer the per-cut milliseconds;
-- ``{"op": "static", "plans": [[cut, codec], ...], "repeats": R, "pause_s": P}``: median
-  milliseconds of each fixed plan over the current link (the table the oracle reads);
+  the edge's per-block times, choosing among ``cuts``; answer the milliseconds per cut;
+- ``{"op": "static", "plans": [[cut, codec], ...], "repeats": R, "pause_s": P}``: the
+  milliseconds of ``R`` requests under each fixed plan over the current link (the table
+  the oracle reads);
 - ``{"op": "run", "mode": "adaptive" | [cut, codec], "duration_s": D, "pause_s": P}``:
   requests one after another for ``D`` seconds (idling ``P`` before each, like frames of a
   camera), each recorded with its time, latency, plan epoch, cut and where it ran; the
   adaptive mode also reports the controller's decisions;
+
+every idle is jittered (:meth:`Device.idle`);
 - ``{"op": "quit"}``.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import sys
 import time
@@ -48,18 +52,37 @@ class Device:
         self.client = EdgeClient(target)
         self.x = torch.randn(1, *self.model.input_shape)
         self.space: PlanSpace | None = None
+        self._rng = random.Random(0)
+
+    def idle(self, pause_s: float) -> None:
+        """Idle between requests for ``pause_s`` on average, uniformly 0.5-1.5 times it.
+
+        A fixed pause that is a multiple of the CFS period keeps each request starting at
+        the same phase of the period, so a run of requests all wait out the same number of
+        periods and a run's mean stays off by up to a period; a jittered one samples every
+        phase, as a camera's frames would."""
+        time.sleep(pause_s * (0.5 + self._rng.random()))
 
     def runner(self, plan: Plan) -> DeviceRunner:
         return DeviceRunner(self.model, plan=plan, client=self.client, deadline_s=30.0)
 
-    def profile(self, repeats: int, pause_s: float, edge_block_s: list[float], cuts: list[int]) -> list[float]:
-        """Milliseconds of the device's work at every block cut, as measured here."""
-        model, heads = self.model, [0.0]
+    def profile(self, repeats: int, pause_s: float, edge_block_s: list[float], cuts: list[int]) -> dict[str, float]:
+        """Milliseconds of the device's work at each candidate cut, as measured here.
+
+        Each candidate's head (blocks, int8 encoding, building the request) is timed whole
+        ``repeats`` times after idling ``pause_s``; the mean is kept, as the latency the
+        controller predicts is an average. Under a quota single runs jump by whole CFS
+        periods, so the means are made monotone in the cut by pooling adjacent violators
+        (a longer head cannot take less time), not by carrying an unlucky maximum forward.
+        """
+        model = self.model
+        cuts = sorted(set(cuts) | {0})
+        means = [0.0]
         with torch.inference_mode():
-            for cut in range(1, model.num_blocks + 1):
+            for cut in cuts[1:]:
                 times = []
                 for i in range(repeats + 1):
-                    time.sleep(pause_s)
+                    self.idle(pause_s)
                     started = time.perf_counter()
                     h = model.run(self.x, 0, cut)
                     if cut < model.num_blocks:
@@ -67,30 +90,34 @@ class Device:
                         build_infer_request(f"{model.name}.from.{cut}", {"input": enc}).SerializeToString()
                     if i:
                         times.append(time.perf_counter() - started)
-                heads.append(statistics.median(times))
-        # A longer head cannot take less time: under a quota a shorter one can be unlucky and
-        # wait out a period the longer one did not.
-        for k in range(1, len(heads)):
-            heads[k] = max(heads[k], heads[k - 1])
+                means.append(statistics.fmean(times))
+        heads = pool_adjacent_violators(means)
+        # Per-block times that add up to the measured heads at the candidate cuts (spread
+        # evenly between them: only candidate cuts are ever chosen).
+        per_block = [0.0] * model.num_blocks
+        for (a, ta), (b, tb) in zip(zip(cuts, heads), zip(cuts[1:], heads[1:])):
+            for k in range(a, b):
+                per_block[k] = (tb - ta) / (b - a)
         names = list(model.block_names)
-        per_block = [heads[k + 1] - heads[k] for k in range(model.num_blocks)]
-        device = Profile(model.name, "device", torch.__version__, 1, 1, names, {1: per_block})
+        device = Profile(model.name, "device", torch.__version__, 1, 1, names, {1: per_block}, statistic="mean",
+                         pause_s=pause_s, calibrated_at=cuts)
         edge = Profile(model.name, "edge", torch.__version__, 1, 1, names, {1: edge_block_s})
         shapes = [c.shape for c in model.cut_points()]
         self.space = PlanSpace(device, edge, shapes, codecs=CODECS, allowed_cuts=cuts)
-        return [1000 * t for t in heads]
+        return {str(c): round(1000 * t, 3) for c, t in zip(cuts, heads)}
 
-    def static(self, plans: list[list], repeats: int, pause_s: float) -> dict[str, float]:
+    def static(self, plans: list[list], repeats: int, pause_s: float) -> dict[str, list[float]]:
+        """Milliseconds of ``repeats`` requests (after one warm-up) under each fixed plan."""
         out = {}
         for cut, codec in plans:
             runner = self.runner(Plan(cut=cut, codec=codec))
             times = []
             for i in range(repeats + 1):
-                time.sleep(pause_s)
+                self.idle(pause_s)
                 answer = runner.infer(self.x)
                 if i:
-                    times.append(1000 * answer.latency.total)
-            out[f"{cut}:{codec}"] = statistics.median(times)
+                    times.append(round(1000 * answer.latency.total, 3))
+            out[f"{cut}:{codec}"] = times
         return out
 
     def run(self, mode, duration_s: float, pause_s: float) -> dict:
@@ -108,7 +135,7 @@ class Device:
         started = time.monotonic()
         try:
             while time.monotonic() - started < duration_s:
-                time.sleep(pause_s)
+                self.idle(pause_s)
                 sent += 1
                 at = time.monotonic() - started
                 answer = runner.infer(self.x)
@@ -124,6 +151,18 @@ class Device:
         return {"records": records, "sent": sent, "decisions": decisions}
 
 
+def pool_adjacent_violators(values: list[float]) -> list[float]:
+    """The non-decreasing sequence closest to ``values`` in least squares (isotonic regression)."""
+    blocks: list[list[float]] = []  # [sum, count]
+    for v in values:
+        blocks.append([v, 1])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    return [total / count for total, count in blocks for _ in range(count)]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="mobilenet_v2")
@@ -134,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     hello = {"blocks": device.model.num_blocks, "bytes": [c.numel for c in device.model.cut_points()]}
     return answer_commands(hello, {
         "profile": lambda c: {"heads_ms": device.profile(c["repeats"], c["pause_s"], c["edge"], c["cuts"])},
-        "static": lambda c: {"ms": device.static(c["plans"], c["repeats"], c["pause_s"])},
+        "static": lambda c: {"samples_ms": device.static(c["plans"], c["repeats"], c["pause_s"])},
         "run": lambda c: device.run(c["mode"], c["duration_s"], c["pause_s"]),
     })
 
