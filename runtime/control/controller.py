@@ -102,6 +102,9 @@ class EmbeddedController:
                 answer_bytes = 4 * answer.logits.numel() if answer.logits is not None else 0
                 self.estimator.observe(answer.sent_bytes, lat.transfer + lat.edge, lat.edge, at, answer_bytes)
                 self._last_offload_at = at
+            elif answer.attempted_bytes and (answer.offload_error or "").startswith("DEADLINE_EXCEEDED"):
+                # The bytes did not get through in time: the link is at most this fast.
+                self.estimator.observe_timeout(answer.attempted_bytes, lat.transfer, at)
             if self.battery is not None:
                 link = Link(self.estimator.bandwidth_mbit, self.estimator.rtt_s)
                 self.battery.drain(self.power.energy_joules(lat.device, lat.transfer, link), at)

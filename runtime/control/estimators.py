@@ -93,6 +93,18 @@ class LinkEstimator:
         self.samples += 1
         return self.estimate
 
+    def observe_timeout(self, sent_bytes: int, seconds: float, at: float = 0.0) -> LinkEstimate:
+        """An offload of ``sent_bytes`` that missed its deadline after ``seconds``: the link
+        carried them in no less, so its rate is at most this. Counted as a sample only when
+        that bound is below the estimate (it can then start a drop); a bound above it says
+        nothing."""
+        bound = 8 * sent_bytes / max(seconds - self.rtt_s, MIN_TRANSFER_S)
+        if sent_bytes > 0 and bound < self.bandwidth_mbit * 1e6:
+            self._add_rate(bound, at)
+            self._last_at = at
+            self.samples += 1
+        return self.estimate
+
     def observe_pair(self, small_bytes: int, small_s: float, large_bytes: int, large_s: float,
                      at: float = 0.0) -> LinkEstimate:
         """Two probes that differ only in size (same answer, edge time already taken out).
@@ -124,6 +136,9 @@ class LinkEstimator:
         return statistics.quantiles(self._overheads, n=10)[0]
 
     def _add_rate(self, rate: float, at: float) -> None:
+        if not self._rates:  # the first measurement replaces the initial guess
+            self._restart([rate])
+            return
         current = self.bandwidth_mbit * 1e6
         stale = self._last_at is not None and at - self._last_at > self.drop_after_s
         if rate < self.drop_ratio * current:

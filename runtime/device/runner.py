@@ -78,6 +78,7 @@ class Answer:
     logits: torch.Tensor | None = None
     epoch: int = 0  # the plan this request ran under
     sent_bytes: int = 0  # what was offloaded (0 when nothing was)
+    attempted_bytes: int = 0  # what an offload that failed tried to send
     cut: int = 0  # the plan's cut this request ran under
 
 
@@ -274,8 +275,10 @@ class DeviceRunner:
         except OffloadError as exc:
             latency.transfer = time.perf_counter() - call_started  # time lost on the attempt
             self._count_failure(exc.reason)
-            return self._complete_locally(request_id, h, seen, latency, started, exc.reason, plan, resumed=True,
-                                          skipped=skipped)
+            answer = self._complete_locally(request_id, h, seen, latency, started, exc.reason, plan, resumed=True,
+                                            skipped=skipped)
+            answer.attempted_bytes = len(encoded.data)
+            return answer
         except Exception as exc:  # a bug, not a network failure: say so loudly, still answer once
             latency.transfer = time.perf_counter() - call_started
             log.exception("request %d: offloading raised %s; completing locally", request_id, type(exc).__name__)

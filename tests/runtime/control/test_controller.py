@@ -123,3 +123,29 @@ def test_probing_measures_the_link_while_everything_runs_on_the_device(node, spa
     finally:
         controller.close()
         client.close()
+
+
+def test_offloads_that_miss_their_deadline_on_a_collapsed_link_move_the_plan_to_the_device(node, space):
+    from edgesplit.linksim import LinkEmulatorThread, LinkSettings
+
+    model, running = node
+    host, port = running.address.rsplit(":", 1)
+    with LinkEmulatorThread(host, int(port), settings=LinkSettings(rate_mbps=0.02)) as link:
+        client = EdgeClient(f"127.0.0.1:{link.port}")
+        runner = DeviceRunner(model, plan=Plan(cut=4, codec="int8"), client=client, deadline_s=0.3)
+        # believes in a fast link, so it starts offloading 12.5 kB per request
+        controller = EmbeddedController(runner, space, LeastLatency(), every=1000,
+                                        estimator=LinkEstimator(initial_mbit=50.0, initial_rtt_s=0.001))
+        try:
+            assert controller.decide() is None or runner.plan.cut < model.num_blocks
+            x = torch.randn(1, 1, 28, 28)
+            answer = runner.infer(x)
+            assert answer.where == "device-fallback" and answer.offload_error.startswith("DEADLINE_EXCEEDED")
+            assert answer.attempted_bytes >= model.cut_points()[0].numel  # the image, a byte a pixel or more
+            assert controller.estimator.bandwidth_mbit < 1.0  # 0.3 s without getting the image through
+            plan = controller.decide()
+            assert plan is not None and plan.cut == model.num_blocks  # nothing crosses the dead link
+            assert runner.infer(x).where == "device"
+        finally:
+            controller.close()
+            client.close()

@@ -72,3 +72,12 @@ def test_a_link_that_comes_back_is_seen_after_two_sparse_probes_not_a_window():
     assert est2.rises == 0 and est2.bandwidth_mbit < 1.5
     feed(est2, 4.0, 3, start=1.3)
     assert est2.rises == 1 and est2.bandwidth_mbit == pytest.approx(4.0, rel=0.1)
+
+
+def test_an_offload_that_missed_its_deadline_bounds_the_rate_and_can_start_a_drop():
+    est = LinkEstimator(window=16, initial_mbit=10.0, initial_rtt_s=0.01, drop_after_s=0.5)
+    feed(est, 10.0, 16, rtt=0.01)
+    est.observe_timeout(125_000, 0.11, at=1.0)  # 1 Mbit in 0.1 s: no lower than 10 Mbit/s, says nothing
+    assert est.drops == 0 and est.bandwidth_mbit == pytest.approx(10.0, rel=0.05)
+    est.observe_timeout(125_000, 2.01, at=5.0)  # after a silence: at most 0.5 Mbit/s
+    assert est.drops == 1 and est.bandwidth_mbit == pytest.approx(0.5, rel=0.05)
