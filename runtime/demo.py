@@ -24,6 +24,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -225,63 +226,63 @@ def run_demo(
         say(f"edge-node started on {node.address} (metrics on port {node.metrics_port}); the device reaches it "
             f"through the link emulator on port {link.port}: {delay_ms:g} ms each way, bandwidth replayed from "
             f"{Path(trace or DEMO_TRACE).name}")
-        client = EdgeClient(f"127.0.0.1:{link.port}")
-        controller = None
-        if space is not None:
-            runner = DeviceRunner(device_model, plan=Plan(cut=last, codec=codec), client=client,
-                                  deadline_s=deadline_s)
-            controller = EmbeddedController(runner, space, Hysteresis(LeastLatency(accuracy_target=target),
-                                                                      margin=0.1, hold=2),
-                                            estimator=LinkEstimator(initial_mbit=1.0, initial_rtt_s=2 * delay_ms / 1e3),
-                                            every=4, probe_interval_s=1.0)
-        else:
-            runner = DeviceRunner(device_model, cut=cut, thresholds=threshold, client=client, codec=codec,
-                                  deadline_s=deadline_s)
-        failure = NodeFailure(node, len(ys) // 2, int(len(ys) * 0.6), say) if kill else None
-        run_started = time.monotonic()
+        with closing(EdgeClient(f"127.0.0.1:{link.port}")) as client:
+            controller = None
+            if space is not None:
+                runner = DeviceRunner(device_model, plan=Plan(cut=last, codec=codec), client=client,
+                                      deadline_s=deadline_s)
+                policy = Hysteresis(LeastLatency(accuracy_target=target), margin=0.1, hold=2)
+                estimator = LinkEstimator(initial_mbit=1.0, initial_rtt_s=2 * delay_ms / 1e3)
+                controller = EmbeddedController(runner, space, policy, estimator=estimator, every=4,
+                                                probe_interval_s=1.0)
+            else:
+                runner = DeviceRunner(device_model, cut=cut, thresholds=threshold, client=client, codec=codec,
+                                      deadline_s=deadline_s)
+            failure = NodeFailure(node, len(ys) // 2, int(len(ys) * 0.6), say) if kill else None
+            run_started = time.monotonic()
 
-        def announce() -> None:
-            """Print the controller's decisions made since the last call."""
+            def announce() -> None:
+                """Print the controller's decisions made since the last call."""
+                if controller is not None:
+                    for d in controller.decisions[len(decisions):]:
+                        decisions.append(d)
+                        say(f"{max(0.0, d.at - run_started):5.1f} s  plan {d.epoch}: "
+                            f"{describe(d.cut, d.codec, d.thresholds, last)} ({d.predicted_ms:.0f} ms predicted) "
+                            f"at {d.bandwidth_mbit:.2f} Mbit/s, RTT {d.rtt_ms:.0f} ms")
+
+            def after(i: int, answer: Answer) -> None:
+                announce()
+                if failure:
+                    failure.after(i, answer)
+
+            link.set_trace(bandwidth)
             if controller is not None:
-                for d in controller.decisions[len(decisions):]:
-                    decisions.append(d)
-                    say(f"{max(0.0, d.at - run_started):5.1f} s  plan {d.epoch}: "
-                        f"{describe(d.cut, d.codec, d.thresholds, last)} ({d.predicted_ms:.0f} ms predicted) "
-                        f"at {d.bandwidth_mbit:.2f} Mbit/s, RTT {d.rtt_ms:.0f} ms")
-
-        def after(i: int, answer: Answer) -> None:
-            announce()
-            if failure:
-                failure.after(i, answer)
-
-        link.set_trace(bandwidth)
-        if controller is not None:
-            controller.decide()
-            announce()
-            controller.start_probing()
-        try:
-            answers, _ = _drive(runner, x, rate_hz, "adaptive" if controller else "requests", progress,
-                                failure.before if failure else None, after)
-        finally:
-            if controller is not None:
-                controller.close()
-            if failure:
-                failure.join()
-        if compare:  # the same trace and the same node failure under each fixed plan
-            for label, plan in (("all on the device", Plan(cut=last)), ("all on the edge", Plan(cut=0, codec=codec))):
-                fixed = DeviceRunner(device_model, plan=plan, client=client, deadline_s=deadline_s)
-                again = NodeFailure(node, failure.kill_at, failure.restart_at) if failure else None
-                link.set_trace(bandwidth)
-                try:
-                    got, _ = _drive(fixed, x, rate_hz, label, progress, again.before if again else None,
-                                    again.after if again else None)
-                finally:
-                    if again:
-                        again.join()
-                compared[label] = {"mean_ms": 1000 * statistics.fmean(a.latency.total for a in got),
-                                   "where": dict(Counter(a.where for a in got)),
-                                   "accuracy": sum(a.prediction == y for a, y in zip(got, ys)) / len(ys)}
-        client.close()
+                controller.decide()
+                announce()
+                controller.start_probing()
+            try:
+                answers, _ = _drive(runner, x, rate_hz, "adaptive" if controller else "requests", progress,
+                                    failure.before if failure else None, after)
+            finally:
+                if controller is not None:
+                    controller.close()
+                if failure:
+                    failure.join()
+            if compare:  # the same trace and the same node failure under each fixed plan
+                fixed_plans = (("all on the device", Plan(cut=last)), ("all on the edge", Plan(cut=0, codec=codec)))
+                for label, plan in fixed_plans:
+                    fixed = DeviceRunner(device_model, plan=plan, client=client, deadline_s=deadline_s)
+                    again = NodeFailure(node, failure.kill_at, failure.restart_at) if failure else None
+                    link.set_trace(bandwidth)
+                    try:
+                        got, _ = _drive(fixed, x, rate_hz, label, progress, again.before if again else None,
+                                        again.after if again else None)
+                    finally:
+                        if again:
+                            again.join()
+                    compared[label] = {"mean_ms": 1000 * statistics.fmean(a.latency.total for a in got),
+                                       "where": dict(Counter(a.where for a in got)),
+                                       "accuracy": sum(a.prediction == y for a, y in zip(got, ys)) / len(ys)}
     summary = summarise(answers, ys, len(ys))
     plans: dict[int, dict] = {}
     for a in answers:

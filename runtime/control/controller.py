@@ -109,8 +109,9 @@ class EmbeddedController:
                 link = Link(self.estimator.bandwidth_mbit, self.estimator.rtt_s)
                 self.battery.drain(self.power.energy_joules(lat.device, lat.transfer, link), at)
             self._seen += 1
-            dropped = self.estimator.drops != self._drops
-            self._drops = self.estimator.drops
+            moved = self.estimator.drops + self.estimator.rises
+            dropped = moved != self._drops
+            self._drops = moved
             if self.deciding and (dropped or self._seen % self.every == 0):
                 self._decide(at)
 

@@ -55,6 +55,8 @@ class LinkEstimator:
                  drop_ratio: float = 0.5, drop_samples: int = 3, drop_after_s: float = 0.5) -> None:
         if window < drop_samples or drop_samples < 1:
             raise ValueError(f"need 1 <= drop_samples ({drop_samples}) <= window ({window})")
+        if not 0 < drop_ratio < 1 or not initial_mbit > 0:
+            raise ValueError(f"need 0 < drop_ratio < 1 and initial_mbit > 0, not {drop_ratio}, {initial_mbit}")
         self.window = window
         self.drop_ratio = drop_ratio
         self.drop_samples = drop_samples
@@ -78,9 +80,10 @@ class LinkEstimator:
         if carried <= 0 or bits <= 0:
             return self.estimate
         expected_transfer = bits / (self.bandwidth_mbit * 1e6)
-        self._overheads.append(max(0.0, carried - expected_transfer))
-        if expected_transfer < 0.1 * carried or len(self._overheads) >= 3:
-            self.rtt_s = self._low_overhead()
+        if self._rates:  # the first request is timed against the initial RTT, not the guessed bandwidth
+            self._overheads.append(max(0.0, carried - expected_transfer))
+            if expected_transfer < 0.1 * carried or len(self._overheads) >= 3:
+                self.rtt_s = self._low_overhead()
         self.rtt_s = min(self.rtt_s, carried)  # no round trip is shorter than the RTT
         transfer = carried - self.rtt_s
         if transfer >= MIN_TRANSFER_S:
@@ -97,7 +100,9 @@ class LinkEstimator:
         """An offload of ``sent_bytes`` that missed its deadline after ``seconds``: the link
         carried them in no less, so its rate is at most this. Counted as a sample only when
         that bound is below the estimate (it can then start a drop); a bound above it says
-        nothing."""
+        nothing. A deadline missed for another reason (a queue at the edge, a retry that ran
+        out of time) reads as a slow link too: running locally is then right anyway, and the
+        probe pairs, free of the edge's time, bring the estimate back within two pairs."""
         bound = 8 * sent_bytes / max(seconds - self.rtt_s, MIN_TRANSFER_S)
         if sent_bytes > 0 and bound < self.bandwidth_mbit * 1e6:
             self._add_rate(bound, at)
@@ -116,11 +121,16 @@ class LinkEstimator:
         if extra_bits <= 0:
             return self.estimate
         if extra_s < MIN_TRANSFER_S:
-            # Too close to tell apart: the link is at least this fast, and that is all.
-            floor = extra_bits / MIN_TRANSFER_S
+            # Too close to tell apart (or the larger came back first): the link is at least
+            # as fast as the large probe's whole round trip shows, and that is all. (Not
+            # extra bits / 0.1 ms: under jitter that would read as gigabits.)
+            floor = 8 * large_bytes / large_s if large_s > 0 else 0.0
             if floor <= self.bandwidth_mbit * 1e6:
                 return self.estimate
-            extra_s = MIN_TRANSFER_S
+            self._add_rate(floor, at)
+            self._last_at = at
+            self.samples += 1
+            return self.estimate
         rate = extra_bits / extra_s
         self._overheads.append(max(0.0, small_s - 8 * small_bytes / rate))
         self.rtt_s = self._low_overhead()
@@ -136,10 +146,14 @@ class LinkEstimator:
         return statistics.quantiles(self._overheads, n=10)[0]
 
     def _add_rate(self, rate: float, at: float) -> None:
+        current = self.bandwidth_mbit * 1e6
         if not self._rates:  # the first measurement replaces the initial guess
+            if rate < self.drop_ratio * current:
+                self.drops += 1
+            elif rate > current / self.drop_ratio:
+                self.rises += 1
             self._restart([rate])
             return
-        current = self.bandwidth_mbit * 1e6
         stale = self._last_at is not None and at - self._last_at > self.drop_after_s
         if rate < self.drop_ratio * current:
             self._high.clear()

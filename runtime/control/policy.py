@@ -97,6 +97,10 @@ class PlanSpace:
         self.last = last
         # Cuts the policies may choose (default: all); e.g. only those whose device time was measured.
         self.allowed_cuts = set(range(last + 1)) if allowed_cuts is None else set(allowed_cuts)
+        one_byte = any(CODEC_BYTES[c] <= INPUT_BYTES_PER_ELEMENT for c in self.codecs)
+        if not self.codecs or not (self.allowed_cuts - {0} or one_byte):
+            raise ValueError("no plan to choose: cut 0 alone needs a one-byte codec (int8), as the image "
+                             "crosses at a byte a pixel; allow another cut or add int8")
 
     @classmethod
     def uniform(cls, blocks: int, device_block_s: float, edge_block_s: float, shapes, **kwargs) -> PlanSpace:
@@ -147,7 +151,8 @@ class PlanSpace:
                         continue  # the model sends the image at a byte a pixel: only what the runtime sends so
                     if plain is not None and setting is not plain and all(c > p.cut for c in setting.thresholds):
                         continue  # the head holds none of its exits: the same plan as no exits
-                    wait = state.edge_wait_s if p.cut < self.last else 0.0
+                    stays = 1.0 - sum(r for c, r in setting.rates.items() if c <= p.cut)
+                    wait = state.edge_wait_s * stays if p.cut < self.last else 0.0
                     out.append(Option(p.cut, codec, setting, p.total_s + wait, p.energy_j, setting.accuracy))
         return out
 

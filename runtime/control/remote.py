@@ -97,6 +97,9 @@ class Controller:
         if load.queue_depth < 0 or any(not 0 <= t < 3600 for t in load.segment_seconds.values()):
             self.sockets.malformed += 1
             return
+        if name not in self.nodes and len(self.nodes) >= self.max_devices:
+            now = self.clock()  # make room by forgetting nodes not heard from in 3 heartbeats
+            self.nodes = {k: v for k, v in self.nodes.items() if now - v.heard_at <= 3 * self.heartbeat_s}
         if name not in self.nodes and (len(self.nodes) >= self.max_devices or not 0 < len(name) <= 128):
             self.sockets.malformed += 1
             return

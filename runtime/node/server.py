@@ -194,7 +194,11 @@ def _start_telemetry(settings: NodeSettings, plane, registry, stop: asyncio.Even
 
     keys = (CurveKeys.load(settings.curve_dir, settings.name.replace(":", "_"), server="controller")
             if settings.curve_dir else None)
-    publisher = TelemetryPublisher(zmq.Context.instance(), settings.telemetry, f"node/{settings.name}", keys)
+    try:
+        publisher = TelemetryPublisher(zmq.Context.instance(), settings.telemetry, f"node/{settings.name}", keys)
+    except zmq.ZMQError as exc:  # e.g. a host name ZeroMQ cannot resolve: serve on, say so
+        log.error("telemetry to %s disabled: %s", settings.telemetry, exc)
+        return None, None
     task = asyncio.get_running_loop().create_task(
         publish_load(publisher, plane, registry, settings.telemetry_interval, stop))
     return publisher, task

@@ -100,3 +100,19 @@ def test_a_head_that_holds_none_of_an_exit_settings_exits_is_offered_once_as_no_
     offered = {(o.cut, o.exits.name) for o in s.options(st) if o.codec == "int8" or o.cut == 4}
     assert (0, "exit@2 0.8") not in offered and (1, "exit@2 0.8") not in offered
     assert {(0, "off"), (1, "off"), (2, "exit@2 0.8"), (4, "exit@2 0.8")} <= offered
+
+
+def test_the_edge_queue_is_paid_only_by_the_inputs_that_reach_the_edge():
+    exits = [ExitSetting({}, {}, 0.93, "off"), ExitSetting({2: 0.8}, {2: 0.9}, 0.92, "exit@2 0.8")]
+    s = space(exit_settings=exits, exit_seconds={2: 0.0}, codecs=("int8",))
+    idle, busy = State(5.0, 0.01), State(5.0, 0.01, edge_wait_s=1.0)
+    cost = {(o.cut, o.exits.name): o.latency_s for o in s.options(idle)}
+    for o in s.options(busy):
+        extra = o.latency_s - cost[(o.cut, o.exits.name)]
+        expected = 0.0 if o.cut == 4 else 0.1 if o.exits.name == "exit@2 0.8" else 1.0
+        assert extra == pytest.approx(expected), (o.cut, o.exits.name)
+
+
+def test_a_space_with_nothing_to_choose_is_refused_up_front():
+    with pytest.raises(ValueError, match="one-byte codec"):
+        space(codecs=("fp32",), allowed_cuts=[0])

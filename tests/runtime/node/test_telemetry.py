@@ -78,6 +78,9 @@ def test_a_loaded_edge_moves_the_device_back_onto_itself_and_nonsense_load_is_dr
         assert controller.sockets.malformed == bad + 2 and "liar" not in controller.nodes
         now[0] = 10.0  # node telemetry older than 3 heartbeats is forgotten
         assert controller.edge_wait_s() == 0.0
+        controller.max_devices = 2  # at the cap, stale nodes make room for a new one
+        node_says("fresh", 1, 0.01)
+        assert set(controller.nodes) == {"fresh"} and controller.edge_wait_s() == pytest.approx(0.01)
     finally:
         hub.close()
         ctx.term()
@@ -91,3 +94,15 @@ def test_telemetry_flags_are_checked_before_anything_starts():
     with pytest.raises(ValueError, match="telemetry-interval"):
         NodeSettings(telemetry="tcp://127.0.0.1:5555", telemetry_interval=0)
     assert NodeSettings(telemetry="tcp://127.0.0.1:5555").telemetry_interval == 1.0
+
+
+def test_a_telemetry_endpoint_zeromq_cannot_use_leaves_the_node_serving(tmp_path):
+    log = tmp_path / "node.log"
+    with NodeProcess(model="resnet_fm", extra_args=["--telemetry", "tcp://no-port-given"], log_path=log) as node:
+        client = EdgeClient(node.address)
+        try:
+            result = client.infer("resnet_fm", codec.encode(torch.zeros(1, 1, 28, 28), "fp32"), 5.0, "t2")
+            assert result.logits.shape == (1, 10)
+        finally:
+            client.close()
+    assert "telemetry to tcp://no-port-given disabled" in log.read_text()
