@@ -147,11 +147,11 @@ class LinkEstimator:
 
     def _add_rate(self, rate: float, at: float) -> None:
         current = self.bandwidth_mbit * 1e6
-        if not self._rates:  # the first measurement replaces the initial guess
+        if not self._rates and rate <= current / self.drop_ratio:
+            # The first measurement replaces the initial guess, unless it is far above it: one
+            # fast sample (a probe through a buffer) must not send everything to the edge.
             if rate < self.drop_ratio * current:
                 self.drops += 1
-            elif rate > current / self.drop_ratio:
-                self.rises += 1
             self._restart([rate])
             return
         stale = self._last_at is not None and at - self._last_at > self.drop_after_s
@@ -173,6 +173,8 @@ class LinkEstimator:
                 self._restart(self._high)
                 self.rises += 1
                 return
+            if not self._rates:
+                return  # alone it would be the whole window: wait for a second
         else:
             self._low.clear()
             self._high.clear()

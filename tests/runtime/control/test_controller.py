@@ -120,7 +120,9 @@ def test_probing_measures_the_link_while_everything_runs_on_the_device(node, spa
     try:
         assert controller.estimator.samples == 0
         assert controller.probe(timeout=10)
-        assert controller.estimator.samples == 1 and controller.estimator.bandwidth_mbit > 0.001
+        assert controller.estimator.samples == 1  # far above the guess: not taken alone
+        assert controller.probe(timeout=10) and controller.probe(timeout=10)
+        assert controller.estimator.samples == 3 and controller.estimator.bandwidth_mbit > 0.001
     finally:
         controller.close()
         client.close()

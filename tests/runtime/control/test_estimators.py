@@ -84,3 +84,12 @@ def test_an_offload_that_missed_its_deadline_bounds_the_rate_and_can_start_a_dro
     assert est.drops == 0 and est.bandwidth_mbit == pytest.approx(10.0, rel=0.05)
     est.observe_timeout(125_000, 2.01, at=5.0)  # after a silence: at most 0.5 Mbit/s
     assert est.drops == 1 and est.bandwidth_mbit == pytest.approx(0.5, rel=0.05)
+
+
+def test_a_first_sample_far_above_the_guess_is_not_taken_alone():
+    est = LinkEstimator(initial_mbit=1.0, initial_rtt_s=0.0)
+    est.observe_pair(8_000, 0.001, 32_000, 0.00235, at=1.0)  # 142 Mbit/s: one probe through a buffer
+    assert est.bandwidth_mbit == 1.0 and est.rises == 0
+    est2 = LinkEstimator(initial_mbit=1.0, initial_rtt_s=0.0)
+    est2.observe_pair(8_000, 0.001 + 8 * 8_000 / 0.2e6, 32_000, 0.001 + 8 * 32_000 / 0.2e6, at=1.0)
+    assert est2.bandwidth_mbit == pytest.approx(0.2) and est2.drops == 1  # far below: taken at once
