@@ -237,23 +237,23 @@ def run(quick: bool = False, progress: bool = True, config: dict | None = None, 
     work = Path(tempfile.mkdtemp(prefix="edgesplit-controller-"))
     q = DEVICE_QUOTAS[config["device"]]
     pause_s = 2 * smooth_period_us(q) / 1e6
-    rows = []
     # This process (and the tc commands replaying the trace) stays off the device's core.
     affinity = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {1})
     try:
-        return _run(config, folder, chosen, work, q, pause_s, progress, rows)
+        return _run(config, folder, chosen, work, q, pause_s, progress)
     finally:
         os.sched_setaffinity(0, affinity)
 
 
-def _run(config, folder, chosen, work, q, pause_s, progress, rows) -> dict:
+def _run(config, folder, chosen, work, q, pause_s, progress) -> dict:
     from edgesplit.linksim.traces import load_trace
     from edgesplit.partitioner.optimise import fewer_bytes_than_before
     from edgesplit.runtime.node.launcher import NodeProcess
     from edgesplit.testbed.bed import Testbed
     from edgesplit.testbed.cgroups import smooth_period_us
 
+    rows = []
     with Testbed(hosts={"device": "198.18.0.1", "edge1": "198.18.0.11"}) as bed:
         node = NodeProcess(model=config["model"], host=bed.address("edge1"), port=EDGE_PORT, metrics_port=-1,
                            threads=1, command_prefix=[*bed.exec_prefix("edge1"), "taskset", "-c", "1"],
@@ -288,9 +288,9 @@ def _run(config, folder, chosen, work, q, pause_s, progress, rows) -> dict:
                 fits = fit_table(samples_ms)
                 modes = {"adaptive": "adaptive", "all_device": [last, "int8"], "all_edge": [0, "int8"]}
                 for path in chosen:
-                    start_s = window_start(load_trace(path), config["duration_s"],
-                                           config.get("window", "start"))
-                    samples = shifted(load_trace(path), start_s)
+                    whole = load_trace(path)
+                    start_s = window_start(whole, config["duration_s"], config.get("window", "start"))
+                    samples = shifted(whole, start_s)
                     live = {label: replayed(bed, device, samples, mode, config["duration_s"], pause_s)
                             for label, mode in modes.items()}
                     # The best static plan in hindsight (by the table, at the adaptive run's requests),

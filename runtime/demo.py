@@ -144,21 +144,20 @@ class NodeFailure:
 
 def _drive(runner: DeviceRunner, x: torch.Tensor, rate_hz: float, desc: str, progress: bool,
            before: Callable[[int], None] | None = None,
-           after: Callable[[int, Answer], None] | None = None) -> tuple[list[Answer], list[float]]:
-    """Send ``x`` one input at a time at ``rate_hz``; the answers and when each was sent."""
-    answers, sent_at = [], []
+           after: Callable[[int, Answer], None] | None = None) -> list[Answer]:
+    """Send ``x`` one input at a time at ``rate_hz``; the answers, in order."""
+    answers = []
     started = time.monotonic()
     for i in tqdm(range(len(x)), desc=desc, disable=not progress, unit="req", leave=False):
         if rate_hz > 0:
             time.sleep(max(0.0, started + i / rate_hz - time.monotonic()))
         if before:
             before(i)
-        sent_at.append(time.monotonic() - started)
         answer = runner.infer(x[i : i + 1])
         answers.append(answer)
         if after:
             after(i, answer)
-    return answers, sent_at
+    return answers
 
 
 def run_demo(
@@ -261,7 +260,7 @@ def run_demo(
                 announce()
                 controller.start_probing()
             try:
-                answers, _ = _drive(runner, x, rate_hz, "adaptive" if controller else "requests", progress,
+                answers = _drive(runner, x, rate_hz, "adaptive" if controller else "requests", progress,
                                     failure.before if failure else None, after)
             finally:
                 if controller is not None:
@@ -275,7 +274,7 @@ def run_demo(
                     again = NodeFailure(node, failure.kill_at, failure.restart_at) if failure else None
                     link.set_trace(bandwidth)
                     try:
-                        got, _ = _drive(fixed, x, rate_hz, label, progress, again.before if again else None,
+                        got = _drive(fixed, x, rate_hz, label, progress, again.before if again else None,
                                         again.after if again else None)
                     finally:
                         if again:

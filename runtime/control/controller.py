@@ -74,7 +74,7 @@ class EmbeddedController:
         self.current: Option | None = None
         self.deciding = True  # False while a cluster controller decides for this device (remote.DeviceLink)
         self._seen = 0
-        self._drops = 0
+        self._moves = 0  # the estimator's drops + rises seen so far
         self._last_offload_at = clock()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -109,10 +109,10 @@ class EmbeddedController:
                 link = Link(self.estimator.bandwidth_mbit, self.estimator.rtt_s)
                 self.battery.drain(self.power.energy_joules(lat.device, lat.transfer, link), at)
             self._seen += 1
-            moved = self.estimator.drops + self.estimator.rises
-            dropped = moved != self._drops
-            self._drops = moved
-            if self.deciding and (dropped or self._seen % self.every == 0):
+            moves = self.estimator.drops + self.estimator.rises
+            moved = moves != self._moves
+            self._moves = moves
+            if self.deciding and (moved or self._seen % self.every == 0):
                 self._decide(at)
 
     def decide(self) -> Plan | None:

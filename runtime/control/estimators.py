@@ -92,9 +92,7 @@ class LinkEstimator:
             # Too fast to time the bytes apart from the round trip: the link is at least
             # this fast, which is all this request can tell.
             self._add_rate(bits / carried, at)
-        self._last_at = at
-        self.samples += 1
-        return self.estimate
+        return self._seen(at)
 
     def observe_timeout(self, sent_bytes: int, seconds: float, at: float = 0.0) -> LinkEstimate:
         """An offload of ``sent_bytes`` that missed its deadline after ``seconds``: the link
@@ -104,11 +102,10 @@ class LinkEstimator:
         out of time) reads as a slow link too: running locally is then right anyway, and the
         probe pairs, free of the edge's time, bring the estimate back within two pairs."""
         bound = 8 * sent_bytes / max(seconds - self.rtt_s, MIN_TRANSFER_S)
-        if sent_bytes > 0 and bound < self.bandwidth_mbit * 1e6:
-            self._add_rate(bound, at)
-            self._last_at = at
-            self.samples += 1
-        return self.estimate
+        if not (sent_bytes > 0 and bound < self.bandwidth_mbit * 1e6):
+            return self.estimate
+        self._add_rate(bound, at)
+        return self._seen(at)
 
     def observe_pair(self, small_bytes: int, small_s: float, large_bytes: int, large_s: float,
                      at: float = 0.0) -> LinkEstimate:
@@ -128,13 +125,15 @@ class LinkEstimator:
             if floor <= self.bandwidth_mbit * 1e6:
                 return self.estimate
             self._add_rate(floor, at)
-            self._last_at = at
-            self.samples += 1
-            return self.estimate
+            return self._seen(at)
         rate = extra_bits / extra_s
         self._overheads.append(max(0.0, small_s - 8 * small_bytes / rate))
         self.rtt_s = self._low_overhead()
         self._add_rate(rate, at)
+        return self._seen(at)
+
+    def _seen(self, at: float) -> LinkEstimate:
+        """Count one measurement taken at ``at`` (the drop rule's clock)."""
         self._last_at = at
         self.samples += 1
         return self.estimate

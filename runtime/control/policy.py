@@ -88,6 +88,7 @@ class PlanSpace:
         self.edge = edge
         self.shapes = [tuple(s) for s in shapes]
         self.exit_settings = list(exit_settings) or [ExitSetting()]
+        self._plain = next((s for s in self.exit_settings if not s.thresholds), None)  # "no exits", if offered
         self.codecs = tuple(codecs)
         self.power = power
         self.exit_seconds = dict(exit_seconds or {})
@@ -138,7 +139,7 @@ class PlanSpace:
 
     def options(self, state: State) -> list[Option]:
         link = Link(state.bandwidth_mbit, state.rtt_s)
-        plain = next((s for s in self.exit_settings if not s.thresholds), None)
+        plain = self._plain
         out = []
         for setting in self.exit_settings:
             exits = [Exit(cut, rate, self.exit_seconds.get(cut, 0.0)) for cut, rate in setting.rates.items()]

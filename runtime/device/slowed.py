@@ -17,13 +17,13 @@ Example::
 
 from __future__ import annotations
 
-import statistics
 import time
 
 import torch
 from torch import nn
 
 from edgesplit.models.split_model import SplitModel
+from edgesplit.partitioner.profile import median_seconds
 
 
 class Stretched(nn.Module):
@@ -40,20 +40,10 @@ class Stretched(nn.Module):
         return out
 
 
-def _median_seconds(module: nn.Module, x: torch.Tensor, repeats: int = 7) -> float:
-    times = []
-    with torch.inference_mode():
-        for _ in range(repeats):
-            started = time.perf_counter()
-            module(x)
-            times.append(time.perf_counter() - started)
-    return statistics.median(times)
-
-
 def slowed(model: SplitModel, quota: float) -> SplitModel:
     """A copy of ``model`` sharing its weights whose blocks and exits run ``1 / quota`` times slower.
 
-    Each block's (and exit's) time for one input is measured here once (median of 7); the
+    Each block's (and exit's) time for one input is measured here once (median of 7 after a warm-up); the
     copy sleeps ``(1 / quota - 1)`` times that after every call. A fixed added time, not a
     multiple of each call's own: a call slowed by something else (another thread holding
     the interpreter, the scheduler) is not slowed 20 times more.
@@ -66,11 +56,11 @@ def slowed(model: SplitModel, quota: float) -> SplitModel:
     blocks, exits = [], {}
     with torch.inference_mode():
         for index, (name, block) in enumerate(zip(model.block_names, model.blocks), start=1):
-            blocks.append((name, Stretched(block, extra * _median_seconds(block, h))))
+            blocks.append((name, Stretched(block, extra * median_seconds(lambda b=block, x=h: b(x), 7))))
             h = block(h)
             if index in model.exit_cuts:
                 head = model.exits[str(index)]
-                exits[index] = Stretched(head, extra * _median_seconds(head, h))
+                exits[index] = Stretched(head, extra * median_seconds(lambda m=head, x=h: m(x), 7))
     slow = SplitModel(model.name, blocks, exits, model.input_shape, model.num_classes)
     slow._cuts = model.cut_points()  # same shapes; no need to trace them slowly
     return slow.eval()
