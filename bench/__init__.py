@@ -18,7 +18,7 @@ import platform
 import time
 from pathlib import Path
 
-BENCHMARKS = ("accuracy", "linksim", "chaos", "throughput", "split", "controller")
+BENCHMARKS = ("accuracy", "linksim", "chaos", "throughput", "split", "controller", "nonn")
 
 
 def machine_info() -> dict:

@@ -38,6 +38,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nonn_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from edgesplit.nonn.bundle import WEIGHTS_DIR
+    from edgesplit.nonn.train import NonnRecipe, train_and_save
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipes = [NonnRecipe(members=s, method=m, epochs=args.epochs, widths=tuple(args.widths), seed=args.seed,
+                          train_limit=args.limit, validation=args.validation)
+               for s in args.members for m in args.method]
+    try:
+        manifests = train_and_save(recipes, out_dir=args.out or WEIGHTS_DIR, data_root=args.data)
+    except ValueError as exc:
+        print(f"edgesplit nonn train: {exc}", file=sys.stderr)
+        return 2
+    for m in manifests:
+        print(f"{m['name']:>32}: {100 * m['test_accuracy']:.2f}% top-1 with every member "
+              f"({m['training_seconds']:.0f} s)")
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import render_summary, run_demo
 
@@ -183,6 +205,21 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="folder with the Fashion-MNIST IDX files")
     t.add_argument("--out", help="where to write weights and card (default: the shipped weights folder)")
     t.set_defaults(func=_train)
+
+    nn_ = sub.add_parser("nonn", help="NoNN: students on filter partitions of a teacher (train them)")
+    nsub = nn_.add_subparsers(dest="nonn_command", required=True)
+    nt = nsub.add_parser("train", help="train NoNN students and aggregator, write the bundles")
+    nt.add_argument("--members", type=int, nargs="+", default=[4, 8], help="students per ensemble (default: 4 8)")
+    nt.add_argument("--method", nargs="+", choices=["original", "enhanced"], default=["original", "enhanced"])
+    nt.add_argument("--epochs", type=int, default=10)
+    nt.add_argument("--widths", type=int, nargs=3, default=[8, 16, 32], help="student channel widths")
+    nt.add_argument("--validation", type=int, default=5000, help="training images held out for validation")
+    nt.add_argument("--seed", type=int, default=0)
+    nt.add_argument("--limit", type=int, help="train on the first N images only")
+    nt.add_argument("--threads", type=int, default=0)
+    nt.add_argument("--data", help="folder with the Fashion-MNIST IDX files")
+    nt.add_argument("--out", help="where to write the bundles (default: the shipped folder)")
+    nt.set_defaults(func=_nonn_train)
 
     d = sub.add_parser("demo", help="local cluster on loopback with the shipped model behind a trace-driven link; "
                        "the embedded controller picks the plan; node killed halfway")

@@ -97,3 +97,27 @@ class DeviceMetrics:
         self.on_battery = Gauge("edgesplit_device_on_battery", "1 on battery, 0 on mains power.", registry=registry)
         self.decisions = Counter("edgesplit_device_controller_decisions_total",
                                  "Plan changes made by the controller.", registry=registry)
+
+
+class EnsembleMetrics:
+    """Metrics of a device classifying with a NoNN ensemble: answers, missing members, fallbacks."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = REGISTRY if registry is None else registry
+        self.registry = registry
+        self.answers = Counter(
+            "edgesplit_nonn_answers_total",
+            "Requests answered, by how: every member, some members, or the device's fallback alone.",
+            ["ensemble", "how"], registry=registry,
+        )
+        self.missing = Counter(
+            "edgesplit_nonn_member_missing_total", "Member answers missing from a request, by member and reason.",
+            ["ensemble", "member", "reason"], registry=registry,
+        )
+        self.latency = Histogram(
+            "edgesplit_nonn_request_duration_seconds", "End-to-end latency of an ensemble request.",
+            ["ensemble"], buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.sent_bytes = Counter(
+            "edgesplit_nonn_sent_bytes_total", "Encoded input bytes sent to members.", ["ensemble"], registry=registry
+        )

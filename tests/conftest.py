@@ -26,3 +26,16 @@ def node(trained_model) -> Iterator[RunningNode]:
         yield running
     finally:
         stop_in_thread(running, thread)
+
+
+@pytest.fixture(scope="session")
+def tiny_nonn(tmp_path_factory, trained_model):
+    """A NoNN bundle (4 members, enhanced) trained for one epoch on 600 images: seconds, not minutes."""
+    from edgesplit.nonn.bundle import load_ensemble
+    from edgesplit.nonn.train import NonnRecipe, prepare, train_and_save
+
+    out = tmp_path_factory.mktemp("nonn")
+    data = prepare(validation=100, train_limit=600, test_limit=300, progress=False, teacher=trained_model)
+    recipe = NonnRecipe(members=4, method="enhanced", widths=(2, 4, 4), epochs=1, validation=100, train_limit=600)
+    manifest = train_and_save([recipe], out, data=data, progress=False)[0]
+    return load_ensemble(out / f"{manifest['name']}.json")

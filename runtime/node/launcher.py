@@ -25,7 +25,7 @@ class NodeProcess:
 
     def __init__(
         self,
-        model: str = "resnet_fm",
+        model: str | None = "resnet_fm",
         host: str = "127.0.0.1",
         port: int = 0,
         metrics_port: int = 0,
@@ -60,8 +60,7 @@ class NodeProcess:
             sys.executable,
             "-m",
             "edgesplit.runtime.node",
-            "--model",
-            self.model,
+            *(["--model", self.model] if self.model else []),
             "--host",
             self.host,
             "--port",

@@ -194,6 +194,37 @@ def register_split_model(
     return names
 
 
+def register_nonn_members(registry: ModelRegistry, ensemble, members: list[int] | None = None,
+                          batching: BatchingConfig | None = None) -> list[str]:
+    """Serve members of a NoNN ensemble (:class:`edgesplit.nonn.bundle.Ensemble`) as ``NAME.member.I``.
+
+    Each takes the image and answers its part's pooled features (``features``, one per filter).
+    """
+    batching = batching or BatchingConfig()
+    names = []
+    for i in members if members is not None else range(ensemble.members):
+        student = ensemble.students[i]
+        if student is None:
+            raise ValueError(f"member {i} of {ensemble.name} was not loaded")
+        name = ensemble.member_model_name(i)
+        registry.add(ServedModel(
+            name=name,
+            inputs=(TensorSpec("input", tuple(ensemble.manifest["input_shape"])),),
+            outputs=(TensorSpec("features", (student.filters,), ("FP32",)),),
+            run=_student_runner(student.eval()),
+            batching=replace(batching),
+        ))
+        names.append(name)
+    return names
+
+
+def _student_runner(student: torch.nn.Module) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    def run(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [student(tensors[0])]
+
+    return run
+
+
 def _segment_runner(model: SplitModel, start: int) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
     def run(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         return [model.run(tensors[0], start)]

@@ -103,6 +103,14 @@ def load_registry(settings: NodeSettings):
             model = load_trained(name, settings.weights)
             hashes.append(sha256_file(settings.weights or WEIGHTS_DIR / f"{name}.safetensors"))
         register_split_model(registry, model, settings.batching_config())
+    if settings.nonn:
+        from edgesplit.nonn.bundle import load_ensemble
+
+        from .registry import register_nonn_members
+
+        ensemble = load_ensemble(settings.nonn, list(settings.members) or None)
+        register_nonn_members(registry, ensemble, list(settings.members) or None, settings.batching_config())
+        hashes.append(ensemble.manifest["sha256"])
     return registry, ",".join(hashes)
 
 

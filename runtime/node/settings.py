@@ -34,6 +34,8 @@ class NodeSettings:
     weights: str | None = None
     bundle: str | None = None  # serve the cuts of this bundle's traced graph instead of the zoo's
     random_weights: bool = False
+    nonn: str | None = None  # serve members of this NoNN bundle (shipped name or manifest path)
+    members: tuple[int, ...] = ()  # which NoNN members; empty: all of them
     host: str = "127.0.0.1"
     port: int = 8001
     metrics_host: str = "127.0.0.1"
@@ -61,8 +63,12 @@ class NodeSettings:
     curve_dir: str | None = None  # CURVE keys for the bus: <name>.key(_secret) and controller.key
 
     def __post_init__(self) -> None:
-        if not self.models:
-            raise ValueError("give at least one --model")
+        if not self.models and not self.nonn:
+            raise ValueError("give at least one --model (or --nonn)")
+        if self.members and not self.nonn:
+            raise ValueError("--member picks members of a NoNN bundle: give --nonn too")
+        if any(m < 0 for m in self.members):
+            raise ValueError(f"--member must be >= 0, not {min(self.members)}")
         if self.weights and len(self.models) != 1:
             raise ValueError("--weights applies to a single --model; serve one model per weights file")
         for name, value in (("max_inflight", self.max_inflight), ("max_batch", self.max_batch)):
@@ -85,7 +91,8 @@ class NodeSettings:
         """Settings from a namespace made by :func:`configure_parser`."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in vars(args).items() if k in names}
-        values["models"] = tuple(args.models or ("resnet_fm",))
+        values["models"] = tuple(args.models or (() if getattr(args, "nonn", None) else ("resnet_fm",)))
+        values["members"] = tuple(getattr(args, "members", None) or ())
         values["batching"] = not args.no_batching
         values["worker_processes"] = not args.worker_threads
         return cls(**values)
@@ -123,6 +130,10 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--weights", help="safetensors weights (default: the shipped ones)")
     p.add_argument("--bundle", help="serve a bundle (edgesplit plan MODEL --out DIR): every cut of its traced "
                    "graph as MODEL.from.K, one input per crossing tensor; hashes are verified first")
+    p.add_argument("--nonn", help="serve the members of a NoNN bundle (a shipped name such as "
+                   "nonn_resnet_fm_s8_enhanced, or a manifest path) as NAME.member.I; without --model, only them")
+    p.add_argument("--member", dest="members", type=int, action="append",
+                   help="with --nonn: serve this member only; repeat for several (default: every member)")
     p.add_argument("--random-weights", action="store_true", help="serve untrained weights (latency work)")
     p.add_argument("--host", default=d["host"].default, help="address to listen on (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=d["port"].default, help="gRPC port; 0 picks a free one (default: 8001)")

@@ -26,7 +26,7 @@ from edgesplit.runtime.inference import OffloadError, OffloadResult
 
 from .oip import DEFAULT_MAX_MESSAGE_BYTES, build_infer_request, parse_infer_response
 
-__all__ = ["CHANNEL_OPTIONS", "EdgeClient", "OffloadError", "OffloadResult", "fetch_graph_profile"]
+__all__ = ["CHANNEL_OPTIONS", "EdgeClient", "OffloadError", "OffloadResult", "PendingOffload", "fetch_graph_profile"]
 
 # Reconnect quickly after a node comes back: gRPC's default backoff grows to 120 s.
 CHANNEL_OPTIONS = (
@@ -86,21 +86,71 @@ class EdgeClient:
                                             wait_for_ready=wait_for_ready)
         except grpc.RpcError as exc:
             raise OffloadError(exc.code().name, exc.details() or "") from None
-        round_trip = time.perf_counter() - started
-        try:
-            outputs, params = parse_infer_response(response)
-            if len(outputs) != 1:
-                raise ValueError(f"expected one output, got {len(outputs)}")
-            out = outputs[0]
-            logits = codec.decode(out.data, out.datatype, out.shape)
-        except (ValueError, codec.CodecError) as exc:
-            raise OffloadError("INTERNAL", f"node answered a malformed tensor: {exc}") from None
-        edge = params.get("edge_compute_seconds") or 0.0
-        sent = sum(len(t.data) for t in tensors.values())
-        return OffloadResult(logits, float(edge), round_trip, sent, int(params.get("edge_batch_size") or 1))
+        return _offload_result(response, time.perf_counter() - started, sum(len(t.data) for t in tensors.values()))
+
+    def infer_async(
+        self,
+        model_name: str,
+        tensors: codec.EncodedTensor | Mapping[str, codec.EncodedTensor],
+        timeout: float,
+        request_id: str = "",
+    ) -> PendingOffload:
+        """Start ``infer`` without waiting; the :class:`PendingOffload` gives the result or the error."""
+        if isinstance(tensors, codec.EncodedTensor):
+            tensors = {"input": tensors}
+        request = build_infer_request(model_name, tensors, request_id)
+        future = self.stub.ModelInfer.future(request, timeout=timeout, metadata=self.metadata)
+        return PendingOffload(future, time.perf_counter(), sum(len(t.data) for t in tensors.values()))
 
     def close(self) -> None:
         self.channel.close()
+
+
+class PendingOffload:
+    """An offload in flight: ``done()``, ``add_done_callback(fn)``, ``result()`` and ``cancel()``."""
+
+    def __init__(self, future: grpc.Future, started: float, sent_bytes: int) -> None:
+        self._future, self._started, self.sent_bytes = future, started, sent_bytes
+        self._finished: float | None = None
+        future.add_done_callback(self._stamp)
+
+    def _stamp(self, _future: grpc.Future) -> None:
+        self._finished = time.perf_counter()
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def add_done_callback(self, fn) -> None:
+        """Call ``fn(self)`` once the offload finishes (at once if it already has)."""
+        self._future.add_done_callback(lambda _f: fn(self))
+
+    def cancel(self) -> None:
+        self._future.cancel()
+
+    def result(self) -> OffloadResult:
+        """The answer (waiting for it if needed); OffloadError on any failure, CANCELLED if cancelled."""
+        try:
+            response = self._future.result()
+        except grpc.FutureCancelledError:
+            raise OffloadError("CANCELLED", "the offload was cancelled") from None
+        except grpc.RpcError as exc:
+            raise OffloadError(exc.code().name, exc.details() or "") from None
+        finished = self._finished if self._finished is not None else time.perf_counter()
+        return _offload_result(response, finished - self._started, self.sent_bytes)
+
+
+def _offload_result(response, round_trip: float, sent: int) -> OffloadResult:
+    """An OffloadResult from a node's response; OffloadError(INTERNAL) if the response is malformed."""
+    try:
+        outputs, params = parse_infer_response(response)
+        if len(outputs) != 1:
+            raise ValueError(f"expected one output, got {len(outputs)}")
+        out = outputs[0]
+        logits = codec.decode(out.data, out.datatype, out.shape)
+    except (ValueError, codec.CodecError) as exc:
+        raise OffloadError("INTERNAL", f"node answered a malformed tensor: {exc}") from None
+    edge = params.get("edge_compute_seconds") or 0.0
+    return OffloadResult(logits, float(edge), round_trip, sent, int(params.get("edge_batch_size") or 1))
 
 
 def fetch_graph_profile(target: str, graph_name: str, repeats: int = 9, batch: int = 1, timeout: float = 600.0,

@@ -1,0 +1,165 @@
+"""NoNN bundles: every member's student and the aggregator in one safetensors file, plus a
+JSON manifest (partition, the filter statistics it came from, sizes, accuracy, sha256).
+
+The manifest is what a node needs to rebuild a member before its weights load (the
+filters of its part and the student widths), and what the device needs to aggregate.
+Weights are verified against the manifest's sha256 before anything is loaded; no pickle.
+
+Example::
+
+    >>> from edgesplit.nonn.bundle import load_ensemble, shipped_ensembles
+    >>> names = shipped_ensembles()
+    >>> ensemble = load_ensemble(names[0]) if names else None
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from edgesplit.models.weights_io import sha256_file
+from edgesplit.partitioner.flops import macs_of
+
+from . import stats
+from .partition import Partition, PartitionError
+from .students import Aggregator, Student, StudentBank
+
+FORMAT = "edgesplit-nonn/1"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+INPUT_SHAPE = (1, 28, 28)
+
+
+class NonnBundleError(ValueError):
+    """A NoNN bundle that is missing, malformed, or does not match its weights."""
+
+
+@dataclass
+class Ensemble:
+    """A loaded NoNN ensemble: standalone students, the aggregator, and the manifest."""
+
+    name: str
+    students: list[Student | None]  # None: a member this process did not load
+    aggregator: Aggregator
+    manifest: dict
+    manifest_path: Path
+
+    @property
+    def partition(self) -> Partition:
+        return self.aggregator.partition
+
+    @property
+    def members(self) -> int:
+        return self.partition.members
+
+    def member_model_name(self, member: int) -> str:
+        return member_model_name(self.name, member)
+
+
+def member_model_name(ensemble: str, member: int) -> str:
+    """The name a node serves member ``member`` of ``ensemble`` under."""
+    return f"{ensemble}.member.{member}"
+
+
+def _size(module: torch.nn.Module, shape: tuple[int, ...] = INPUT_SHAPE) -> dict:
+    macs, _ = macs_of(module.eval(), torch.zeros(1, *shape))
+    return {"params": sum(p.numel() for p in module.parameters()), "macs": macs}
+
+
+def save_ensemble(out_dir: str | Path, name: str, bank: StudentBank, aggregator: Aggregator, record: dict,
+                  data) -> dict:
+    """Write ``<name>.safetensors`` and ``<name>.json`` into ``out_dir``; return the manifest."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    partition = bank.partition
+    state: dict[str, torch.Tensor] = {}
+    students = []
+    for i in range(partition.members):
+        student = bank.member(i)
+        students.append(_size(student))
+        state.update({f"member.{i}.{k}": v.detach().contiguous().clone() for k, v in student.state_dict().items()})
+    state.update({f"aggregator.{k}": v.detach().contiguous().clone() for k, v in aggregator.state_dict().items()})
+    weights = out_dir / f"{name}.safetensors"
+    save_file(state, str(weights), metadata={"format": FORMAT, "name": name})
+    teacher_card = data.teacher_name
+    manifest = {
+        "format": FORMAT,
+        "name": name,
+        "teacher": {"model": teacher_card, **_size(data.teacher)},
+        "input_shape": list(INPUT_SHAPE),
+        "num_classes": int(aggregator.classifier.out_features),
+        "partition": partition.to_dict(),
+        "statistics": stats.summary(data.pooled, data.graph),
+        "student": {"widths": list(bank.widths), "members": students},
+        **record,
+        "weights": weights.name,
+        "sha256": sha256_file(weights),
+    }
+    (out_dir / f"{name}.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _manifest_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix == ".json" and path.exists():
+        return path
+    if path.suffix == ".safetensors":
+        return path.with_suffix(".json")
+    shipped = WEIGHTS_DIR / f"{name_or_path}.json"
+    if shipped.exists():
+        return shipped
+    raise NonnBundleError(
+        f"no NoNN bundle {str(name_or_path)!r}: give a manifest path or one of {shipped_ensembles()}"
+    )
+
+
+def shipped_ensembles() -> list[str]:
+    """Names of the NoNN ensembles committed with edgesplit."""
+    return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json"))
+
+
+def load_ensemble(name_or_path: str | Path, members: list[int] | None = None) -> Ensemble:
+    """Load a bundle (shipped name or manifest path), verifying its sha256.
+
+    ``members`` restricts which students are built (a node serving one member needs one).
+    """
+    path = _manifest_path(name_or_path)
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise NonnBundleError(f"{path}: unreadable manifest: {exc}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise NonnBundleError(f"{path}: not a NoNN manifest (format {FORMAT!r} expected)")
+    weights = path.parent / str(manifest.get("weights", ""))
+    if not weights.is_file():
+        raise NonnBundleError(f"{path}: weights file {weights.name!r} is missing")
+    actual = sha256_file(weights)
+    if actual != manifest.get("sha256"):
+        raise NonnBundleError(f"{weights}: sha256 {actual} differs from the manifest's; refusing to load")
+    try:
+        partition = Partition.from_dict(manifest["partition"])
+        widths = tuple(int(w) for w in manifest["student"]["widths"])
+        num_classes = int(manifest["num_classes"])
+    except (KeyError, TypeError, ValueError, PartitionError) as exc:
+        raise NonnBundleError(f"{path}: malformed manifest: {exc}") from None
+    wanted = list(range(partition.members)) if members is None else sorted(set(members))
+    for i in wanted:
+        if not 0 <= i < partition.members:
+            raise NonnBundleError(f"{manifest.get('name')} has members 0..{partition.members - 1}, not {i}")
+    state = load_file(str(weights))
+    students: list[Student | None] = [None] * partition.members
+    try:
+        for i in wanted:
+            student = Student(len(partition.member_filters(i)), widths)
+            prefix = f"member.{i}."
+            student.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            students[i] = student.eval()
+        aggregator = Aggregator(partition, state["aggregator.filter_mean"], num_classes)
+        aggregator.load_state_dict({k[len("aggregator."):]: v for k, v in state.items()
+                                    if k.startswith("aggregator.")})
+    except (KeyError, RuntimeError) as exc:
+        raise NonnBundleError(f"{weights}: weights do not match the manifest: {exc}") from None
+    return Ensemble(str(manifest.get("name", path.stem)), students, aggregator.eval(), manifest, path)
