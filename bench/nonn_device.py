@@ -6,7 +6,8 @@ on the teacher's node at cut 0 (the image goes to the edge) and at ``--cut`` (th
 runs the head). It prints that as one JSON line, then ``ready``, then streams
 ``--requests`` test images through the ensemble at ``--rate`` per second, writing one JSON
 line per answer (flushed line by line, so the orchestrator can kill members at a given
-progress), and prints ``done``.
+progress); with ``--stop-file`` it goes on past ``--requests`` until that file exists (so the
+stream outlasts a restart however long it takes). Last it prints ``{"done": N}``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--latency-requests", type=int, default=200)
     p.add_argument("--cut", type=int, default=4)
     p.add_argument("--out", required=True)
+    p.add_argument("--stop-file", help="after --requests, keep streaming until this file exists (at most 20x)")
     args = p.parse_args(argv)
 
     from edgesplit.models import load_trained
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             edge_ok = False
         if not answer.missing and edge_ok:
             break
+        time.sleep(0.1)
         if time.monotonic() > warm_until:
             print(json.dumps({"error": f"members not ready: {answer.missing}, teacher node ok: {edge_ok}"}),
                   flush=True)
@@ -105,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     print("ready", flush=True)
     period = 1.0 / args.rate if args.rate > 0 else 0.0
     start = time.monotonic()
+    stop = Path(args.stop_file) if args.stop_file else None
+    k = 0
     with open(args.out, "w", buffering=1) as out, torch.no_grad():
-        for k in range(args.requests):
+        while k < args.requests or (stop is not None and not stop.exists() and k < 20 * args.requests):
             due = start + k * period
             wait = due - time.monotonic()
             if wait > 0:
@@ -117,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "missing": {str(m): r for m, r in a.missing.items()},
                                   "correct": int(a.logits.argmax()) == int(labels[i]),
                                   "latency_s": round(a.seconds, 6)}) + "\n")
-    print("done", flush=True)
+            k += 1
+    print(json.dumps({"done": k}), flush=True)
     return 0
 
 

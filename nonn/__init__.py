@@ -6,9 +6,9 @@ and classifies. Two partitionings of the filters:
 
 - ``original``: the filter co-activation graph split into communities (Louvain), one
   community per student, as in the original NoNN;
-- ``enhanced``: balanced eigenvector-based (spectral) bisection into ``M <= S/2`` parts of
-  equal size, student ``i`` learning part ``i mod M``; replicas of a part are averaged, so a
-  part is lost only when all of its students are.
+- ``enhanced``: balanced eigenvector-based (spectral) partitioning into ``M <= S/2`` parts
+  of equal size (within one filter), student ``i`` learning part ``i mod M``; replicas of a
+  part are averaged, so a part is lost only when all of its students are.
 
 Example::
 

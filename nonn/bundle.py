@@ -14,12 +14,13 @@ Example::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from edgesplit.models.weights_io import sha256_file
 from edgesplit.partitioner.flops import macs_of
@@ -136,7 +137,8 @@ def load_ensemble(name_or_path: str | Path, members: list[int] | None = None) ->
     weights = path.parent / str(manifest.get("weights", ""))
     if not weights.is_file():
         raise NonnBundleError(f"{path}: weights file {weights.name!r} is missing")
-    actual = sha256_file(weights)
+    raw = weights.read_bytes()  # hashed and parsed from the same bytes: nothing can change in between
+    actual = hashlib.sha256(raw).hexdigest()
     if actual != manifest.get("sha256"):
         raise NonnBundleError(f"{weights}: sha256 {actual} differs from the manifest's; refusing to load")
     try:
@@ -149,7 +151,10 @@ def load_ensemble(name_or_path: str | Path, members: list[int] | None = None) ->
     for i in wanted:
         if not 0 <= i < partition.members:
             raise NonnBundleError(f"{manifest.get('name')} has members 0..{partition.members - 1}, not {i}")
-    state = load_file(str(weights))
+    try:
+        state = load(raw)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise NonnBundleError(f"{weights}: not a safetensors file: {exc}") from None
     students: list[Student | None] = [None] * partition.members
     try:
         for i in wanted:
@@ -160,6 +165,6 @@ def load_ensemble(name_or_path: str | Path, members: list[int] | None = None) ->
         aggregator = Aggregator(partition, state["aggregator.filter_mean"], num_classes)
         aggregator.load_state_dict({k[len("aggregator."):]: v for k, v in state.items()
                                     if k.startswith("aggregator.")})
-    except (KeyError, RuntimeError) as exc:
+    except (KeyError, RuntimeError, ValueError) as exc:
         raise NonnBundleError(f"{weights}: weights do not match the manifest: {exc}") from None
     return Ensemble(str(manifest.get("name", path.stem)), students, aggregator.eval(), manifest, path)

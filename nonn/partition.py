@@ -92,7 +92,8 @@ def louvain_partition(graph: np.ndarray, members: int, seed: int = 0) -> Partiti
     community is halved along filter order.) Member ``i`` learns group ``i``.
     """
     graph = _check_graph(graph, members)
-    g = nx.from_numpy_array(graph + _EPSILON * (1 - np.eye(len(graph))))
+    graph = graph + _EPSILON * (1 - np.eye(len(graph)))  # dead filters: tied weakly to everyone, not to nobody
+    g = nx.from_numpy_array(graph)
     communities: list[set[int]] = []
     for resolution in (1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 21.0):
         communities = [set(c) for c in nx.community.louvain_communities(g, weight="weight", resolution=resolution,

@@ -58,7 +58,7 @@ def filter_graph(pooled: np.ndarray) -> np.ndarray:
     return (graph + graph.T) / 2
 
 
-def summary(pooled: np.ndarray, graph: np.ndarray, decimals: int = 4) -> dict:
+def summary(pooled: np.ndarray, graph: np.ndarray, decimals: int = 8) -> dict:
     """The statistics a partition came from, as JSON-ready lists (kept in the bundle's manifest)."""
     return {
         "filters": int(pooled.shape[1]),

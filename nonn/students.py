@@ -115,7 +115,8 @@ class Aggregator(nn.Module):
             replicas = self.partition.replicas(p)
             weights = present[:, replicas]  # [N, R]
             count = weights.sum(dim=1, keepdim=True)
-            total = sum(weights[:, k : k + 1] * answers[i] for k, i in enumerate(replicas))
+            # where(), not a product: an absent member's placeholder (even NaN) must not leak in
+            total = sum(torch.where(weights[:, k : k + 1] > 0, answers[i], 0.0) for k, i in enumerate(replicas))
             index = getattr(self, f"_index{p}")
             mean = out[:, index]
             out[:, index] = torch.where(count > 0, total / count.clamp(min=1), mean)
@@ -128,6 +129,9 @@ class Aggregator(nn.Module):
         """Logits from the members that answered (``{member: [N, filters]}``); others count as failed."""
         if not answers:
             raise ValueError("no member answered; classify with a fallback instead")
+        unknown = sorted(set(answers) - set(range(self.partition.members)))
+        if unknown:
+            raise ValueError(f"members {unknown} are not in this ensemble (0..{self.partition.members - 1})")
         sample = next(iter(answers.values()))
         n = sample.shape[0]
         present = torch.zeros(n, self.partition.members)

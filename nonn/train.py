@@ -46,7 +46,7 @@ class NonnRecipe:
     method: str = "enhanced"
     parts: int | None = None  # enhanced only; default members // 2
     widths: tuple[int, int, int] = DEFAULT_WIDTHS
-    epochs: int = 8
+    epochs: int = 10
     batch_size: int = 128
     max_lr: float = 0.05
     momentum: float = 0.9
@@ -208,5 +208,5 @@ def train_and_save(recipes: list[NonnRecipe], out_dir: str | Path = WEIGHTS_DIR,
 
 
 def ensemble_name(teacher_name: str, recipe: NonnRecipe) -> str:
-    """The bundle name of a recipe, e.g. ``nonn_resnet_fm_s8_enhanced``."""
-    return f"nonn_{teacher_name}_s{recipe.members}_{recipe.method}"
+    """The bundle name of a recipe, e.g. ``nonn_resnet_fm_s8_enhanced`` (``..._nodrop`` without member dropout)."""
+    return f"nonn_{teacher_name}_s{recipe.members}_{recipe.method}" + ("" if recipe.dropped_weight else "_nodrop")

@@ -47,7 +47,8 @@ def _nonn_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     recipes = [NonnRecipe(members=s, method=m, epochs=args.epochs, widths=tuple(args.widths), seed=args.seed,
-                          train_limit=args.limit, validation=args.validation)
+                          train_limit=args.limit, validation=args.validation,
+                          dropped_weight=0.0 if args.no_member_dropout else 1.0)
                for s in args.members for m in args.method]
     try:
         manifests = train_and_save(recipes, out_dir=args.out or WEIGHTS_DIR, data_root=args.data)
@@ -214,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     nt.add_argument("--epochs", type=int, default=10)
     nt.add_argument("--widths", type=int, nargs=3, default=[8, 16, 32], help="student channel widths")
     nt.add_argument("--validation", type=int, default=5000, help="training images held out for validation")
+    nt.add_argument("--no-member-dropout", action="store_true",
+                    help="train with every member present only, as the original NoNN did (name suffix _nodrop)")
     nt.add_argument("--seed", type=int, default=0)
     nt.add_argument("--limit", type=int, help="train on the first N images only")
     nt.add_argument("--threads", type=int, default=0)

@@ -19,6 +19,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -30,6 +31,20 @@ import torch
 from edgesplit.runtime import codec
 from edgesplit.runtime.inference import OffloadError, OffloadResult
 from edgesplit.runtime.metrics import EnsembleMetrics
+
+log = logging.getLogger("edgesplit.nonn")
+# A member's answer further above the teacher's training mean than this many standard
+# deviations (of that filter's pooled activation) is taken as garbage, not as evidence.
+ANSWER_BOUND_STDS = 50.0
+
+
+def answer_bounds(ensemble) -> list[torch.Tensor]:
+    """Per member, the largest plausible value of each answered feature (from the manifest's statistics)."""
+    stats = ensemble.manifest.get("statistics", {})
+    mean = torch.tensor(stats.get("pooled_mean") or [0.0] * ensemble.partition.filters)
+    std = torch.tensor(stats.get("pooled_std") or [1.0] * ensemble.partition.filters)
+    bound = mean + ANSWER_BOUND_STDS * std.clamp(min=1e-3) + 1.0
+    return [bound[list(ensemble.partition.member_filters(i))] for i in range(ensemble.members)]
 
 
 class PendingAnswer(Protocol):
@@ -89,60 +104,82 @@ class EnsembleClient:
         self.input_codec, self.fallback_member = input_codec, fallback_member
         self.metrics = metrics
         self._ids = itertools.count()
+        self._bounds = answer_bounds(ensemble)
 
     def classify(self, images: torch.Tensor, request_id: str = "") -> EnsembleAnswer:
         """Logits for normalised images [N, 1, 28, 28], from whichever members answer in time."""
         started = time.perf_counter()
         request_id = request_id or f"nonn-{next(self._ids)}"
         encoded = codec.encode(images, self.input_codec)
-        members = self.ensemble.members
         finished = threading.Semaphore(0)
         pending: dict[int, PendingAnswer] = {}
         missing: dict[int, str] = {}
-        for i, client in enumerate(self.clients):
-            try:
-                pending[i] = client.infer_async(self.ensemble.member_model_name(i), encoded,
-                                                timeout=self.deadline_s, request_id=f"{request_id}.{i}")
-            except OffloadError as exc:
-                missing[i] = exc.reason
-                continue
-            pending[i].add_done_callback(lambda _p: finished.release())
-        end = started + self.deadline_s
-        for _ in range(len(pending)):
-            if not finished.acquire(timeout=max(0.0, end - time.perf_counter())):
-                break
-        answers: dict[int, torch.Tensor] = {}
-        received = 0
-        for i, call in pending.items():
-            if not call.done():
-                call.cancel()
-                missing[i] = "DEADLINE_EXCEEDED"
-                continue
-            try:
-                result = call.result()
-                features = result.logits
-                if tuple(features.shape) != (len(images), len(self.ensemble.partition.member_filters(i))):
-                    raise OffloadError("INTERNAL", f"member {i} answered shape {tuple(features.shape)}")
-            except OffloadError as exc:
-                missing[i] = exc.reason
-                continue
-            answers[i] = features
-            received += features.numel() * 4
-        fallback = not answers
-        with torch.no_grad():
-            if answers:
-                logits = self.ensemble.aggregator.combine(answers)
-            elif self.fallback_member is not None:
-                local = self.ensemble.students[self.fallback_member]
-                logits = self.ensemble.aggregator.combine({self.fallback_member: local(images)})
-            else:
-                widths = [len(self.ensemble.partition.member_filters(i)) for i in range(members)]
-                logits = self.ensemble.aggregator([torch.zeros(len(images), w) for w in widths],
-                                                  torch.zeros(len(images), members))
-        answer = EnsembleAnswer(logits, tuple(sorted(answers)), dict(sorted(missing.items())), fallback,
+        try:
+            for i, client in enumerate(self.clients):
+                try:
+                    call = client.infer_async(self.ensemble.member_model_name(i), encoded,
+                                              timeout=self.deadline_s, request_id=f"{request_id}.{i}")
+                except OffloadError as exc:
+                    missing[i] = exc.reason
+                    continue
+                except Exception:  # noqa: BLE001 - a broken client (closed channel...) is a missing member
+                    log.exception("member %d of %s: the request could not be sent", i, self.ensemble.name)
+                    missing[i] = "CLIENT_ERROR"
+                    continue
+                pending[i] = call
+                call.add_done_callback(lambda _p: finished.release())
+            end = started + self.deadline_s
+            for _ in range(len(pending)):
+                if not finished.acquire(timeout=max(0.0, end - time.perf_counter())):
+                    break
+            answers: dict[int, torch.Tensor] = {}
+            received = 0
+            for i, call in pending.items():
+                if not call.done():
+                    missing[i] = "DEADLINE_EXCEEDED"
+                    continue
+                try:
+                    answers[i] = self._checked(i, call.result(), len(images))
+                    received += answers[i].numel() * 4
+                except OffloadError as exc:
+                    missing[i] = exc.reason
+            logits = self._classify(answers, images)
+        finally:
+            for call in pending.values():  # whatever happened above, nothing is left running
+                if not call.done():
+                    call.cancel()
+        answer = EnsembleAnswer(logits, tuple(sorted(answers)), dict(sorted(missing.items())), not answers,
                                 time.perf_counter() - started, len(encoded.data) * len(pending), received)
         self._record(answer)
         return answer
+
+    def _checked(self, member: int, result: OffloadResult, rows: int) -> torch.Tensor:
+        """A member's answer if it is plausible, else OffloadError(INVALID_ANSWER).
+
+        An honest answer is the mean of ReLU maps: never negative, and within
+        :data:`ANSWER_BOUND_STDS` standard deviations of the teacher's training mean. One
+        member that answers garbage must not decide the class.
+        """
+        features = result.logits
+        want = (rows, len(self.ensemble.partition.member_filters(member)))
+        if not isinstance(features, torch.Tensor) or tuple(features.shape) != want:
+            raise OffloadError("INVALID_ANSWER", f"member {member} answered shape {tuple(features.shape)}")
+        features = features.float()
+        if not torch.isfinite(features).all() or (features < 0).any() or (features > self._bounds[member]).any():
+            raise OffloadError("INVALID_ANSWER", f"member {member} answered features outside their range")
+        return features
+
+    def _classify(self, answers: dict[int, torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            if answers:
+                return self.ensemble.aggregator.combine(answers)
+            if self.fallback_member is not None:
+                local = self.ensemble.students[self.fallback_member]
+                return self.ensemble.aggregator.combine({self.fallback_member: local(images)})
+            members = self.ensemble.members
+            widths = [len(self.ensemble.partition.member_filters(i)) for i in range(members)]
+            return self.ensemble.aggregator([torch.zeros(len(images), w) for w in widths],
+                                            torch.zeros(len(images), members))
 
     def _record(self, answer: EnsembleAnswer) -> None:
         if self.metrics is None:

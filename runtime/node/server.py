@@ -155,10 +155,14 @@ async def serve(settings: NodeSettings, security: Security | None = None) -> int
         http = MetricsServer(prom, settings.metrics_port, settings.metrics_host, **tls)
         metrics_port = http.port
     auth = "bearer token required" if security.token else "no token"
+    served = list(settings.models)
+    if settings.nonn:
+        which = ", ".join(map(str, settings.members)) if settings.members else "all"
+        served.append(f"NoNN {settings.nonn} (members {which})")
     batching = (f"batching up to {settings.max_batch} (preferred {settings.preferred_batch}, "
                 f"{settings.max_delay_ms:g} ms)" if settings.batching else "no batching")
     print(
-        f"edge-node: serving {', '.join(settings.models)} on {settings.host}:{node.port} ({security.mode}, {auth}), "
+        f"edge-node: serving {', '.join(served)} on {settings.host}:{node.port} ({security.mode}, {auth}), "
         f"{workers} worker {'processes' if settings.worker_processes else 'threads'} x {threads} torch threads, "
         f"{batching}, metrics on port {metrics_port}",
         flush=True,

@@ -92,7 +92,7 @@ class NodeSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in vars(args).items() if k in names}
         values["models"] = tuple(args.models or (() if getattr(args, "nonn", None) else ("resnet_fm",)))
-        values["members"] = tuple(getattr(args, "members", None) or ())
+        values["members"] = tuple(sorted(set(getattr(args, "members", None) or ())))
         values["batching"] = not args.no_batching
         values["worker_processes"] = not args.worker_threads
         return cls(**values)

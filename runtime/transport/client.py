@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 
@@ -147,10 +148,13 @@ def _offload_result(response, round_trip: float, sent: int) -> OffloadResult:
             raise ValueError(f"expected one output, got {len(outputs)}")
         out = outputs[0]
         logits = codec.decode(out.data, out.datatype, out.shape)
-    except (ValueError, codec.CodecError) as exc:
-        raise OffloadError("INTERNAL", f"node answered a malformed tensor: {exc}") from None
-    edge = params.get("edge_compute_seconds") or 0.0
-    return OffloadResult(logits, float(edge), round_trip, sent, int(params.get("edge_batch_size") or 1))
+        edge = float(params.get("edge_compute_seconds") or 0.0)
+        batch = int(params.get("edge_batch_size") or 1)
+        if not (math.isfinite(edge) and edge >= 0 and batch >= 1):
+            raise ValueError(f"implausible parameters edge_compute_seconds={edge}, edge_batch_size={batch}")
+    except (TypeError, ValueError, OverflowError, codec.CodecError) as exc:
+        raise OffloadError("INTERNAL", f"node answered a malformed response: {exc}") from None
+    return OffloadResult(logits, edge, round_trip, sent, batch)
 
 
 def fetch_graph_profile(target: str, graph_name: str, repeats: int = 9, batch: int = 1, timeout: float = 600.0,

@@ -24,6 +24,8 @@ def test_extracted_members_answer_like_the_bank(partition):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.uniform_(-0.5, 0.5)
     bank.eval()
     x = torch.randn(5, 1, 28, 28)
     answers = bank(x)
@@ -65,11 +67,20 @@ def test_aggregator_mask_rows_are_independent():
     assert f[1, [0, 2, 4]].tolist() == [3.0, 3.0, 3.0] and f[1, [1, 3, 5]].tolist() == [0.0, 0.0, 0.0]
 
 
+def test_an_absent_members_placeholder_never_leaks_in_even_nan():
+    agg = Aggregator(ENHANCED, torch.zeros(6)).eval()
+    answers = [torch.full((1, 3), float("nan")), torch.ones(1, 3), torch.full((1, 3), 2.0), torch.ones(1, 3)]
+    f = agg.features(answers, torch.tensor([[0.0, 1, 1, 1]]))
+    assert torch.isfinite(f).all() and f[0, [0, 2, 4]].tolist() == [2.0, 2.0, 2.0]
+
+
 def test_aggregator_refuses_bad_answers():
     agg = Aggregator(ENHANCED, torch.zeros(6))
     with pytest.raises(ValueError, match="no member answered"):
         agg.combine({})
     with pytest.raises(ValueError, match="member 1 answered shape"):
         agg.combine({0: torch.zeros(1, 3), 1: torch.zeros(1, 4)})
+    with pytest.raises(ValueError, match=r"members \[7\] are not in this ensemble"):
+        agg.combine({7: torch.zeros(1, 3)})
     with pytest.raises(ValueError, match="filter_mean"):
         Aggregator(ENHANCED, torch.zeros(5))

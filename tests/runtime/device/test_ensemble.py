@@ -4,7 +4,9 @@ member, with any members down, with a member that never answers, and with none a
 from __future__ import annotations
 
 import dataclasses
+import threading
 
+import grpc
 import pytest
 import torch
 from prometheus_client import CollectorRegistry
@@ -32,8 +34,19 @@ def member_nodes(tiny_nonn):
                 stop_in_thread(node, thread)
 
 
-def clients_for(nodes):
-    return [EdgeClient(node.address) for node, _ in nodes]
+@pytest.fixture
+def clients_for():
+    """Node clients for a test; every one made is closed afterwards."""
+    made = []
+
+    def make(nodes):
+        clients = [EdgeClient(node.address) for node, _ in nodes]
+        made.extend(clients)
+        return clients
+
+    yield make
+    for client in made:
+        client.close()
 
 
 def expected(ensemble, x, members):
@@ -41,7 +54,7 @@ def expected(ensemble, x, members):
         return ensemble.aggregator.combine({i: ensemble.students[i](x) for i in members})
 
 
-def test_every_member_answers_like_the_in_process_ensemble(tiny_nonn, member_nodes):
+def test_every_member_answers_like_the_in_process_ensemble(tiny_nonn, member_nodes, clients_for):
     metrics = EnsembleMetrics(CollectorRegistry())
     client = EnsembleClient(tiny_nonn, clients_for(member_nodes), deadline_s=10, input_codec="fp32", metrics=metrics)
     x = torch.randn(3, 1, 28, 28)
@@ -53,7 +66,7 @@ def test_every_member_answers_like_the_in_process_ensemble(tiny_nonn, member_nod
                                              {"ensemble": tiny_nonn.name, "how": "all"}) == 1
 
 
-def test_members_down_are_missing_and_the_rest_classify(tiny_nonn, member_nodes):
+def test_members_down_are_missing_and_the_rest_classify(tiny_nonn, member_nodes, clients_for):
     metrics = EnsembleMetrics(CollectorRegistry())
     client = EnsembleClient(tiny_nonn, clients_for(member_nodes), deadline_s=10, input_codec="fp32", metrics=metrics)
     for i in (1, 2):
@@ -67,7 +80,7 @@ def test_members_down_are_missing_and_the_rest_classify(tiny_nonn, member_nodes)
         {"ensemble": tiny_nonn.name, "member": "1", "reason": "UNAVAILABLE"}) == 1
 
 
-def test_nobody_answering_falls_back_to_the_local_student(tiny_nonn, member_nodes):
+def test_nobody_answering_falls_back_to_the_local_student(tiny_nonn, member_nodes, clients_for):
     client = EnsembleClient(tiny_nonn, clients_for(member_nodes), deadline_s=10, input_codec="fp32",
                             fallback_member=1)
     for node in member_nodes:
@@ -89,7 +102,7 @@ class Stalled(torch.nn.Module):
         return self.student(self.gate(x))
 
 
-def test_a_member_that_never_answers_is_cut_off_at_the_deadline(tiny_nonn, member_nodes):
+def test_a_member_that_never_answers_is_cut_off_at_the_deadline(tiny_nonn, member_nodes, clients_for):
     stalled = Stalled(tiny_nonn.students[3])
     registry = ModelRegistry()
     students = list(tiny_nonn.students)
@@ -99,9 +112,12 @@ def test_a_member_that_never_answers_is_cut_off_at_the_deadline(tiny_nonn, membe
     try:
         clients = clients_for(member_nodes)
         clients[3] = EdgeClient(hung[0].address)
+        for c in clients:  # connected first, so the deadline is spent on the request alone
+            grpc.channel_ready_future(c.channel).result(timeout=30)
         client = EnsembleClient(tiny_nonn, clients, deadline_s=0.5, input_codec="fp32")
         x = torch.randn(1, 1, 28, 28)
         answer = client.classify(x)
+        clients[3].close()
         assert stalled.gate.entered.is_set()  # the request reached the member, which never answered
         assert answer.answered == (0, 1, 2) and answer.missing == {3: "DEADLINE_EXCEEDED"}
         torch.testing.assert_close(answer.logits, expected(tiny_nonn, x, (0, 1, 2)), atol=1e-5, rtol=1e-5)
@@ -110,7 +126,7 @@ def test_a_member_that_never_answers_is_cut_off_at_the_deadline(tiny_nonn, membe
         stop_in_thread(*hung)
 
 
-def test_int8_input_is_the_image_size_and_close_to_float(tiny_nonn, member_nodes):
+def test_int8_input_is_the_image_size_and_close_to_float(tiny_nonn, member_nodes, clients_for):
     client = EnsembleClient(tiny_nonn, clients_for(member_nodes), deadline_s=10)
     x = torch.randn(1, 1, 28, 28)
     answer = client.classify(x)
@@ -118,7 +134,7 @@ def test_int8_input_is_the_image_size_and_close_to_float(tiny_nonn, member_nodes
     assert answer.logits.argmax() == expected(tiny_nonn, x, range(4)).argmax()
 
 
-def test_bad_configuration_is_refused(tiny_nonn, member_nodes):
+def test_bad_configuration_is_refused(tiny_nonn, member_nodes, clients_for):
     clients = clients_for(member_nodes)
     with pytest.raises(ValueError, match="4 members"):
         EnsembleClient(tiny_nonn, clients[:3])
@@ -126,3 +142,101 @@ def test_bad_configuration_is_refused(tiny_nonn, member_nodes):
         EnsembleClient(tiny_nonn, clients, deadline_s=0)
     with pytest.raises(ValueError, match="fallback member 7"):
         EnsembleClient(tiny_nonn, clients, fallback_member=7)
+
+
+class Broken(torch.nn.Module):
+    """A member that answers garbage: non-finite features, or one feature too many."""
+
+    def __init__(self, filters: int, kind: str) -> None:
+        super().__init__()
+        self.filters, self.kind = filters, kind
+
+    def forward(self, x):
+        value = {"nan": float("nan"), "huge": 3e38, "negative": -1.0}.get(self.kind)
+        if value is not None:
+            return torch.full((len(x), self.filters), value)
+        return torch.zeros(len(x), self.filters + 1)
+
+
+@pytest.mark.parametrize("kind", ["nan", "huge", "negative", "shape"])
+def test_a_member_answering_garbage_is_ignored_not_trusted(tiny_nonn, member_nodes, clients_for, kind):
+    students = list(tiny_nonn.students)
+    students[0] = Broken(tiny_nonn.students[0].filters, kind)
+    registry = ModelRegistry()
+    if kind == "shape":  # the served spec says filters + 1, as a misconfigured node would
+        students[0].filters += 1
+    register_nonn_members(registry, dataclasses.replace(tiny_nonn, students=students), [0])
+    bad = start_in_thread(registry)
+    try:
+        clients = clients_for(member_nodes)
+        clients[0] = EdgeClient(bad[0].address)
+        x = torch.randn(2, 1, 28, 28)
+        answer = EnsembleClient(tiny_nonn, clients, deadline_s=10, input_codec="fp32").classify(x)
+        assert answer.missing == {0: "INVALID_ANSWER"} and answer.answered == (1, 2, 3)
+        assert torch.isfinite(answer.logits).all()
+        torch.testing.assert_close(answer.logits, expected(tiny_nonn, x, (1, 2, 3)), atol=1e-5, rtol=1e-5)
+    finally:
+        stop_in_thread(*bad)
+
+
+class NeverAnswers:
+    """A client whose calls stay pending whatever timeout they are given; records cancellation."""
+
+    def __init__(self) -> None:
+        self.cancelled = threading.Event()
+
+    def infer_async(self, model_name, tensors, timeout, request_id=""):
+        owner = self
+
+        class Pending:
+            def done(self):
+                return owner.cancelled.is_set()
+
+            def add_done_callback(self, fn):
+                pass
+
+            def cancel(self):
+                owner.cancelled.set()
+
+            def result(self):
+                raise AssertionError("result() of a call that never finished")
+
+        return Pending()
+
+
+class Refuses:
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+    def infer_async(self, model_name, tensors, timeout, request_id=""):
+        raise self.exc
+
+
+def test_the_clients_own_deadline_cuts_off_and_cancels_a_call_that_never_ends(tiny_nonn, member_nodes,
+                                                                               clients_for):
+    from edgesplit.runtime.inference import OffloadError
+
+    clients = clients_for(member_nodes)
+    hung = NeverAnswers()
+    clients[1] = hung
+    clients[2] = Refuses(OffloadError("UNAVAILABLE", "refused"))
+    clients[3] = Refuses(RuntimeError("a bug in the client"))
+    x = torch.randn(1, 1, 28, 28)
+    answer = EnsembleClient(tiny_nonn, clients, deadline_s=0.3, input_codec="fp32").classify(x)
+    assert answer.missing == {1: "DEADLINE_EXCEEDED", 2: "UNAVAILABLE", 3: "CLIENT_ERROR"}
+    assert answer.answered == (0,) and hung.cancelled.is_set()
+    torch.testing.assert_close(answer.logits, expected(tiny_nonn, x, (0,)), atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_fallback_student_nobody_answering_gives_the_prior(tiny_nonn, member_nodes, clients_for):
+    from edgesplit.runtime.inference import OffloadError
+
+    refused = [Refuses(OffloadError("UNAVAILABLE", "down")) for _ in range(4)]
+    metrics = EnsembleMetrics(CollectorRegistry())
+    client = EnsembleClient(tiny_nonn, refused, fallback_member=None, metrics=metrics)
+    answer = client.classify(torch.randn(2, 1, 28, 28))
+    assert answer.fallback and answer.how == "fallback" and answer.sent_bytes == 0
+    prior = tiny_nonn.aggregator.classifier(tiny_nonn.aggregator.filter_mean)
+    torch.testing.assert_close(answer.logits, prior.expand(2, -1).detach())
+    assert metrics.registry.get_sample_value("edgesplit_nonn_answers_total",
+                                             {"ensemble": tiny_nonn.name, "how": "fallback"}) == 1

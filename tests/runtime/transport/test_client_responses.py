@@ -1,0 +1,58 @@
+"""What a node answers is checked before the device uses it: malformed parameters or tensors
+become OffloadError(INTERNAL), never another exception; a cancelled offload says CANCELLED."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgesplit.protos import inference_pb2
+from edgesplit.runtime.inference import OffloadError
+from edgesplit.runtime.transport.client import EdgeClient, _offload_result
+from edgesplit.runtime.transport.oip import set_parameter
+
+
+def response(compute=0.001, batch=1, data=None, shape=(1, 3)):
+    r = inference_pb2.ModelInferResponse(model_name="m", id="x")
+    set_parameter(r.parameters["edge_compute_seconds"], compute)
+    set_parameter(r.parameters["edge_batch_size"], batch)
+    r.outputs.add(name="logits", datatype="FP32", shape=list(shape))
+    r.raw_output_contents.append(np.zeros(shape, np.float32).tobytes() if data is None else data)
+    return r
+
+
+def test_a_well_formed_response_is_read():
+    result = _offload_result(response(), 0.01, 10)
+    assert result.logits.shape == (1, 3) and result.edge_seconds == pytest.approx(0.001) and result.batch_size == 1
+
+
+@pytest.mark.parametrize("bad", [
+    {"compute": "soon"}, {"compute": float("nan")}, {"compute": -1.0}, {"batch": -2}, {"batch": "many"},
+    {"data": b"\x00" * 5}, {"shape": (1, -3), "data": b""},
+])
+def test_malformed_responses_become_internal_offload_errors(bad):
+    with pytest.raises(OffloadError) as err:
+        _offload_result(response(**bad), 0.01, 10)
+    assert err.value.reason == "INTERNAL"
+
+
+def test_a_cancelled_offload_reports_cancelled():
+    from edgesplit.runtime import codec
+    from tests.helpers import gated_model, start_in_thread, stop_in_thread
+
+    model, gate = gated_model()
+    running, thread = start_in_thread(model)
+    client = EdgeClient(running.address)
+    try:
+        call = client.infer_async("echo", codec.encode(torch.zeros(1, 4), "fp32"), timeout=30)
+        assert gate.entered.wait(20), "the request never reached the model"
+        assert not call.done()
+        call.cancel()
+        with pytest.raises(OffloadError) as err:
+            call.result()
+        assert err.value.reason == "CANCELLED"
+    finally:
+        gate.release.set()
+        client.close()
+        stop_in_thread(running, thread)
