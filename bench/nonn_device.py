@@ -78,6 +78,10 @@ def main(argv: list[str] | None = None) -> int:
                   flush=True)
             return 1
 
+    problems = nonn.check_members()
+    if problems:
+        print(json.dumps({"error": f"members serving other weights: {problems}"}), flush=True)
+        return 1
     n = args.latency_requests
     lat: dict[str, list[float]] = {"nonn": [], "cut0": [], f"cut{args.cut}": []}
     sent: dict[str, int] = {}

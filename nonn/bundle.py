@@ -7,9 +7,12 @@ Weights are verified against the manifest's sha256 before anything is loaded; no
 
 Example::
 
-    >>> from edgesplit.nonn.bundle import load_ensemble, shipped_ensembles
-    >>> names = shipped_ensembles()
-    >>> ensemble = load_ensemble(names[0]) if names else None
+    >>> from edgesplit.nonn.bundle import load_ensemble
+    >>> ensemble = load_ensemble("nonn_resnet_fm_s8_enhanced")      # sha256 checked first
+    >>> ensemble.members, [len(part) for part in ensemble.partition.parts]
+    (8, [16, 16, 16, 16])
+    >>> ensemble.member_model_name(3)
+    'nonn_resnet_fm_s8_enhanced.member.3'
 """
 
 from __future__ import annotations

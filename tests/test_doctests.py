@@ -17,6 +17,8 @@ MODULES = [
     "edgesplit.partitioner.optimise",
     "edgesplit.partitioner.explain",
     "edgesplit.partitioner.bundle",
+    "edgesplit.nonn",
+    "edgesplit.nonn.bundle",
     "edgesplit.runtime.codec",
     "edgesplit.runtime.node.dataplane",
     "edgesplit.runtime.device.runner",

@@ -106,6 +106,28 @@ class EnsembleClient:
         self._ids = itertools.count()
         self._bounds = answer_bounds(ensemble)
 
+    def check_members(self, timeout: float = 10.0) -> dict[int, str]:
+        """Members whose node does not serve this ensemble's weights (same sha256), with why.
+
+        Answers of the right shape from another training run would be silently wrong, so a
+        device checks once before it relies on its members. Clients that cannot report what
+        they serve (no ``weights_sha256``) are not checked.
+        """
+        want = self.ensemble.manifest.get("sha256", "")
+        problems: dict[int, str] = {}
+        for i, client in enumerate(self.clients):
+            report = getattr(client, "weights_sha256", None)
+            if report is None:
+                continue
+            try:
+                served = report(timeout)
+            except OffloadError as exc:
+                problems[i] = f"cannot tell what it serves: {exc.reason}"
+                continue
+            if want not in served:
+                problems[i] = f"serves other weights ({', '.join(h[:12] for h in served) or 'none'})"
+        return problems
+
     def classify(self, images: torch.Tensor, request_id: str = "") -> EnsembleAnswer:
         """Logits for normalised images [N, 1, 28, 28], from whichever members answer in time."""
         started = time.perf_counter()

@@ -32,12 +32,31 @@ def test_a_node_serves_only_the_members_it_is_given(tiny_nonn):
                 with pytest.raises(OffloadError) as err:
                     client.infer(name, codec.encode(x, "fp32"), timeout=30)
                 assert err.value.reason == "NOT_FOUND" and tiny_nonn.member_model_name(1) in err.value.message
-            stub = inference_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(node.address))
-            with pytest.raises(grpc.RpcError) as bad:  # wrong input shape: a clear INVALID_ARGUMENT
-                stub.ModelInfer(infer_request(tiny_nonn.member_model_name(1), torch.randn(1, 1, 14, 14)), timeout=30)
+            with grpc.insecure_channel(node.address) as channel:
+                stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+                with pytest.raises(grpc.RpcError) as bad:  # wrong input shape: a clear INVALID_ARGUMENT
+                    stub.ModelInfer(infer_request(tiny_nonn.member_model_name(1), torch.randn(1, 1, 14, 14)),
+                                    timeout=30)
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert client.weights_sha256() == [tiny_nonn.manifest["sha256"]]
         finally:
             client.close()
+
+
+def test_the_device_notices_members_serving_other_weights(tiny_nonn):
+    from edgesplit.runtime.device.ensemble import EnsembleClient
+
+    args = ["--nonn", str(tiny_nonn.manifest_path), "--member", "0"]
+    with NodeProcess(model=None, extra_args=args) as right, NodeProcess(model="resnet_fm") as wrong:
+        clients = [EdgeClient(right.address), EdgeClient(wrong.address), EdgeClient(right.address),
+                   EdgeClient("127.0.0.1:1")]
+        try:
+            problems = EnsembleClient(tiny_nonn, clients).check_members(timeout=5)
+        finally:
+            for c in clients:
+                c.close()
+    assert set(problems) == {1, 3}
+    assert "serves other weights" in problems[1] and "cannot tell" in problems[3]
 
 
 def test_bad_nonn_flags_fail_fast_with_a_reason(tiny_nonn):

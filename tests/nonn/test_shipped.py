@@ -1,0 +1,45 @@
+"""The committed NoNN ensembles: hashes verified, partitions reproducible from the statistics
+in their manifests, balanced where they should be, and trained (accuracy on the shipped sample)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgesplit.models.datasets import load_sample, to_tensor
+from edgesplit.nonn.bundle import load_ensemble, shipped_ensembles
+from edgesplit.nonn.partition import build_partition
+
+REQUIRED = {f"nonn_resnet_fm_s{s}_{m}" for s in (4, 8) for m in ("original", "enhanced")}
+
+
+def test_the_four_ensembles_of_the_benchmark_are_committed():
+    assert REQUIRED <= set(shipped_ensembles())
+
+
+@pytest.mark.parametrize("name", shipped_ensembles())
+def test_shipped_partition_is_reproducible_from_its_statistics(name):
+    ensemble = load_ensemble(name)
+    m = ensemble.manifest
+    graph = np.array(m["statistics"]["graph"])
+    parts = len(ensemble.partition.parts) if ensemble.partition.method == "enhanced" else None
+    rebuilt = build_partition(ensemble.partition.method, graph, ensemble.members, parts, ensemble.partition.seed)
+    assert rebuilt == ensemble.partition
+    sizes = [len(p) for p in ensemble.partition.parts]
+    if ensemble.partition.method == "enhanced":
+        assert max(sizes) - min(sizes) <= 1 and len(sizes) == ensemble.members // 2
+        assert ensemble.partition.member_part == tuple(i % len(sizes) for i in range(ensemble.members))
+    else:
+        assert len(sizes) == ensemble.members
+
+
+@pytest.mark.parametrize("name", shipped_ensembles())
+def test_shipped_ensemble_is_trained(name):
+    ensemble = load_ensemble(name)
+    images, labels = load_sample()
+    with torch.no_grad():
+        logits = ensemble.aggregator.combine({i: s(to_tensor(images)) for i, s in enumerate(ensemble.students)})
+    accuracy = float((logits.argmax(1) == torch.from_numpy(labels).long()).float().mean())
+    assert accuracy > 0.88, f"{name}: {accuracy:.3f} on the shipped sample"
+    assert ensemble.manifest["training_seconds"] > 0 and ensemble.manifest["test_accuracy"] > 0.88
