@@ -103,8 +103,8 @@ def evaluate(progress: bool = True) -> dict:
     """Parts 1 and 2: failure curves, sizes and bytes of every committed ensemble."""
     from edgesplit.models import load_trained
     from edgesplit.models.datasets import load_fashion_mnist, to_tensor
-    from edgesplit.nonn.bundle import load_ensemble, shipped_ensembles
     from edgesplit.partitioner.flops import mac_summary
+    from edgesplit.partitioner.nonn.bundle import load_ensemble, shipped_ensembles
 
     names = shipped_ensembles()
     if not names:
@@ -212,7 +212,7 @@ def _start_all(nodes) -> None:
 def multihost(ensemble_name: str, requests: int, latency_requests: int, rate: float, seed: int = 0,
               progress: bool = True) -> dict:
     """Part 3, on the test bed (root)."""
-    from edgesplit.nonn.bundle import load_ensemble
+    from edgesplit.partitioner.nonn.bundle import load_ensemble
     from edgesplit.runtime.node.launcher import NodeProcess
     from edgesplit.testbed.bed import Testbed
 

@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from edgesplit.models import load_trained
     from edgesplit.models.datasets import load_fashion_mnist, to_tensor
-    from edgesplit.nonn.bundle import load_ensemble
+    from edgesplit.partitioner.nonn.bundle import load_ensemble
     from edgesplit.runtime import codec
     from edgesplit.runtime.device.ensemble import EnsembleClient
     from edgesplit.runtime.transport.client import EdgeClient

@@ -41,8 +41,8 @@ def _train(args: argparse.Namespace) -> int:
 def _nonn_train(args: argparse.Namespace) -> int:
     import torch
 
-    from edgesplit.nonn.bundle import WEIGHTS_DIR
-    from edgesplit.nonn.train import NonnRecipe, train_and_save
+    from edgesplit.partitioner.nonn.bundle import WEIGHTS_DIR
+    from edgesplit.partitioner.nonn.train import NonnRecipe, train_and_save
 
     if args.threads:
         torch.set_num_threads(args.threads)

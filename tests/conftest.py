@@ -31,8 +31,8 @@ def node(trained_model) -> Iterator[RunningNode]:
 @pytest.fixture(scope="session")
 def tiny_nonn(tmp_path_factory, trained_model):
     """A NoNN bundle (4 members, enhanced) trained for one epoch on 600 images: seconds, not minutes."""
-    from edgesplit.nonn.bundle import load_ensemble
-    from edgesplit.nonn.train import NonnRecipe, prepare, train_and_save
+    from edgesplit.partitioner.nonn.bundle import load_ensemble
+    from edgesplit.partitioner.nonn.train import NonnRecipe, prepare, train_and_save
 
     out = tmp_path_factory.mktemp("nonn")
     data = prepare(validation=100, train_limit=600, test_limit=300, progress=False, teacher=trained_model)

@@ -1,4 +1,4 @@
-"""Dependencies point one way (models <- partitioner <- nonn <- runtime <- bench), the engine imports
+"""Dependencies point one way (models <- partitioner <- runtime <- bench), the engine imports
 no gRPC, and the client never imports the server: checked in fresh interpreters."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def imported_after(module: str) -> set[str]:
     ("edgesplit.runtime.device.runner", ("grpc", "edgesplit.runtime.transport", "edgesplit.runtime.node")),
     ("edgesplit.runtime.transport.client", ("edgesplit.runtime.node",)),
     ("edgesplit.linksim", ("edgesplit.runtime", "edgesplit.models", "torch")),
-    ("edgesplit.nonn.train", ("edgesplit.runtime", "grpc")),
+    ("edgesplit.partitioner.nonn.train", ("edgesplit.runtime", "grpc")),
     ("edgesplit.runtime.device.ensemble", ("grpc", "edgesplit.runtime.transport", "edgesplit.runtime.node")),
 ])
 def test_layering(module, forbidden):
@@ -42,8 +42,7 @@ def test_no_import_cycles_between_packages():
 
     ``runtime/cli.py`` is exempt: it is the composition root that mounts every command,
     ``edgesplit bench`` included, and nothing imports it."""
-    packages = {"models": "models", "partitioner": "partitioner", "nonn": "nonn", "runtime": "runtime",
-                "bench": "bench"}
+    packages = {"models": "models", "partitioner": "partitioner", "runtime": "runtime", "bench": "bench"}
     edges: dict[str, set[str]] = {p: set() for p in packages}
     for name, folder in packages.items():
         for path in (ROOT / folder).rglob("*.py"):
@@ -54,7 +53,7 @@ def test_no_import_cycles_between_packages():
                     target = node.module.split(".")[1]
                     if target in packages and target != name:
                         edges[name].add(target)
-    order = ["models", "partitioner", "nonn", "runtime", "bench"]
+    order = ["models", "partitioner", "runtime", "bench"]
     for src, targets in edges.items():
         for dst in targets:
             assert order.index(dst) < order.index(src), f"{src} imports {dst}: dependencies must point one way"

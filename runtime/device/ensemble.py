@@ -32,7 +32,7 @@ from edgesplit.runtime import codec
 from edgesplit.runtime.inference import OffloadError, OffloadResult
 from edgesplit.runtime.metrics import EnsembleMetrics
 
-log = logging.getLogger("edgesplit.nonn")
+log = logging.getLogger("edgesplit.partitioner.nonn")
 # A member's answer further above the teacher's training mean than this many standard
 # deviations (of that filter's pooled activation) is taken as garbage, not as evidence.
 ANSWER_BOUND_STDS = 50.0

@@ -196,7 +196,7 @@ def register_split_model(
 
 def register_nonn_members(registry: ModelRegistry, ensemble, members: list[int] | None = None,
                           batching: BatchingConfig | None = None) -> list[str]:
-    """Serve members of a NoNN ensemble (:class:`edgesplit.nonn.bundle.Ensemble`) as ``NAME.member.I``.
+    """Serve members of a NoNN ensemble (:class:`edgesplit.partitioner.nonn.bundle.Ensemble`) as ``NAME.member.I``.
 
     Each takes the image and answers its part's pooled features (``features``, one per filter).
     """

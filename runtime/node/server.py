@@ -104,7 +104,7 @@ def load_registry(settings: NodeSettings):
             hashes.append(sha256_file(settings.weights or WEIGHTS_DIR / f"{name}.safetensors"))
         register_split_model(registry, model, settings.batching_config())
     if settings.nonn:
-        from edgesplit.nonn.bundle import load_ensemble
+        from edgesplit.partitioner.nonn.bundle import load_ensemble
 
         from .registry import register_nonn_members
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from edgesplit.models.datasets import load_sample, to_tensor
-from edgesplit.nonn.bundle import load_ensemble, shipped_ensembles
-from edgesplit.nonn.partition import build_partition
+from edgesplit.partitioner.nonn.bundle import load_ensemble, shipped_ensembles
+from edgesplit.partitioner.nonn.partition import build_partition
 
 REQUIRED = {f"nonn_resnet_fm_s{s}_{m}" for s in (4, 8) for m in ("original", "enhanced")}
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgesplit.nonn.partition import (
+from edgesplit.partitioner.nonn.partition import (
     Partition,
     PartitionError,
     balanced_spectral_partition,
     build_partition,
     louvain_partition,
 )
-from edgesplit.nonn.stats import filter_graph
+from edgesplit.partitioner.nonn.stats import filter_graph
 
 
 def planted_graph(blocks: int, size: int, seed: int = 0, inside: float = 0.8, outside: float = 0.05) -> np.ndarray:
@@ -110,7 +110,7 @@ def test_filter_graph_is_positive_correlation_with_dead_filters_isolated():
 def test_balanced_assignment_is_optimal_on_small_problems():
     import itertools
 
-    from edgesplit.nonn.partition import _balanced_assignment
+    from edgesplit.partitioner.nonn.partition import _balanced_assignment
 
     rng = np.random.default_rng(5)
     for _ in range(5):

@@ -8,8 +8,8 @@ import itertools
 import pytest
 import torch
 
-from edgesplit.nonn.partition import Partition
-from edgesplit.nonn.students import Aggregator, StudentBank
+from edgesplit.partitioner.nonn.partition import Partition
+from edgesplit.partitioner.nonn.students import Aggregator, StudentBank
 
 ENHANCED = Partition("enhanced", ((0, 2, 4), (1, 3, 5)), (0, 1, 0, 1))
 ORIGINAL = Partition("original", ((0, 1, 2, 3), (4,), (5,)), (0, 1, 2))

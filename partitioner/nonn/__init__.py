@@ -13,7 +13,7 @@ and classifies. Two partitionings of the filters:
 Example::
 
     >>> import numpy as np
-    >>> from edgesplit.nonn.partition import balanced_spectral_partition
+    >>> from edgesplit.partitioner.nonn.partition import balanced_spectral_partition
     >>> graph = np.ones((8, 8)) - np.eye(8)
     >>> p = balanced_spectral_partition(graph, members=4)
     >>> [len(part) for part in p.parts], p.member_part

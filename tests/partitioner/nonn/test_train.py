@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from edgesplit.models.datasets import load_fashion_mnist, to_tensor
-from edgesplit.nonn.bundle import NonnBundleError, load_ensemble
-from edgesplit.nonn.partition import Partition
-from edgesplit.nonn.train import accuracy, random_presence
+from edgesplit.partitioner.nonn.bundle import NonnBundleError, load_ensemble
+from edgesplit.partitioner.nonn.partition import Partition
+from edgesplit.partitioner.nonn.train import accuracy, random_presence
 
 
 def test_manifest_records_partition_statistics_sizes_and_training(tiny_nonn):

@@ -7,7 +7,7 @@ Weights are verified against the manifest's sha256 before anything is loaded; no
 
 Example::
 
-    >>> from edgesplit.nonn.bundle import load_ensemble
+    >>> from edgesplit.partitioner.nonn.bundle import load_ensemble
     >>> ensemble = load_ensemble("nonn_resnet_fm_s8_enhanced")      # sha256 checked first
     >>> ensemble.members, [len(part) for part in ensemble.partition.parts]
     (8, [16, 16, 16, 16])
