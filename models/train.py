@@ -107,7 +107,7 @@ def train(
             loss.backward()
             optimizer.step()
             schedule.step()
-            running += float(loss)
+            running += float(loss.detach())
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{running / step:.3f}", lr=f"{schedule.get_last_lr()[0]:.3f}")
         accs = evaluate_exits(model, tx, ty)

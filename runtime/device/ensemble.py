@@ -32,10 +32,14 @@ from edgesplit.runtime import codec
 from edgesplit.runtime.inference import OffloadError, OffloadResult
 from edgesplit.runtime.metrics import EnsembleMetrics
 
+from .breaker import CircuitBreaker
+
 log = logging.getLogger("edgesplit.partitioner.nonn")
 # A member's answer further above the teacher's training mean than this many standard
 # deviations (of that filter's pooled activation) is taken as garbage, not as evidence.
 ANSWER_BOUND_STDS = 50.0
+# Outcomes that say nothing against the member's health (it is alive, just full or told off).
+NOT_A_FAILURE = frozenset({"RESOURCE_EXHAUSTED", "CANCELLED"})
 
 
 def answer_bounds(ensemble) -> list[torch.Tensor]:
@@ -86,11 +90,17 @@ class EnsembleClient:
     ``fallback_member`` is the student the device runs itself when nobody answers (its
     weights must be in ``ensemble``); ``None`` leaves the logits at the aggregator's
     all-missing guess (training means) with ``fallback=True``.
+
+    One circuit breaker per member: a member that failed twice in a row (down, hung past
+    the deadline, or answering garbage) is not asked for ``breaker_reset_s``, then probed
+    by one request, so a hung member stops costing every request the whole deadline
+    (reason ``CIRCUIT_OPEN`` while it is skipped).
     """
 
     def __init__(self, ensemble, clients: Sequence[AsyncOffloader], deadline_s: float = 0.5,
                  input_codec: str = "int8", fallback_member: int | None = 0,
-                 metrics: EnsembleMetrics | None = None) -> None:
+                 metrics: EnsembleMetrics | None = None, breaker_failures: int = 2,
+                 breaker_reset_s: float = 0.5) -> None:
         if len(clients) != ensemble.members:
             raise ValueError(f"{ensemble.name} has {ensemble.members} members; got {len(clients)} clients")
         if not deadline_s > 0:
@@ -105,6 +115,7 @@ class EnsembleClient:
         self.metrics = metrics
         self._ids = itertools.count()
         self._bounds = answer_bounds(ensemble)
+        self.breakers = [CircuitBreaker(breaker_failures, breaker_reset_s) for _ in range(ensemble.members)]
 
     def check_members(self, timeout: float = 10.0) -> dict[int, str]:
         """Members whose node does not serve this ensemble's weights (same sha256), with why.
@@ -136,17 +147,31 @@ class EnsembleClient:
         finished = threading.Semaphore(0)
         pending: dict[int, PendingAnswer] = {}
         missing: dict[int, str] = {}
+        settled: set[int] = set()  # members whose breaker has heard how their call ended
+
+        def settle(member: int, reason: str | None) -> None:
+            settled.add(member)
+            if reason is None:
+                self.breakers[member].success()
+            elif reason not in NOT_A_FAILURE:
+                self.breakers[member].failure()
+
         try:
             for i, client in enumerate(self.clients):
+                if not self.breakers[i].allow():
+                    missing[i] = "CIRCUIT_OPEN"
+                    continue
                 try:
                     call = client.infer_async(self.ensemble.member_model_name(i), encoded,
                                               timeout=self.deadline_s, request_id=f"{request_id}.{i}")
                 except OffloadError as exc:
                     missing[i] = exc.reason
+                    settle(i, exc.reason)
                     continue
                 except Exception:  # noqa: BLE001 - a broken client (closed channel...) is a missing member
                     log.exception("member %d of %s: the request could not be sent", i, self.ensemble.name)
                     missing[i] = "CLIENT_ERROR"
+                    settle(i, "CLIENT_ERROR")
                     continue
                 pending[i] = call
                 call.add_done_callback(lambda _p: finished.release())
@@ -159,17 +184,22 @@ class EnsembleClient:
             for i, call in pending.items():
                 if not call.done():
                     missing[i] = "DEADLINE_EXCEEDED"
+                    settle(i, "DEADLINE_EXCEEDED")
                     continue
                 try:
                     answers[i] = self._checked(i, call.result(), len(images))
                     received += answers[i].numel() * 4
+                    settle(i, None)
                 except OffloadError as exc:
                     missing[i] = exc.reason
+                    settle(i, exc.reason)
             logits = self._classify(answers, images)
         finally:
-            for call in pending.values():  # whatever happened above, nothing is left running
+            for i, call in pending.items():  # whatever happened above, nothing is left running
                 if not call.done():
                     call.cancel()
+                if i not in settled:  # an unexpected error above: the slot a breaker lent goes back
+                    settle(i, "CLIENT_ERROR")
         answer = EnsembleAnswer(logits, tuple(sorted(answers)), dict(sorted(missing.items())), not answers,
                                 time.perf_counter() - started, len(encoded.data) * len(pending), received)
         self._record(answer)

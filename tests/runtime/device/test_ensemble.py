@@ -184,9 +184,12 @@ class NeverAnswers:
 
     def __init__(self) -> None:
         self.cancelled = threading.Event()
+        self.calls = 0
 
     def infer_async(self, model_name, tensors, timeout, request_id=""):
         owner = self
+        self.calls += 1
+        self.cancelled.clear()
 
         class Pending:
             def done(self):
@@ -240,3 +243,22 @@ def test_without_a_fallback_student_nobody_answering_gives_the_prior(tiny_nonn, 
     torch.testing.assert_close(answer.logits, prior.expand(2, -1).detach())
     assert metrics.registry.get_sample_value("edgesplit_nonn_answers_total",
                                              {"ensemble": tiny_nonn.name, "how": "fallback"}) == 1
+
+
+def test_a_hung_member_is_skipped_after_two_misses_then_probed(tiny_nonn, member_nodes, clients_for):
+    from edgesplit.runtime.device.breaker import CircuitBreaker
+
+    now = [0.0]
+    clients = clients_for(member_nodes)
+    hung = NeverAnswers()
+    clients[2] = hung
+    client = EnsembleClient(tiny_nonn, clients, deadline_s=0.2, input_codec="fp32")
+    client.breakers = [CircuitBreaker(2, 1.0, clock=lambda: now[0]) for _ in range(4)]
+    x = torch.randn(1, 1, 28, 28)
+    reasons = [client.classify(x).missing.get(2) for _ in range(3)]
+    assert reasons == ["DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED", "CIRCUIT_OPEN"] and hung.calls == 2
+    answer = client.classify(x)  # still open: the others answer, member 2 is not even asked
+    assert answer.missing == {2: "CIRCUIT_OPEN"} and answer.answered == (0, 1, 3) and hung.calls == 2
+    now[0] += 1.5  # past the reset: one probe goes to member 2
+    assert client.classify(x).missing == {2: "DEADLINE_EXCEEDED"} and hung.calls == 3
+    assert client.breakers[0].state == CircuitBreaker.CLOSED
