@@ -396,6 +396,7 @@ def plot(r: dict, path: str) -> None:
                 if pts:
                     ax.plot(*zip(*pts), style, alpha=alpha, label=method + suffix)
         ax.axhline(100 * r["teacher_accuracy"], color="grey", lw=1, label="teacher")
+        ax.set_xticks(range(s))
         ax.set(title=f"NoNN, S = {s} students (Fashion-MNIST test)", xlabel="failed members",
                ylabel="accuracy (%)")
         ax.grid(alpha=0.3)
