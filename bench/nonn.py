@@ -13,10 +13,11 @@ No training: it evaluates the committed ensembles (``edgesplit nonn train`` make
    member up, the device measures latency and bytes of the ensemble and of head/tail
    splitting; then it streams test images while half the members are killed with SIGKILL
    (when a quarter of the stream is answered) and restarted; the stream goes on until the
-   restarted members have been back for a while. Reported: requests the device issued,
-   those with a recorded answer, lost and duplicated (both must be 0: a request whose
-   ``classify`` raised or hung would show as lost), accuracy, and how many members answered
-   while half of them were down.
+   restarted members answer again. Reported: requests the device issued (counted before
+   each ``classify``), those with an answer, lost (a ``classify`` that raised is recorded
+   as an error, not an answer) and duplicated (both must be 0), accuracy, and how many
+   members answered while half of them were down. A ``classify`` that hangs fails the run
+   at its time bound.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from pathlib import Path
 import torch
 
 from edgesplit.bench import machine_info, table
+from edgesplit.bench.chaos import AnswerCount
 
 MAX_FAILURE_SETS = 100  # more than this many sets of failed members: a seeded random sample
 MEMBER_PORT = 8001
@@ -165,22 +167,19 @@ def goals(rows: list[dict], original_rows: list[dict] | None = None) -> dict:
     return out
 
 
-class _AnswerCount:
-    """Lines written so far to the device's JSON-lines file (only whole lines)."""
+class _Follower:
+    """The records appended to a JSON-lines file since the last call (whole lines only)."""
 
     def __init__(self, path: Path) -> None:
-        self.path, self._offset, self._count = path, 0, 0
+        self.path, self._offset = path, 0
 
-    def __call__(self) -> int:
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self._offset)
-                chunk = f.read()
-        except FileNotFoundError:
-            return 0
-        self._offset += len(chunk)
-        self._count += chunk.count(b"\n")
-        return self._count
+    def new(self) -> list[dict]:
+        with open(self.path, "rb") as f:
+            f.seek(self._offset)
+            chunk = f.read()
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        self._offset += len(complete)
+        return [json.loads(line) for line in complete.splitlines()]
 
 
 def _start_all(nodes) -> None:
@@ -223,7 +222,7 @@ def multihost(ensemble_name: str, requests: int, latency_requests: int, rate: fl
     hosts = {"device": "198.18.0.1", "teacher": "198.18.0.11", **{f"m{i}": f"198.18.0.{31 + i}" for i in range(s)}}
     work = Path(tempfile.mkdtemp(prefix="edgesplit-nonn-"))
     out_path, stop_file = work / "answers.jsonl", work / "stop"
-    answered = _AnswerCount(out_path)
+    answered = AnswerCount(out_path)
     rng = random.Random(seed)
     victims = sorted(rng.sample(range(s), s // 2))
     events: list[dict] = []
@@ -269,12 +268,15 @@ def multihost(ensemble_name: str, requests: int, latency_requests: int, rate: fl
                 print(f"nonn: killed members {victims} at answer {events[-1]['answered']}; restarting", flush=True)
             _start_all([members[i] for i in victims])
             events.append({"event": "restarted", "members": victims, "answered": answered(), "t": time.time()})
-            # Let the stream run on with every member back, then tell the device it may stop.
-            after = events[-1]["answered"] + max(40, requests // 10)
-            while answered() < after and device.poll() is None:
+            # Let the stream run on until an answer has every member in it again (reconnect
+            # backoff and the members' circuit breakers take a moment), then tell the device
+            # it may stop once it has sent what was asked.
+            follower = _Follower(out_path)
+            while device.poll() is None and not any(
+                    len(r["answered"]) == s for r in follower.new() if r["id"] >= events[-1]["answered"]):
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"the stream did not go on after the restart; see {work}")
-                time.sleep(0.005)
+                    raise TimeoutError(f"members did not answer again after the restart; see {work}")
+                time.sleep(0.05)
             stop_file.touch()
             try:
                 device.wait(timeout=max(1.0, deadline - time.monotonic()))
@@ -298,6 +300,8 @@ def multihost(ensemble_name: str, requests: int, latency_requests: int, rate: fl
 
 
 def analyse_stream(records: list[dict], sent: int, events: list[dict], members: int) -> dict:
+    errors = [r for r in records if "error" in r]
+    records = [r for r in records if "error" not in r]
     ids = [r["id"] for r in records]
     killed = next(e for e in events if e["event"] == "killed")
     restarted = next(e for e in events if e["event"] == "restarted")
@@ -307,6 +311,7 @@ def analyse_stream(records: list[dict], sent: int, events: list[dict], members: 
     how = {k: sum(r["how"] == k for r in records) for k in ("all", "partial", "fallback")}
     return {
         "sent": sent, "answered": len(set(ids)), "lost": sent - len(set(ids)), "duplicated": len(ids) - len(set(ids)),
+        "errors": [e["error"] for e in errors][:10],
         "accuracy": round(sum(r["correct"] for r in records) / max(1, len(records)), 4),
         "accuracy_while_down": round(sum(r["correct"] for r in during) / len(during), 4) if during else None,
         "answers_while_down": len(during),

@@ -122,12 +122,16 @@ def main(argv: list[str] | None = None) -> int:
             if wait > 0:
                 time.sleep(wait)  # pacing like a camera, not a synchronisation
             i = k % len(labels)
-            a = nonn.classify(x_all[i : i + 1], request_id=f"r{k}")
-            out.write(json.dumps({"id": k, "t": time.time(), "how": a.how, "answered": list(a.answered),
+            k += 1  # issued: counted before the answer, so a request without one shows as lost
+            try:
+                a = nonn.classify(x_all[i : i + 1], request_id=f"r{k - 1}")
+            except Exception as exc:  # noqa: BLE001 - recorded, and the stream goes on
+                out.write(json.dumps({"id": k - 1, "t": time.time(), "error": repr(exc)[:200]}) + "\n")
+                continue
+            out.write(json.dumps({"id": k - 1, "t": time.time(), "how": a.how, "answered": list(a.answered),
                                   "missing": {str(m): r for m, r in a.missing.items()},
                                   "correct": int(a.logits.argmax()) == int(labels[i]),
                                   "latency_s": round(a.seconds, 6)}) + "\n")
-            k += 1
     print(json.dumps({"done": k}), flush=True)
     return 0
 

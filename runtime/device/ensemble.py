@@ -38,7 +38,8 @@ log = logging.getLogger("edgesplit.partitioner.nonn")
 # A member's answer further above the teacher's training mean than this many standard
 # deviations (of that filter's pooled activation) is taken as garbage, not as evidence.
 ANSWER_BOUND_STDS = 50.0
-# Outcomes that say nothing against the member's health (it is alive, just full or told off).
+# Outcomes that show the member is alive (full, or the call was cancelled on our side): they
+# count as a success for its breaker, which also hands back a half-open breaker's probe.
 NOT_A_FAILURE = frozenset({"RESOURCE_EXHAUSTED", "CANCELLED"})
 
 
@@ -118,25 +119,28 @@ class EnsembleClient:
         self.breakers = [CircuitBreaker(breaker_failures, breaker_reset_s) for _ in range(ensemble.members)]
 
     def check_members(self, timeout: float = 10.0) -> dict[int, str]:
-        """Members whose node does not serve this ensemble's weights (same sha256), with why.
+        """Members whose node does not serve them from this ensemble's weights, with why.
 
-        Answers of the right shape from another training run would be silently wrong, so a
-        device checks once before it relies on its members. Clients that cannot report what
-        they serve (no ``weights_sha256``) are not checked.
+        Answers of the right shape from another training run, or from another member, would
+        be silently wrong, so a device checks once before it relies on its members: each
+        node must serve this member's model name from weights with the ensemble's sha256.
+        Clients that cannot report what they serve (no ``served``) are not checked.
         """
         want = self.ensemble.manifest.get("sha256", "")
         problems: dict[int, str] = {}
         for i, client in enumerate(self.clients):
-            report = getattr(client, "weights_sha256", None)
+            report = getattr(client, "served", None)
             if report is None:
                 continue
             try:
-                served = report(timeout)
+                hashes, models = report(timeout)
             except OffloadError as exc:
                 problems[i] = f"cannot tell what it serves: {exc.reason}"
                 continue
-            if want not in served:
-                problems[i] = f"serves other weights ({', '.join(h[:12] for h in served) or 'none'})"
+            if want not in hashes:
+                problems[i] = f"serves other weights ({', '.join(h[:12] for h in hashes) or 'none'})"
+            elif self.ensemble.member_model_name(i) not in models:
+                problems[i] = f"does not serve {self.ensemble.member_model_name(i)}"
         return problems
 
     def classify(self, images: torch.Tensor, request_id: str = "") -> EnsembleAnswer:
@@ -151,9 +155,9 @@ class EnsembleClient:
 
         def settle(member: int, reason: str | None) -> None:
             settled.add(member)
-            if reason is None:
+            if reason is None or reason in NOT_A_FAILURE:
                 self.breakers[member].success()
-            elif reason not in NOT_A_FAILURE:
+            else:
                 self.breakers[member].failure()
 
         try:
@@ -193,6 +197,10 @@ class EnsembleClient:
                 except OffloadError as exc:
                     missing[i] = exc.reason
                     settle(i, exc.reason)
+                except Exception:  # noqa: BLE001 - a broken client must not cost the request its answer
+                    log.exception("member %d of %s: the answer could not be read", i, self.ensemble.name)
+                    missing[i] = "CLIENT_ERROR"
+                    settle(i, "CLIENT_ERROR")
             logits = self._classify(answers, images)
         finally:
             for i, call in pending.items():  # whatever happened above, nothing is left running
@@ -215,7 +223,8 @@ class EnsembleClient:
         features = result.logits
         want = (rows, len(self.ensemble.partition.member_filters(member)))
         if not isinstance(features, torch.Tensor) or tuple(features.shape) != want:
-            raise OffloadError("INVALID_ANSWER", f"member {member} answered shape {tuple(features.shape)}")
+            shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise OffloadError("INVALID_ANSWER", f"member {member} answered {shape}, expected {want}")
         features = features.float()
         if not torch.isfinite(features).all() or (features < 0).any() or (features > self._bounds[member]).any():
             raise OffloadError("INVALID_ANSWER", f"member {member} answered features outside their range")

@@ -103,15 +103,18 @@ class EdgeClient:
         future = self.stub.ModelInfer.future(request, timeout=timeout, metadata=self.metadata)
         return PendingOffload(future, time.perf_counter(), sum(len(t.data) for t in tensors.values()))
 
-    def weights_sha256(self, timeout: float = 10.0) -> list[str]:
-        """The sha256 of every weights file the node serves (NodeInfo); OffloadError if it cannot say."""
+    def served(self, timeout: float = 10.0) -> tuple[list[str], list[str]]:
+        """What the node serves (NodeInfo): the sha256 of each weights file, and the model names.
+
+        OffloadError if the node cannot say (down, unreachable within ``timeout``).
+        """
         stub = edgesplit_pb2_grpc.EdgeSplitControlStub(self.channel)
         try:
             info = stub.NodeInfo(edgesplit_pb2.NodeInfoRequest(), timeout=timeout, metadata=self.metadata,
                                  wait_for_ready=True)
         except grpc.RpcError as exc:
             raise OffloadError(exc.code().name, exc.details() or "") from None
-        return [h for h in info.weights_sha256.split(",") if h]
+        return [h for h in info.weights_sha256.split(",") if h], list(info.served_models)
 
     def close(self) -> None:
         self.channel.close()

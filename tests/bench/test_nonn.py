@@ -49,9 +49,10 @@ def test_stream_analysis_counts_losses_duplicates_and_the_outage():
     recs = [{"id": i, "t": float(i), "how": "all" if i < 2 else "partial", "answered": [0, 1] if i < 2 else [0],
              "correct": True, "latency_s": 0.01} for i in range(5)]
     recs.append(dict(recs[3]))
+    recs.append({"id": 5, "t": 5.0, "error": "RuntimeError('boom')"})  # issued, no answer
     events = [{"event": "killed", "answered": 2, "t": 1.5}, {"event": "restarted", "answered": 4, "t": 3.5}]
-    r = analyse_stream(recs, sent=6, events=events, members=2)
-    assert r["lost"] == 1 and r["duplicated"] == 1 and r["answered"] == 5
+    r = analyse_stream(recs, sent=7, events=events, members=2)
+    assert r["lost"] == 2 and r["duplicated"] == 1 and r["answered"] == 5 and r["errors"] == ["RuntimeError('boom')"]
     assert r["answers_while_down"] == 3 and r["mean_members_answering_while_down"] == 1.0
     assert r["all_members_back_s"] is None and r["restarted_mid_stream"] is True
 

@@ -109,26 +109,29 @@ def test_a_member_that_never_answers_is_cut_off_at_the_deadline(tiny_nonn, membe
     students[3] = stalled
     register_nonn_members(registry, dataclasses.replace(tiny_nonn, students=students), [3])
     hung = start_in_thread(registry)
+    hung_client = EdgeClient(hung[0].address)
     try:
         clients = clients_for(member_nodes)
-        clients[3] = EdgeClient(hung[0].address)
+        clients[3] = hung_client
         for c in clients:  # connected first, so the deadline is spent on the request alone
             grpc.channel_ready_future(c.channel).result(timeout=30)
         client = EnsembleClient(tiny_nonn, clients, deadline_s=0.5, input_codec="fp32")
         x = torch.randn(1, 1, 28, 28)
         answer = client.classify(x)
-        clients[3].close()
         assert stalled.gate.entered.is_set()  # the request reached the member, which never answered
         assert answer.answered == (0, 1, 2) and answer.missing == {3: "DEADLINE_EXCEEDED"}
         torch.testing.assert_close(answer.logits, expected(tiny_nonn, x, (0, 1, 2)), atol=1e-5, rtol=1e-5)
     finally:
+        hung_client.close()
         stalled.gate.release.set()
         stop_in_thread(*hung)
 
 
 def test_int8_input_is_the_image_size_and_close_to_float(tiny_nonn, member_nodes, clients_for):
+    from edgesplit.models.datasets import load_sample, to_tensor
+
     client = EnsembleClient(tiny_nonn, clients_for(member_nodes), deadline_s=10)
-    x = torch.randn(1, 1, 28, 28)
+    x = to_tensor(load_sample()[0][:1])  # a real image: int8 keeps its class
     answer = client.classify(x)
     assert answer.sent_bytes == 4 * 784
     assert answer.logits.argmax() == expected(tiny_nonn, x, range(4)).argmax()
@@ -167,15 +170,17 @@ def test_a_member_answering_garbage_is_ignored_not_trusted(tiny_nonn, member_nod
         students[0].filters += 1
     register_nonn_members(registry, dataclasses.replace(tiny_nonn, students=students), [0])
     bad = start_in_thread(registry)
+    bad_client = EdgeClient(bad[0].address)
     try:
         clients = clients_for(member_nodes)
-        clients[0] = EdgeClient(bad[0].address)
+        clients[0] = bad_client
         x = torch.randn(2, 1, 28, 28)
         answer = EnsembleClient(tiny_nonn, clients, deadline_s=10, input_codec="fp32").classify(x)
         assert answer.missing == {0: "INVALID_ANSWER"} and answer.answered == (1, 2, 3)
         assert torch.isfinite(answer.logits).all()
         torch.testing.assert_close(answer.logits, expected(tiny_nonn, x, (1, 2, 3)), atol=1e-5, rtol=1e-5)
     finally:
+        bad_client.close()
         stop_in_thread(*bad)
 
 
@@ -262,3 +267,24 @@ def test_a_hung_member_is_skipped_after_two_misses_then_probed(tiny_nonn, member
     now[0] += 1.5  # past the reset: one probe goes to member 2
     assert client.classify(x).missing == {2: "DEADLINE_EXCEEDED"} and hung.calls == 3
     assert client.breakers[0].state == CircuitBreaker.CLOSED
+
+
+def test_a_probe_that_finds_the_member_full_does_not_lock_it_out(tiny_nonn, member_nodes, clients_for):
+    from edgesplit.runtime.device.breaker import CircuitBreaker
+    from edgesplit.runtime.inference import OffloadError
+
+    now = [0.0]
+    clients = clients_for(member_nodes)
+    real = clients[1]
+    clients[1] = Refuses(OffloadError("UNAVAILABLE", "down"))
+    client = EnsembleClient(tiny_nonn, clients, deadline_s=10, input_codec="fp32")
+    client.breakers = [CircuitBreaker(2, 1.0, clock=lambda: now[0]) for _ in range(4)]
+    x = torch.zeros(1, 1, 28, 28)
+    for _ in range(2):
+        client.classify(x)
+    assert client.breakers[1].state == CircuitBreaker.OPEN
+    now[0] += 1.5
+    client.clients[1] = Refuses(OffloadError("RESOURCE_EXHAUSTED", "full"))  # the probe: alive but full
+    assert client.classify(x).missing == {1: "RESOURCE_EXHAUSTED"}
+    client.clients[1] = real  # back to normal: asked at once, not locked out
+    assert client.classify(x).missing == {}

@@ -38,7 +38,9 @@ def test_a_node_serves_only_the_members_it_is_given(tiny_nonn):
                     stub.ModelInfer(infer_request(tiny_nonn.member_model_name(1), torch.randn(1, 1, 14, 14)),
                                     timeout=30)
             assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert client.weights_sha256() == [tiny_nonn.manifest["sha256"]]
+            hashes, models = client.served()
+            assert hashes == [tiny_nonn.manifest["sha256"]]
+            assert sorted(models) == [tiny_nonn.member_model_name(1), tiny_nonn.member_model_name(2)]
         finally:
             client.close()
 
@@ -55,8 +57,9 @@ def test_the_device_notices_members_serving_other_weights(tiny_nonn):
         finally:
             for c in clients:
                 c.close()
-    assert set(problems) == {1, 3}
+    assert set(problems) == {1, 2, 3}
     assert "serves other weights" in problems[1] and "cannot tell" in problems[3]
+    assert problems[2] == f"does not serve {tiny_nonn.member_model_name(2)}"  # member 0's node wired as member 2
 
 
 def test_bad_nonn_flags_fail_fast_with_a_reason(tiny_nonn):
