@@ -58,6 +58,8 @@ def failure_sets(members: int, failed: int, seed: int = 0) -> list[tuple[int, ..
 @torch.no_grad()
 def failure_curve(ensemble, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
     """Accuracy with 0..S-1 members failed, averaged over the failure sets."""
+    from edgesplit.partitioner.nonn.train import accuracy
+
     answers = [torch.cat([student(x[k : k + 1000]) for k in range(0, len(x), 1000)])
                for student in ensemble.students]
     s = ensemble.members
@@ -67,17 +69,11 @@ def failure_curve(ensemble, x: torch.Tensor, y: torch.Tensor) -> list[dict]:
         for down in failure_sets(s, failed):
             present = torch.ones(len(y), s)
             present[:, list(down)] = 0
-            accs.append(float((ensemble.aggregator(answers, present).argmax(1) == y).float().mean()))
+            accs.append(accuracy(ensemble.aggregator, answers, y, present))
         rows.append({"partitioning": ensemble.partition.method, "members": s, "failed": failed,
                      "accuracy": round(statistics.fmean(accs), 4), "min_accuracy": round(min(accs), 4),
                      "max_accuracy": round(max(accs), 4), "failure_sets": len(accs), "ensemble": ensemble.name})
     return rows
-
-
-def _teacher_accuracy(teacher, x, y) -> float:
-    with torch.no_grad():
-        hits = sum(int((teacher(x[k : k + 1000]).argmax(1) == y[k : k + 1000]).sum()) for k in range(0, len(y), 1000))
-    return round(hits / len(y), 4)
 
 
 def _sizes(ensemble) -> dict:
@@ -86,7 +82,7 @@ def _sizes(ensemble) -> dict:
             "total": sum(m["params"] for m in members), "macs_per_student": [m["macs"] for m in members]}
 
 
-def _bytes(ensemble, teacher) -> dict:
+def _bytes(ensemble) -> dict:
     from edgesplit.runtime.codec import encoded_nbytes
 
     image = encoded_nbytes((1, 28, 28), "int8")
@@ -105,6 +101,7 @@ def evaluate(progress: bool = True) -> dict:
     """Parts 1 and 2: failure curves, sizes and bytes of every committed ensemble."""
     from edgesplit.models import load_trained
     from edgesplit.models.datasets import load_fashion_mnist, to_tensor
+    from edgesplit.models.train import evaluate_exits
     from edgesplit.partitioner.flops import mac_summary
     from edgesplit.partitioner.nonn.bundle import load_ensemble, shipped_ensembles
 
@@ -126,12 +123,12 @@ def evaluate(progress: bool = True) -> dict:
         curve = [{**r, "member_dropout": dropout} for r in failure_curve(ensemble, x, y)]
         (rows if dropout else rows_nodrop).extend(curve)
         params[name] = _sizes(ensemble)
-        bytes_[name] = _bytes(ensemble, teacher)
+        bytes_[name] = _bytes(ensemble)
         training[name] = {"seconds": ensemble.manifest["training_seconds"],
                           "epochs": ensemble.manifest["recipe"]["epochs"],
                           "validation_accuracy": ensemble.manifest["validation_accuracy"],
                           "group_sizes": [len(p) for p in ensemble.partition.parts]}
-    return {"rows": rows, "teacher_accuracy": _teacher_accuracy(teacher, x, y), "student_params": params,
+    return {"rows": rows, "teacher_accuracy": round(evaluate_exits(teacher, x, y)[-1], 4), "student_params": params,
             "teacher_macs": sum(mac_summary(teacher)["blocks"]),
             "bytes_per_inference": bytes_, "training": training, "goals": goals(rows),
             # The original NoNN as published trains with every member present; these ensembles

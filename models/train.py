@@ -44,6 +44,16 @@ class Recipe:
     train_limit: int | None = None  # use only the first N training images (tests)
 
 
+def nesterov_sgd(parameters, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
+    """SGD with Nesterov momentum, decaying weights (ndim > 1) only, not biases or norm scales."""
+    params = list(parameters)
+    return torch.optim.SGD(
+        [{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay},
+         {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+        lr=lr, momentum=momentum, nesterov=True,
+    )
+
+
 def evaluate_exits(model: SplitModel, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> list[float]:
     """Top-1 accuracy of every exit, then of the final classifier."""
     model.eval()
@@ -84,12 +94,7 @@ def train(
 
     model = model.to(memory_format=torch.channels_last)
     batches = TensorBatches(x, y, recipe.batch_size, shuffle=True, augment=recipe.augment, seed=recipe.seed)
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.max_lr, momentum=recipe.momentum, nesterov=True,
-    )
+    optimizer = nesterov_sgd(model.parameters(), recipe.max_lr, recipe.momentum, recipe.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=recipe.max_lr, epochs=recipe.epochs, steps_per_epoch=len(batches)
     )

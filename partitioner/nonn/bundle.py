@@ -88,11 +88,10 @@ def save_ensemble(out_dir: str | Path, name: str, bank: StudentBank, aggregator:
     state.update({f"aggregator.{k}": v.detach().contiguous().clone() for k, v in aggregator.state_dict().items()})
     weights = out_dir / f"{name}.safetensors"
     save_file(state, str(weights), metadata={"format": FORMAT, "name": name})
-    teacher_card = data.teacher_name
     manifest = {
         "format": FORMAT,
         "name": name,
-        "teacher": {"model": teacher_card, **_size(data.teacher)},
+        "teacher": {"model": data.teacher_name, **_size(data.teacher)},
         "input_shape": list(INPUT_SHAPE),
         "num_classes": int(aggregator.classifier.out_features),
         "partition": partition.to_dict(),

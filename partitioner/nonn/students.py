@@ -105,14 +105,14 @@ class Aggregator(nn.Module):
         self.classifier = nn.Linear(partition.filters, num_classes)
         for p, part in enumerate(partition.parts):
             self.register_buffer(f"_index{p}", torch.tensor(part, dtype=torch.long), persistent=False)
+        self._replicas = [partition.replicas(p) for p in range(len(partition.parts))]  # once, not per request
 
     def features(self, answers: Sequence[torch.Tensor], present: torch.Tensor) -> torch.Tensor:
         """The teacher-layout feature vector [N, C] from every member's answer and a presence mask [N, S]."""
         n = present.shape[0]
         out = self.filter_mean.expand(n, -1).clone()
         present = present.to(out.dtype)
-        for p in range(len(self.partition.parts)):
-            replicas = self.partition.replicas(p)
+        for p, replicas in enumerate(self._replicas):
             weights = present[:, replicas]  # [N, R]
             count = weights.sum(dim=1, keepdim=True)
             # where(), not a product: an absent member's placeholder (even NaN) must not leak in

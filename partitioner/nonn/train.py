@@ -31,6 +31,7 @@ from tqdm import tqdm
 from edgesplit.models import load_trained
 from edgesplit.models.datasets import load_fashion_mnist, to_tensor
 from edgesplit.models.split_model import SplitModel
+from edgesplit.models.train import nesterov_sgd
 
 from . import stats
 from .bundle import WEIGHTS_DIR, save_ensemble
@@ -138,12 +139,8 @@ def train_ensemble(recipe: NonnRecipe, data: TeacherTargets, progress: bool = Tr
     aggregator = Aggregator(partition, filter_mean, data.logits.shape[1])
     classifier = data.teacher.blocks[-1][-1]
     aggregator.classifier.load_state_dict(classifier.state_dict())
-    params = list(bank.parameters()) + list(aggregator.parameters())
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=recipe.max_lr, momentum=recipe.momentum, nesterov=True)
+    optimizer = nesterov_sgd([*bank.parameters(), *aggregator.parameters()], recipe.max_lr, recipe.momentum,
+                             recipe.weight_decay)
     steps = (len(data.y) + recipe.batch_size - 1) // recipe.batch_size
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.max_lr, epochs=recipe.epochs,
                                                    steps_per_epoch=steps)

@@ -34,7 +34,7 @@ from edgesplit.runtime.metrics import EnsembleMetrics
 
 from .breaker import CircuitBreaker
 
-log = logging.getLogger("edgesplit.partitioner.nonn")
+log = logging.getLogger("edgesplit.device.ensemble")
 # A member's answer further above the teacher's training mean than this many standard
 # deviations (of that filter's pooled activation) is taken as garbage, not as evidence.
 ANSWER_BOUND_STDS = 50.0
@@ -73,10 +73,14 @@ class EnsembleAnswer:
     logits: torch.Tensor
     answered: tuple[int, ...]
     missing: dict[int, str] = field(default_factory=dict)  # member -> reason
-    fallback: bool = False
     seconds: float = 0.0
     sent_bytes: int = 0
     received_bytes: int = 0
+
+    @property
+    def fallback(self) -> bool:
+        """Nobody answered: the logits come from the device's own fallback."""
+        return not self.answered
 
     @property
     def how(self) -> str:
@@ -208,7 +212,7 @@ class EnsembleClient:
                     call.cancel()
                 if i not in settled:  # an unexpected error above: the slot a breaker lent goes back
                     settle(i, "CLIENT_ERROR")
-        answer = EnsembleAnswer(logits, tuple(sorted(answers)), dict(sorted(missing.items())), not answers,
+        answer = EnsembleAnswer(logits, tuple(sorted(answers)), dict(sorted(missing.items())),
                                 time.perf_counter() - started, len(encoded.data) * len(pending), received)
         self._record(answer)
         return answer
@@ -237,10 +241,8 @@ class EnsembleClient:
             if self.fallback_member is not None:
                 local = self.ensemble.students[self.fallback_member]
                 return self.ensemble.aggregator.combine({self.fallback_member: local(images)})
-            members = self.ensemble.members
-            widths = [len(self.ensemble.partition.member_filters(i)) for i in range(members)]
-            return self.ensemble.aggregator([torch.zeros(len(images), w) for w in widths],
-                                            torch.zeros(len(images), members))
+            aggregator = self.ensemble.aggregator  # every part at its training mean: the prior
+            return aggregator.classifier(aggregator.filter_mean).expand(len(images), -1)
 
     def _record(self, answer: EnsembleAnswer) -> None:
         if self.metrics is None:

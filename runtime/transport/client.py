@@ -78,16 +78,14 @@ class EdgeClient:
         ``tensors`` is one encoded tensor (sent as the input named ``input``) or a mapping
         from input name to encoded tensor, for segments that take several crossing tensors.
         """
-        if isinstance(tensors, codec.EncodedTensor):
-            tensors = {"input": tensors}
-        request = build_infer_request(model_name, tensors, request_id)
+        request, sent = _request(model_name, tensors, request_id)
         started = time.perf_counter()
         try:
             response = self.stub.ModelInfer(request, timeout=timeout, metadata=self.metadata,
                                             wait_for_ready=wait_for_ready)
         except grpc.RpcError as exc:
-            raise OffloadError(exc.code().name, exc.details() or "") from None
-        return _offload_result(response, time.perf_counter() - started, sum(len(t.data) for t in tensors.values()))
+            raise _offload_error(exc) from None
+        return _offload_result(response, time.perf_counter() - started, sent)
 
     def infer_async(
         self,
@@ -97,11 +95,9 @@ class EdgeClient:
         request_id: str = "",
     ) -> PendingOffload:
         """Start ``infer`` without waiting; the :class:`PendingOffload` gives the result or the error."""
-        if isinstance(tensors, codec.EncodedTensor):
-            tensors = {"input": tensors}
-        request = build_infer_request(model_name, tensors, request_id)
+        request, sent = _request(model_name, tensors, request_id)
         future = self.stub.ModelInfer.future(request, timeout=timeout, metadata=self.metadata)
-        return PendingOffload(future, time.perf_counter(), sum(len(t.data) for t in tensors.values()))
+        return PendingOffload(future, time.perf_counter(), sent)
 
     def served(self, timeout: float = 10.0) -> tuple[list[str], list[str]]:
         """What the node serves (NodeInfo): the sha256 of each weights file, and the model names.
@@ -113,7 +109,7 @@ class EdgeClient:
             info = stub.NodeInfo(edgesplit_pb2.NodeInfoRequest(), timeout=timeout, metadata=self.metadata,
                                  wait_for_ready=True)
         except grpc.RpcError as exc:
-            raise OffloadError(exc.code().name, exc.details() or "") from None
+            raise _offload_error(exc) from None
         return [h for h in info.weights_sha256.split(",") if h], list(info.served_models)
 
     def close(self) -> None:
@@ -148,9 +144,21 @@ class PendingOffload:
         except grpc.FutureCancelledError:
             raise OffloadError("CANCELLED", "the offload was cancelled") from None
         except grpc.RpcError as exc:
-            raise OffloadError(exc.code().name, exc.details() or "") from None
+            raise _offload_error(exc) from None
         finished = self._finished if self._finished is not None else time.perf_counter()
         return _offload_result(response, finished - self._started, self.sent_bytes)
+
+
+def _request(model_name: str, tensors: codec.EncodedTensor | Mapping[str, codec.EncodedTensor],
+             request_id: str) -> tuple[object, int]:
+    """The ModelInferRequest for ``tensors`` (one tensor is the input named ``input``), and its payload bytes."""
+    if isinstance(tensors, codec.EncodedTensor):
+        tensors = {"input": tensors}
+    return build_infer_request(model_name, tensors, request_id), sum(len(t.data) for t in tensors.values())
+
+
+def _offload_error(exc: grpc.RpcError) -> OffloadError:
+    return OffloadError(exc.code().name, exc.details() or "")
 
 
 def _offload_result(response, round_trip: float, sent: int) -> OffloadResult:
