@@ -18,7 +18,7 @@ import platform
 import time
 from pathlib import Path
 
-BENCHMARKS = ("accuracy", "linksim", "chaos", "throughput", "split", "controller", "nonn")
+BENCHMARKS = ("accuracy", "linksim", "chaos", "throughput", "split", "controller", "nonn", "compress")
 
 
 def machine_info() -> dict:

@@ -29,6 +29,7 @@ CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
+IMAGE_BYTES = 28 * 28  # one uint8 image, the least a device can send instead of a crossing tensor
 # Per-pixel statistics of the Fashion-MNIST training set (after scaling to [0, 1]).
 MEAN = 0.2860
 STD = 0.3530

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -128,8 +129,18 @@ class SplitModel(nn.Module):
         return outputs
 
 
-def confidence(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max-softmax confidence and predicted class of each row of ``logits``."""
+CONFIDENCES = ("max_softmax", "entropy")
+
+
+def confidence(logits: torch.Tensor, kind: str = "max_softmax") -> tuple[torch.Tensor, torch.Tensor]:
+    """Confidence in [0, 1] and predicted class of each row of ``logits``: the largest
+    softmax probability (``max_softmax``), or one minus the softmax's entropy over its
+    largest possible value, log K (``entropy``)."""
     probs = torch.softmax(logits.float(), dim=-1)
     conf, pred = probs.max(dim=-1)
+    if kind == "entropy":
+        h = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
+        return 1 - h / math.log(probs.shape[-1]), pred
+    if kind != "max_softmax":
+        raise ValueError(f"confidence must be one of {CONFIDENCES}, not {kind!r}")
     return conf, pred

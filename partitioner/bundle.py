@@ -73,8 +73,13 @@ def _cut_entry(cut: GraphCut, graph: ModelGraph) -> dict:
             "head_macs": cut.head_macs, "transferable": cut.transferable}
 
 
-def write_bundle(model: SplitModel, out_dir: str | Path, extra: dict | None = None) -> dict:
-    """Write ``model`` (a zoo model, trained or not) as a bundle in ``out_dir``; return the manifest."""
+def write_bundle(model: SplitModel, out_dir: str | Path, extra: dict | None = None, base: str | None = None) -> dict:
+    """Write ``model`` (a zoo model, trained or not) as a bundle in ``out_dir``; return the manifest.
+
+    A structurally changed model (pruned: fewer channels) gives ``base``, the zoo name it
+    was derived from; its layer shapes go into the manifest's ``architecture`` so loading
+    rebuilds it before the weights load (with exit heads at ``exit_cuts``, which may differ
+    from the zoo's), and ``name`` keeps the model's own name."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -82,9 +87,15 @@ def write_bundle(model: SplitModel, out_dir: str | Path, extra: dict | None = No
     graph = trace(model, (example,))
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
     save_file(state, str(out / WEIGHTS), metadata={"model": model.name})
+    changed = {}
+    if base is not None:
+        from .compress.architecture import layer_shapes
+
+        changed = {"name": model.name, "exit_cuts": model.exit_cuts, "architecture": layer_shapes(model)}
     manifest = {
         "schema": SCHEMA,
-        "model": model.name,
+        "model": base or model.name,
+        **changed,
         "input_shape": list(model.input_shape),
         "tracer": graph.tracer,
         "graph_sha256": graph_hash(graph),
@@ -94,6 +105,20 @@ def write_bundle(model: SplitModel, out_dir: str | Path, extra: dict | None = No
         **(extra or {}),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def attach_file(bundle_dir: str | Path, name: str, section: str | None = None, info: dict | None = None) -> dict:
+    """Record a file already written into a bundle (its sha256 in ``files``), and ``info``
+    under ``section`` of the manifest; return the updated manifest."""
+    root = Path(bundle_dir)
+    if Path(name).name != name or not (root / name).is_file():
+        raise BundleError(f"{root / name} is not a file directly inside the bundle")
+    manifest = json.loads((root / MANIFEST).read_text())
+    manifest["files"][name] = sha256_file(root / name)
+    if section is not None:
+        manifest[section] = info or {}
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 
@@ -123,8 +148,25 @@ def load_bundle(path: str | Path) -> Bundle:
         model = build_model(manifest["model"])
     except KeyError as exc:
         raise BundleError(f"{manifest_path}: {exc}") from None
+    if "architecture" in manifest:
+        from .compress.architecture import rebuild
+        from .compress.exits import with_exits
+
+        try:
+            cuts = [int(c) for c in manifest.get("exit_cuts", model.exit_cuts)]
+            if cuts != model.exit_cuts:
+                model = with_exits(model, cuts)
+            rebuild(model, manifest["architecture"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise BundleError(f"{manifest_path}: its architecture record does not rebuild {manifest['model']}: "
+                              f"{exc}") from None
+    model.name = str(manifest.get("name", model.name))
     state = load_file(str(root / WEIGHTS))
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise BundleError(f"{root / WEIGHTS} does not fit the model the manifest describes: "
+                          f"{str(exc).splitlines()[0]}") from None
     model.eval()
     graph = trace(model, (torch.zeros(1, *model.input_shape),))
     if graph_hash(graph) != manifest.get("graph_sha256"):

@@ -191,6 +191,26 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compress(args: argparse.Namespace) -> int:
+    import torch
+
+    from edgesplit.partitioner.compress.config import load_config
+    from edgesplit.partitioner.compress.pipeline import run, summary
+    from edgesplit.runtime.rate import run_rate
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        cfg = load_config(args.config)
+        results = run(cfg, args.steps or None, progress=not args.quiet, runners={"rate": run_rate})
+    except ValueError as exc:
+        print(f"edgesplit compress: {exc}", file=sys.stderr)
+        return 2
+    print(summary(results))
+    print(f"bundles, results and plots in {cfg.out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgesplit", description=__doc__.split("\n")[0].strip("`: "))
     sub = p.add_subparsers(dest="command", required=True)
@@ -223,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     nt.add_argument("--data", help="folder with the Fashion-MNIST IDX files")
     nt.add_argument("--out", help="where to write the bundles (default: the shipped folder)")
     nt.set_defaults(func=_nonn_train)
+
+    cp = sub.add_parser("compress", help="prune with distillation, int8, bottleneck and calibrated exits, "
+                        "as a TOML configuration says (resumable)")
+    cp.add_argument("config", help="TOML file, e.g. partitioner/compress/configs/resnet_fm.toml")
+    cp.add_argument("--steps", nargs="+", choices=["prune", "int8", "bottleneck", "exits", "rate"],
+                    help="run only these steps (default: every enabled one)")
+    cp.add_argument("--threads", type=int, default=0)
+    cp.add_argument("--quiet", action="store_true", help="no progress bars")
+    cp.set_defaults(func=_compress)
 
     d = sub.add_parser("demo", help="local cluster on loopback with the shipped model behind a trace-driven link; "
                        "the embedded controller picks the plan; node killed halfway")

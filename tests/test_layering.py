@@ -29,6 +29,11 @@ def imported_after(module: str) -> set[str]:
     ("edgesplit.runtime.transport.client", ("edgesplit.runtime.node",)),
     ("edgesplit.linksim", ("edgesplit.runtime", "edgesplit.models", "torch")),
     ("edgesplit.partitioner.nonn.train", ("edgesplit.runtime", "grpc")),
+    ("edgesplit.partitioner.compress.pipeline", ("edgesplit.runtime", "grpc")),
+    ("edgesplit.partitioner.compress.bottleneck", ("edgesplit.runtime", "grpc")),
+    ("edgesplit.partitioner.compress.quantize", ("edgesplit.runtime", "grpc")),
+    ("edgesplit.partitioner.compress.exits", ("edgesplit.runtime", "grpc")),
+    ("edgesplit.partitioner.compress.distill", ("edgesplit.runtime", "grpc")),
     ("edgesplit.runtime.device.ensemble", ("grpc", "edgesplit.runtime.transport", "edgesplit.runtime.node")),
 ])
 def test_layering(module, forbidden):

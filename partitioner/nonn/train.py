@@ -33,6 +33,7 @@ from edgesplit.models.datasets import load_fashion_mnist, to_tensor
 from edgesplit.models.split_model import SplitModel
 from edgesplit.models.train import nesterov_sgd
 
+from ..compress.distill import kd_loss
 from . import stats
 from .bundle import WEIGHTS_DIR, save_ensemble
 from .partition import build_partition
@@ -101,9 +102,7 @@ def prepare(teacher_name: str = "resnet_fm", validation: int = 5000, train_limit
 
 
 def _distill(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, recipe: NonnRecipe) -> torch.Tensor:
-    t = recipe.kd_temperature
-    kd = F.kl_div(F.log_softmax(logits / t, 1), F.softmax(teacher / t, 1), reduction="batchmean") * t * t
-    return (1 - recipe.kd_weight) * F.cross_entropy(logits, labels) + recipe.kd_weight * kd
+    return kd_loss(logits, teacher, labels, recipe.kd_temperature, recipe.kd_weight)
 
 
 def random_presence(rows: int, members: int, generator: torch.Generator) -> torch.Tensor:

@@ -20,7 +20,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -60,3 +60,20 @@ def calibrate_exits(model: SplitModel, x: torch.Tensor, labels: Sequence[int],
         accuracy = (chosen == y).float().mean().item()
         table.append(ExitSetting({cut: t for cut in cuts}, rates, accuracy, f"exits at {t:g}"))
     return table
+
+
+def settings_from_manifest(manifest: Mapping) -> list[ExitSetting]:
+    """The calibrated exit settings a bundle from ``edgesplit compress`` carries (validation
+    rates and accuracy per accuracy budget), as the controller's exit settings. A bundle
+    without them gives just "no exits"."""
+    info = manifest.get("exits") or {}
+    settings = [ExitSetting({}, {}, float(info.get("final_accuracy", 1.0)), "no exits")]
+    for entry in info.get("settings", []):
+        thresholds = {int(c): float(t) for c, t in entry["thresholds"].items()}
+        if not thresholds:
+            settings[0] = ExitSetting({}, {}, float(entry["accuracy"]), "no exits")
+            continue
+        rates = {int(c): float(r) for c, r in entry["exit_rates"].items()}
+        settings.append(ExitSetting(thresholds, rates, float(entry["accuracy"]),
+                                    f"calibrated, at most {entry['max_drop_points']:g} points"))
+    return settings

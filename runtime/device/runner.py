@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from edgesplit.models.split_model import SplitModel, confidence
+from edgesplit.models.split_model import CONFIDENCES, SplitModel, confidence
 from edgesplit.runtime import codec as codecs
 from edgesplit.runtime.inference import OffloadError
 from edgesplit.runtime.metrics import DeviceMetrics
@@ -98,8 +98,12 @@ class DeviceRunner:
         latency_target_s: float | None = None,
         plan: Plan | None = None,
         compression: str = "none",
+        confidence_kind: str = "max_softmax",
     ) -> None:
         self.model = model.eval()
+        if confidence_kind not in CONFIDENCES:
+            raise ValueError(f"confidence_kind must be one of {CONFIDENCES}, not {confidence_kind!r}")
+        self.confidence_kind = confidence_kind
         if fallback not in ("complete", "best_exit"):
             raise ValueError("fallback must be 'complete' (run the rest locally) or 'best_exit'")
         if plan is None:
@@ -244,7 +248,7 @@ class DeviceRunner:
                     skipped.append((index, h))
                 elif index in active:
                     logits = self.model.exit_logits(index, h)
-                    conf, pred = confidence(logits)
+                    conf, pred = confidence(logits, self.confidence_kind)
                     seen.append((float(conf[0]), int(pred[0]), f"exit@{index}", logits))
                     if float(conf[0]) >= plan.threshold(index):
                         latency.device = time.perf_counter() - started
@@ -252,7 +256,7 @@ class DeviceRunner:
                                       latency, logits=logits, epoch=plan.epoch)
         if plan.cut == self.model.num_blocks:
             latency.device = time.perf_counter() - started
-            conf, pred = confidence(h)
+            conf, pred = confidence(h, self.confidence_kind)
             return Answer(request_id, int(pred[0]), float(conf[0]), "final", WHERE_DEVICE, latency, logits=h,
                           epoch=plan.epoch)
         if self.client is None:
@@ -290,7 +294,7 @@ class DeviceRunner:
         latency.transfer = max(0.0, result.round_trip_seconds - result.edge_seconds)
         if self.metrics:
             self.metrics.sent_bytes.inc(result.sent_bytes)
-        conf, pred = confidence(result.logits)
+        conf, pred = confidence(result.logits, self.confidence_kind)
         return Answer(request_id, int(pred[0]), float(conf[0]), "final", WHERE_EDGE, latency,
                       logits=result.logits, epoch=plan.epoch, sent_bytes=result.sent_bytes)
 
@@ -305,14 +309,14 @@ class DeviceRunner:
             with torch.inference_mode():
                 for index, hx in skipped:
                     logits = self.model.exit_logits(index, hx)
-                    conf, pred = confidence(logits)
+                    conf, pred = confidence(logits, self.confidence_kind)
                     seen = [*seen, (float(conf[0]), int(pred[0]), f"exit@{index}", logits)]
         if self.fallback == "best_exit" and seen:
             conf, pred, name, logits = max(seen, key=lambda s: s[0])
         else:
             with torch.inference_mode():
                 logits = self.model.run(h, plan.cut)
-            c, p = confidence(logits)
+            c, p = confidence(logits, self.confidence_kind)
             conf, pred, name = float(c[0]), int(p[0]), "final"
         if resumed:
             latency.device += time.perf_counter() - local_started

@@ -95,6 +95,8 @@ def load_registry(settings: NodeSettings):
 
         bundle = load_bundle(settings.bundle)
         register_graph_cuts(registry, f"{bundle.model.name}.graph", bundle.graph, settings.batching_config())
+        # the chain's own segments too, named as the device runner asks for them
+        register_split_model(registry, bundle.model, settings.batching_config())
         return registry, bundle.manifest["files"]["weights.safetensors"]
     for name in settings.models:
         if settings.random_weights:

@@ -50,3 +50,26 @@ def test_tampered_weights_or_manifest_are_refused(bundle_dir, tmp_path):
         load_bundle(tmp_path / "m")
     with pytest.raises(BundleError, match="not a bundle"):
         load_bundle(tmp_path)
+
+
+def test_a_pruned_bundle_records_its_shapes_and_a_hostile_record_is_refused(trained_model, tmp_path):
+    from edgesplit.partitioner.compress.prune import prune_to
+
+    pruned = prune_to(trained_model, 0.7)
+    pruned.name = "resnet_fm_pruned"
+    manifest = write_bundle(pruned, tmp_path / "p", base="resnet_fm")
+    assert manifest["model"] == "resnet_fm" and manifest["name"] == "resnet_fm_pruned"
+    loaded = load_bundle(tmp_path / "p").model
+    x = torch.randn(2, 1, 28, 28)
+    assert loaded.name == "resnet_fm_pruned" and torch.equal(loaded(x), pruned.eval()(x))
+    hostile = dict(manifest)
+    hostile["architecture"] = {**manifest["architecture"],
+                               "blocks.1.conv1": {"type": "Conv2d", "in": 16, "out": 1 << 30}}
+    (tmp_path / "p" / MANIFEST).write_text(json.dumps(hostile))
+    with pytest.raises(BundleError, match="architecture record"):
+        load_bundle(tmp_path / "p")
+    hostile["architecture"] = manifest["architecture"]
+    hostile["exit_cuts"] = [99]
+    (tmp_path / "p" / MANIFEST).write_text(json.dumps(hostile))
+    with pytest.raises(BundleError, match="architecture record"):
+        load_bundle(tmp_path / "p")

@@ -1,0 +1,204 @@
+"""``edgesplit compress CONFIG``: run the configured compression steps and write their
+bundles, results and plots.
+
+Steps run in order — prune (with distillation), int8, bottleneck, exits — each one
+starting from the shipped weights of the base model. A finished step leaves
+``OUT/<step>.json``; a rerun skips it (delete the file to redo it). An interrupted step
+resumes from its last checkpoint in ``OUT/checkpoints``. Every figure is measured on the
+test set after the step's choices were made on the validation split.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from edgesplit.models import build_model, load_trained
+from edgesplit.models.train import evaluate_exits
+
+from .architecture import rebuild
+from .checkpoint import read_progress, remove_checkpoints
+from .config import CompressConfig, PruneConfig
+from .data import Splits, load_splits
+from .distill import distill
+from .prune import adapt_bn, count_params, knee, prune_to, sweep
+
+STEPS = ("prune", "int8", "bottleneck", "exits", "rate")
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    """Write atomically: a step's result file is either whole or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _calibration(data: Splits, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    return data.x[:n], data.y[:n]
+
+
+def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bool = True) -> dict:
+    """Iterative structured pruning with distillation from the shipped model; writes the
+    pruned bundle ``OUT/<base>_pruned`` and returns the step's results."""
+    from edgesplit.partitioner.bundle import write_bundle
+
+    teacher = load_trained(base)
+    started = time.time()
+    calibration = _calibration(data)
+
+    def val_accuracy(model) -> float:
+        return evaluate_exits(model, data.val_x, data.val_y)[-1]
+
+    curve = sweep(teacher, cfg.sweep_rates, val_accuracy, data.x, cfg.importance, cfg.global_pruning, calibration)
+    knee_index = knee([p["removed"] for p in curve], [p["accuracy"] for p in curve]) if len(curve) >= 3 else None
+    rate = curve[knee_index]["removed"] if cfg.removed == "knee" else float(cfg.removed)
+    if progress:
+        at = curve[knee_index]["removed"] if knee_index is not None else None
+        tqdm.write(f"one-shot pruning curve (validation): {curve}; knee at {at}; pruning {rate:.0%}")
+    before = count_params(teacher)
+    student = copy.deepcopy(teacher)
+    student.name = f"{base}_pruned"
+    finetune = replace(cfg.distill, epochs=cfg.finetune_epochs)
+    steps = []
+    for i in range(cfg.steps):
+        checkpoint = out / "checkpoints" / f"prune-step{i + 1}"
+        goal = 1 - (1 - rate) ** ((i + 1) / cfg.steps)
+        saved = read_progress(checkpoint)
+        if saved is not None:
+            student = rebuild(build_model(base), saved["layers"])
+            student.name = f"{base}_pruned"
+        else:
+            relative = 1 - (1 - goal) * before / count_params(student)
+            student = prune_to(student, relative, cfg.importance, cfg.global_pruning, calibration)
+            adapt_bn(student, data.x)
+        one_shot = val_accuracy(student) if saved is None else None
+        result = distill(student, teacher, data, finetune, checkpoint, progress, desc=f"prune step {i + 1}")
+        steps.append({"removed": round(1 - count_params(student) / before, 4), "params": count_params(student),
+                      "val_after_adaptive_bn": one_shot, "val_after_finetune": result["history"][-1]["val_accuracy"],
+                      "seconds": result["seconds"]})
+    final = distill(student, teacher, data, cfg.distill, out / "checkpoints" / "prune-final", progress,
+                    desc="distil pruned")
+    epoch_seconds = final["seconds"] + sum(s.pop("seconds") for s in steps)
+    test_before = evaluate_exits(teacher, data.test_x, data.test_y)
+    test_after = evaluate_exits(student, data.test_x, data.test_y)
+    from edgesplit.partitioner.flops import mac_summary
+
+    macs_before, macs_after = mac_summary(teacher), mac_summary(student)
+    results = {
+        "params_before": before,
+        "params_after": count_params(student),
+        "removed_fraction": round(1 - count_params(student) / before, 4),
+        "acc_before": test_before[-1],
+        "acc_after": test_after[-1],
+        "test_accuracy_per_output_before": test_before,
+        "test_accuracy_per_output_after": test_after,
+        "macs_before": sum(macs_before["blocks"]),
+        "macs_after": sum(macs_after["blocks"]),
+        "importance": cfg.importance,
+        "global_pruning": cfg.global_pruning,
+        "sweep": curve,
+        "knee_removed": curve[knee_index]["removed"] if knee_index is not None else None,
+        "rate": rate,
+        "steps": steps,
+        "hints": final["hints"],
+        "distill": final["recipe"],
+        "history": final["history"],
+        "train_seconds": round(epoch_seconds, 1),  # the epochs' time, summed over interrupted runs
+        "seconds_this_run": round(time.time() - started, 1),
+    }
+    write_bundle(student, out / f"{base}_pruned", base=base,
+                 extra={"compression": {"pruning": {k: results[k] for k in (
+                     "params_before", "params_after", "removed_fraction", "acc_before", "acc_after",
+                     "importance", "hints", "train_seconds")}}})
+    return results
+
+
+def run(cfg: CompressConfig, steps: list[str] | None = None, progress: bool = True,
+        runners: dict | None = None) -> dict:
+    """Run the enabled steps (or only ``steps``), skipping finished ones; return every step's results.
+
+    ``runners`` adds step runners from outside the partitioner: the ``rate`` step measures
+    the runtime's codecs, so ``edgesplit compress`` passes
+    :func:`edgesplit.runtime.rate.run_rate`."""
+    torch.manual_seed(cfg.compress.seed)
+    out = cfg.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    general = cfg.compress
+    data = load_splits(general.validation, general.train_limit, general.test_limit)
+    wanted = steps or [s for s in STEPS if getattr(cfg, s).enabled]
+    unknown = sorted(set(wanted) - set(STEPS))
+    if unknown:
+        raise ValueError(f"unknown steps {unknown}; the steps are {list(STEPS)}")
+    results = {}
+    for step in STEPS:
+        if step not in wanted:
+            continue
+        done = out / f"{step}.json"
+        if done.exists():
+            results[step] = json.loads(done.read_text())
+            if progress:
+                tqdm.write(f"{step}: already done ({done}); delete it to redo the step")
+            continue
+        runner = {**_RUNNERS, **(runners or {})}.get(step)
+        if runner is None:
+            raise ValueError(f"the {step} step needs a runner from outside the partitioner; "
+                             "run it with 'edgesplit compress CONFIG'")
+        torch.manual_seed(general.seed)  # each step starts alike, whichever steps ran before it
+        results[step] = runner(getattr(cfg, step), general.base, data, out, progress)
+        results[step]["config"] = asdict(getattr(cfg, step))
+        _write_json(done, results[step])
+        remove_checkpoints(out / "checkpoints", step)  # finished: a rerun of the step starts afresh
+    from .plots import plot_results
+
+    plot_results(out)
+    return results
+
+
+def summary(results: dict) -> str:
+    """One line per finished step: what it achieved on the test set."""
+    lines = []
+    if "prune" in results:
+        r = results["prune"]
+        lines.append(f"prune: {r['params_before']:,} -> {r['params_after']:,} parameters "
+                     f"({100 * r['removed_fraction']:.1f}% removed), {100 * r['acc_before']:.2f}% -> "
+                     f"{100 * r['acc_after']:.2f}% ({r['train_seconds']:.0f} s)")
+    if "int8" in results:
+        r = results["int8"]
+        lines.append(f"int8: weights {r['size_ratio']:.2f}x smaller, {100 * r['acc_before']:.2f}% -> "
+                     f"{100 * r['acc_after']:.2f}%")
+    if "bottleneck" in results:
+        r = results["bottleneck"]
+        lines.append(f"bottleneck: cut {r['cut']}, {r['bytes_sent']:.0f} bytes per request (fp32 {r['bytes_fp32']}, "
+                     f"image {r['image_bytes']}), {r['acc_drop_points']:+.2f} points drop ({r['train_seconds']:.0f} s)")
+    if "exits" in results:
+        r = results["exits"]
+        lines.append(f"exits: {r['mac_ratio']:.2f}x fewer device MACs per sample, {r['acc_drop_points']:+.2f} points "
+                     f"drop, thresholds {r['thresholds']} ({r['train_seconds']:.0f} s)")
+    if "rate" in results:
+        lines.append(f"rate: {len(results['rate']['curve'])} codec/cut points")
+    return "\n".join(lines)
+
+
+def _lazy(module: str, name: str):
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(f"{__package__}.{module}"), name)(*args, **kwargs)
+
+    return call
+
+
+_RUNNERS = {
+    "prune": run_prune,
+    "int8": _lazy("quantize", "run_int8"),
+    "bottleneck": _lazy("bottleneck", "run_bottleneck"),
+    "exits": _lazy("exits", "run_exits"),
+}

@@ -1,0 +1,208 @@
+"""Structured pruning of split models with Torch-Pruning's dependency graph.
+
+Torch-Pruning traces the model (every exit included, so an exit head loses the channels
+of the block it reads), groups the layers whose channels are coupled (residual additions,
+batch norms, the next layer's inputs) and removes whole channels by a group importance:
+``magnitude`` (L2 norm of the weights), ``bn_scale`` (the batch norm's |gamma|) or
+``taylor`` (|weight x gradient| on a batch of training data). Classifier outputs are never
+pruned.
+
+:func:`prune_to` removes a target fraction of the parameters, globally (one importance
+ranking over all groups) or with the same channel ratio in every layer; the ratio that
+reaches the target is found by bisection. :func:`adapt_bn` re-estimates the batch-norm
+statistics after a pruning step (adaptive BN). :func:`sweep` measures the accuracy of
+one-shot pruning at several rates and :func:`knee` picks the rate at the knee of that curve
+(Kneedle).
+
+Example::
+
+    >>> from edgesplit.models import build_model
+    >>> model = build_model("resnet_fm")
+    >>> pruned = prune_to(model, removed=0.5)
+    >>> 0.5 <= 1 - count_params(pruned) / count_params(model) < 0.6
+    True
+    >>> knee([0.0, 0.2, 0.4, 0.6, 0.8], [0.93, 0.93, 0.92, 0.85, 0.5])
+    3
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from edgesplit.models.split_model import SplitModel
+
+IMPORTANCES = ("magnitude", "bn_scale", "taylor")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _tp():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        import torch_pruning
+
+    return torch_pruning
+
+
+def _importance(name: str):
+    tp = _tp()
+    if name == "magnitude":
+        return tp.importance.GroupMagnitudeImportance(p=2)
+    if name == "bn_scale":
+        return tp.importance.BNScaleImportance()
+    if name == "taylor":
+        return tp.importance.GroupTaylorImportance()
+    raise ValueError(f"importance must be one of {IMPORTANCES}, not {name!r}")
+
+
+def _classifiers(model: SplitModel) -> list[nn.Module]:
+    """Layers whose outputs are class logits: they keep every output."""
+    return [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == model.num_classes]
+
+
+def _all_outputs(model: SplitModel, x: torch.Tensor):
+    return model.forward_exits(x)
+
+
+def _sum_outputs(outputs) -> torch.Tensor:
+    return sum(o.sum() for o in outputs)
+
+
+def _has_gradients(model: nn.Module) -> bool:
+    return any(p.grad is not None for p in model.parameters())
+
+
+def _gradients(model: SplitModel, calibration: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """Gradients of the exits' summed cross-entropy on ``calibration`` (for ``taylor``)."""
+    model.zero_grad(set_to_none=True)
+    was_training = model.training
+    model.eval()
+    x, y = calibration
+    sum(nn.functional.cross_entropy(o, y) for o in model.forward_exits(x)).backward()
+    model.train(was_training)
+
+
+def _copy_with_gradients(model: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(model)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        if a.grad is not None:
+            b.grad = a.grad.clone()
+    return twin
+
+
+def prune_once(model: SplitModel, ratio: float, importance: str = "magnitude", global_pruning: bool = True,
+               calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> SplitModel:
+    """Remove channels from ``model`` in place at channel ratio ``ratio``; return it.
+
+    ``calibration`` (images, labels) is needed by the ``taylor`` importance, which reads
+    gradients of the exits' summed cross-entropy."""
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"pruning ratio must be in [0, 1), not {ratio}")
+    tp = _tp()
+    example = torch.zeros(2, *model.input_shape)
+    if importance == "taylor" and not _has_gradients(model):
+        if calibration is None:
+            raise ValueError("the taylor importance needs calibration images and labels")
+        _gradients(model, calibration)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            model, example, importance=_importance(importance), pruning_ratio=ratio,
+            global_pruning=global_pruning, max_pruning_ratio=0.95, ignored_layers=_classifiers(model),
+            forward_fn=_all_outputs, output_transform=_sum_outputs,
+        )
+        pruner.step()
+    model.zero_grad(set_to_none=True)
+    model._cuts = None
+    return model
+
+
+def prune_to(model: SplitModel, removed: float, importance: str = "magnitude", global_pruning: bool = True,
+             calibration: tuple[torch.Tensor, torch.Tensor] | None = None, tolerance: float = 0.002) -> SplitModel:
+    """A pruned copy of ``model`` with at least ``removed`` of its parameters removed (and
+    less than ``removed + tolerance`` where the channel granularity allows)."""
+    if not 0.0 <= removed < 1.0:
+        raise ValueError(f"the removed fraction must be in [0, 1), not {removed}")
+    before = count_params(model)
+    target = (1.0 - removed) * before
+    source = model
+    if importance == "taylor":  # gradients once; every trial copy carries them
+        if calibration is None:
+            raise ValueError("the taylor importance needs calibration images and labels")
+        source = copy.deepcopy(model)
+        _gradients(source, calibration)
+    lo, hi = 0.0, 0.95
+    best = None
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        candidate = prune_once(_copy_with_gradients(source), mid, importance, global_pruning, calibration)
+        if count_params(candidate) <= target:
+            best, hi = candidate, mid
+            if count_params(candidate) >= (1.0 - removed - tolerance) * before:
+                break
+        else:
+            lo = mid
+    if best is None:
+        raise ValueError(f"cannot remove {removed:.0%} of the parameters of {model.name} by pruning channels")
+    return best
+
+
+@torch.no_grad()
+def adapt_bn(model: nn.Module, images: torch.Tensor, batch_size: int = 256, batches: int = 20) -> nn.Module:
+    """Re-estimate every batch norm's running statistics on ``images`` (adaptive BN)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    was_training = model.training
+    model.train()
+    forward = getattr(model, "forward_exits", model)
+    for b in range(batches):
+        chunk = images[b * batch_size : (b + 1) * batch_size]
+        if len(chunk) == 0:
+            break
+        forward(chunk)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return model
+
+
+def sweep(model: SplitModel, rates: list[float], evaluate: Callable[[SplitModel], float], images: torch.Tensor,
+          importance: str = "magnitude", global_pruning: bool = True,
+          calibration: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict]:
+    """One-shot pruning at each rate (fraction of parameters removed), adaptive BN, then
+    ``evaluate`` (on the validation split): the accuracy-versus-rate curve."""
+    points = []
+    for rate in rates:
+        pruned = prune_to(model, rate, importance, global_pruning, calibration) if rate > 0 else copy.deepcopy(model)
+        if rate > 0:
+            adapt_bn(pruned, images)
+        pruned.eval()
+        points.append({"removed": round(1 - count_params(pruned) / count_params(model), 4),
+                       "params": count_params(pruned), "accuracy": evaluate(pruned)})
+    return points
+
+
+def knee(xs: list[float], ys: list[float]) -> int:
+    """Index of the knee of a curve (Kneedle, Satopaa et al. 2011): after normalising both
+    axes to [0, 1], the point furthest above the chord from the first point to the last."""
+    if len(xs) != len(ys) or len(xs) < 3:
+        raise ValueError("the knee needs at least three points, as many x as y")
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    if x1 == x0 or y1 == y0:
+        return len(xs) - 1  # a flat curve: no knee before the end
+    xn = [(x - x0) / (x1 - x0) for x in xs]
+    yn = [(y - y0) / (y1 - y0) for y in ys]
+    first, last = yn[0], yn[-1]
+    gaps = [y - (first + (last - first) * x) for x, y in zip(xn, yn)]
+    return max(range(len(gaps)), key=lambda i: gaps[i])

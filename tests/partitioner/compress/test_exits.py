@@ -1,0 +1,73 @@
+"""Exits: heads at chosen cuts, self-distillation, confidence, cascade simulation and
+threshold calibration."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from edgesplit.partitioner.compress.exits import (
+    GRID,
+    OFF,
+    calibrate,
+    confidences,
+    exit_costs,
+    outputs_of,
+    simulate,
+    stacked,
+    tables,
+    train_exits,
+    with_exits,
+)
+
+
+def test_new_heads_join_existing_ones(trained_model):
+    model = with_exits(trained_model, [2, 4, 7])
+    assert model.exit_cuts == [2, 4, 7]
+    x = torch.randn(2, 1, 28, 28)
+    h = trained_model.run(x, 0, 4)
+    assert torch.equal(model.exits["4"](h), trained_model.exits["4"](h))
+    assert torch.equal(model(x), trained_model(x))
+
+
+def test_confidences_live_in_the_unit_interval():
+    logits = torch.tensor([[10.0, 0, 0], [0.0, 0, 0]])
+    for kind in ("max_softmax", "entropy"):
+        conf, pred = confidences(logits, kind)
+        assert 0 <= conf.min() and conf.max() <= 1 and conf[0] > conf[1] and pred[0] == 0
+    assert confidences(torch.zeros(1, 4), "entropy")[0].item() < 1e-6
+
+
+def test_self_distillation_trains_only_the_heads(trained_model, tiny_splits):
+    model = with_exits(trained_model, [2])
+    backbone = {k: v.clone() for k, v in model.blocks.state_dict().items()}
+    before = [float((o.argmax(1) == tiny_splits.val_y).float().mean()) for o in outputs_of(model, tiny_splits.val_x)]
+    cfg = SimpleNamespace(epochs=2, batch_size=128, max_lr=0.05, temperature=4.0, kd_weight=0.9)
+    train_exits(model, tiny_splits, cfg, progress=False)
+    after = [float((o.argmax(1) == tiny_splits.val_y).float().mean()) for o in outputs_of(model, tiny_splits.val_x)]
+    assert after[0] > before[0] + 0.2  # the new head at cut 2 learned
+    for k, v in model.blocks.state_dict().items():
+        assert torch.equal(v, backbone[k]), k  # frozen backbone, batch-norm statistics included
+    assert after[-1] == before[-1]
+
+
+def test_calibration_keeps_accuracy_within_the_target_and_saves_macs(trained_model, tiny_splits):
+    model = with_exits(trained_model, [4, 7])
+    costs = exit_costs(model)
+    conf, pred = stacked(outputs_of(model, tiny_splits.val_x), "max_softmax")
+    y = tiny_splits.val_y
+    off = simulate(conf, pred, y, model.exit_cuts, {}, costs)
+    assert off.mean_macs == costs[2] and off.accuracy == float((pred[-1] == y).float().mean())
+    chosen = calibrate(conf, pred, y, model.exit_cuts, costs, max_drop_points=1.0, z=0.0)
+    assert chosen.accuracy >= off.accuracy - 0.01 - 1e-9
+    careful = calibrate(conf, pred, y, model.exit_cuts, costs, max_drop_points=1.0, z=1.645)
+    assert careful.mean_macs >= chosen.mean_macs  # the confidence bound spends less of the budget
+    assert chosen.mean_macs < 0.8 * off.mean_macs
+    assert all(t in GRID for t in chosen.thresholds.values())
+    everything = simulate(conf, pred, y, model.exit_cuts, {4: 0.0}, costs)
+    assert everything.exit_rates[4] == 1.0 and everything.mean_macs == costs[0][4] + costs[1][4]
+    table = tables(conf, pred, y, model.exit_cuts)
+    rates = [row["exit_rate"] for row in table["4"]]
+    assert rates == sorted(rates, reverse=True) and len(rates) == len(GRID)
+    assert OFF > max(GRID)

@@ -1,0 +1,111 @@
+"""``edgesplit compress CONFIG`` end to end on a tiny budget: every step, its bundles, its
+plots, resumption, and clear errors for bad configurations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edgesplit.partitioner.bundle import load_bundle
+from edgesplit.partitioner.compress.config import load_config
+from edgesplit.runtime.cli import main
+from edgesplit.runtime.control.exits import settings_from_manifest
+
+TINY = """
+[compress]
+base = "resnet_fm"
+out = "out"
+validation = 200
+train_limit = 800
+test_limit = 200
+
+[prune]
+removed = 0.9
+steps = 1
+finetune_epochs = 1
+sweep_rates = [0.0, 0.5, 0.9]
+
+[prune.distill]
+epochs = 1
+hints = [4]
+
+[int8]
+calibration_images = 100
+
+[bottleneck]
+candidates = [[7, 4, 2]]
+epochs = 1
+finetune_epochs = 1
+
+[exits]
+cuts = [2, 4]
+epochs = 1
+
+[rate]
+test_images = 40
+"""
+
+
+def test_compress_runs_every_step_and_resumes(tmp_path, capsys):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    assert main(["compress", str(config), "--quiet"]) == 0
+    out = tmp_path / "out"
+    printed = capsys.readouterr().out
+    assert "prune:" in printed and "bottleneck: cut 7" in printed
+    prune = json.loads((out / "prune.json").read_text())
+    assert prune["removed_fraction"] >= 0.9 and prune["hints"] == [4]
+    bundle = load_bundle(out / "resnet_fm_pruned")  # rebuilt from the manifest's layer shapes
+    assert bundle.model.name == "resnet_fm_pruned"
+    assert sum(p.numel() for p in bundle.model.parameters()) == prune["params_after"]
+    assert load_bundle(out / "resnet_fm_int8").manifest["int8"]["engine"] == "x86"
+    assert load_bundle(out / "resnet_fm_bottleneck").manifest["bottleneck"]["bytes"] == 4 * 7 * 7 + 8
+    manifest = load_bundle(out / "resnet_fm_exits").manifest
+    exits = manifest["exits"]
+    assert set(exits["tables"]) == {"2", "4"}
+    settings = settings_from_manifest(manifest)  # what the controller chooses among
+    assert settings[0].name == "no exits" and not settings[0].thresholds
+    assert all(set(s.thresholds) <= {2, 4} and 0 <= s.accuracy <= 1 for s in settings)
+    rate = json.loads((out / "rate.json").read_text())
+    assert {p["codec"] for p in rate["curve"]} == {"fp32", "fp16", "int8", "int8-channel"}
+    assert (out / "rate_accuracy.png").stat().st_size > 0 and (out / "size_accuracy.png").stat().st_size > 0
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")}
+    weights = (out / "resnet_fm_pruned" / "weights.safetensors").read_bytes()
+    assert not list((out / "checkpoints").glob("*.safetensors"))  # finished steps drop their checkpoints
+    assert main(["compress", str(config)]) == 0  # finished steps are skipped
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == stamps
+    assert (out / "resnet_fm_pruned" / "weights.safetensors").read_bytes() == weights
+    assert capsys.readouterr().out.count("already done") == 5
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[prune]\nremove = 0.9\n", "unknown key prune.remove"),
+    ("[prune]\nremoved = \"lots\"\n", "prune.removed"),
+    ("[prune]\nremoved = 1.5\n", "between 0 and 1"),
+    ("[prune]\nimportance = \"random\"\n", "prune.importance"),
+    ("[int8]\nengine = \"tpu\"\n", "int8.engine"),
+    ("[bottleneck]\ncandidates = [[7, 4]]\n", "[cut, channels"),
+    ("[exits]\nepochs = \"four\"\n", "exits.epochs"),
+    ("[exits]\nepochs = 0\n", "at least 1"),
+    ("[prune]\nremoved = \"knee\"\nsweep_rates = [0.0, 0.5]\n", "three"),
+    ("[prune\n", "not valid TOML"),
+])
+def test_bad_configurations_are_refused_with_the_key(tmp_path, capsys, text, message):
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    assert main(["compress", str(config), "--quiet"]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_configuration_is_reported(tmp_path, capsys):
+    assert main(["compress", str(tmp_path / "none.toml")]) == 2
+    assert "no configuration" in capsys.readouterr().err
+
+
+def test_the_shipped_configuration_is_valid():
+    from edgesplit.partitioner.compress import WEIGHTS_DIR
+
+    cfg = load_config(WEIGHTS_DIR.parent / "configs" / "resnet_fm.toml")
+    assert cfg.out_dir.resolve() == WEIGHTS_DIR.resolve()
+    assert cfg.prune.removed == 0.9 and cfg.bottleneck.candidates and cfg.exits.max_drop_points == 0.5

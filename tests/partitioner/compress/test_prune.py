@@ -1,0 +1,58 @@
+"""Structured pruning through Torch-Pruning's dependency graph, adaptive BN and the knee."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgesplit.models.train import evaluate_exits
+from edgesplit.partitioner.compress.prune import adapt_bn, count_params, knee, prune_to, sweep
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "bn_scale", "taylor"])
+@pytest.mark.parametrize("global_pruning", [True, False])
+def test_pruning_reaches_the_target_and_keeps_exits_consistent(trained_model, tiny_splits, importance,
+                                                               global_pruning):
+    calibration = (tiny_splits.x[:64], tiny_splits.y[:64])
+    pruned = prune_to(trained_model, 0.9, importance, global_pruning, calibration)
+    assert 1 - count_params(pruned) / count_params(trained_model) >= 0.9
+    cuts = pruned.cut_points()
+    for cut in pruned.exit_cuts:  # each exit reads as many channels as its block now gives
+        first = next(m for m in pruned.exits[str(cut)].modules() if isinstance(m, nn.Conv2d))
+        assert first.in_channels == cuts[cut].shape[0] < trained_model.cut_points()[cut].shape[0]
+    outs = pruned.eval().forward_exits(torch.randn(2, 1, 28, 28))
+    assert [tuple(o.shape) for o in outs] == [(2, 10)] * 3  # classifier outputs are never pruned
+    assert count_params(trained_model) == 296398  # the original is untouched
+
+
+def test_taylor_needs_data(trained_model):
+    with pytest.raises(ValueError, match="calibration"):
+        prune_to(trained_model, 0.5, "taylor")
+    with pytest.raises(ValueError, match="importance"):
+        prune_to(trained_model, 0.5, "random")
+
+
+def test_adaptive_bn_re_estimates_statistics_from_the_data(trained_model, tiny_splits):
+    pruned = prune_to(trained_model, 0.5)
+    x = tiny_splits.x[:512]
+    adapt_bn(pruned, x, batch_size=128, batches=4)
+    stem_bn = pruned.blocks[0][1]
+    with torch.no_grad():
+        pre = pruned.blocks[0][0](x)  # what the stem's batch norm sees
+    assert torch.allclose(stem_bn.running_mean, pre.mean((0, 2, 3)), atol=1e-4)
+    assert stem_bn.momentum == 0.1 and not pruned.training
+
+
+def test_sweep_and_knee(trained_model, tiny_splits):
+    def val(model):
+        return evaluate_exits(model, tiny_splits.val_x, tiny_splits.val_y)[-1]
+
+    curve = sweep(trained_model, [0.0, 0.5, 0.9], val, tiny_splits.x)
+    assert [p["removed"] for p in curve][0] == 0.0 and curve[-1]["removed"] >= 0.9
+    assert curve[0]["accuracy"] > curve[-1]["accuracy"]
+    # a curve flat until 0.6 then falling has its knee at 0.6
+    assert knee([0.0, 0.2, 0.4, 0.6, 0.8, 0.9], [0.93, 0.93, 0.929, 0.925, 0.7, 0.3]) == 3
+    assert knee([0, 1, 2], [1, 1, 1]) == 2
+    with pytest.raises(ValueError):
+        knee([0, 1], [1, 0])
