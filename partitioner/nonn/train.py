@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from edgesplit.models import load_trained
-from edgesplit.models.datasets import load_fashion_mnist, to_tensor
 from edgesplit.models.split_model import SplitModel
 from edgesplit.models.train import nesterov_sgd
 
+from ..compress.data import load_splits
 from ..compress.distill import kd_loss
 from . import stats
 from .bundle import WEIGHTS_DIR, save_ensemble
@@ -85,20 +85,11 @@ def prepare(teacher_name: str = "resnet_fm", validation: int = 5000, train_limit
             teacher: SplitModel | None = None) -> TeacherTargets:
     """Load the data, hold out the validation images, run the teacher once, build the filter graph."""
     teacher = teacher if teacher is not None else load_trained(teacher_name)
-    train_x, train_y = load_fashion_mnist("train", data_root)
-    test_x, test_y = load_fashion_mnist("test", data_root)
-    if train_limit:
-        train_x, train_y = train_x[:train_limit], train_y[:train_limit]
-    if test_limit:
-        test_x, test_y = test_x[:test_limit], test_y[:test_limit]
-    if not 0 < validation < len(train_y):
-        raise ValueError(f"validation must be between 1 and {len(train_y) - 1} images, got {validation}")
-    x, y = to_tensor(train_x), torch.from_numpy(train_y).long()
-    keep = len(y) - validation
-    maps, logits = stats.teacher_outputs(teacher, x[:keep], progress=progress)
+    data = load_splits(validation, train_limit, test_limit, data_root)
+    maps, logits = stats.teacher_outputs(teacher, data.x, progress=progress)
     pooled = stats.pooled_activations(maps)
-    return TeacherTargets(teacher, teacher_name, x[:keep], y[:keep], maps, logits, x[keep:], y[keep:],
-                          to_tensor(test_x), torch.from_numpy(test_y).long(), pooled, stats.filter_graph(pooled))
+    return TeacherTargets(teacher, teacher_name, data.x, data.y, maps, logits, data.val_x, data.val_y,
+                          data.test_x, data.test_y, pooled, stats.filter_graph(pooled))
 
 
 def _distill(logits: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor, recipe: NonnRecipe) -> torch.Tensor:
