@@ -79,9 +79,10 @@ def int8(x, y, reference: float, shipped, quick: bool) -> dict:
 
 
 def bottleneck(x, y, reference: float, shipped) -> dict:
+    from edgesplit.models.datasets import IMAGE_BYTES
     from edgesplit.partitioner.bundle import load_bundle
     from edgesplit.partitioner.compress.bottleneck import load_bottleneck
-    from edgesplit.runtime.rate import IMAGE_BYTES, codec_point
+    from edgesplit.runtime.rate import codec_point
 
     bundle = load_bundle(_bundles_dir() / "resnet_fm_bottleneck")
     net = load_bottleneck(bundle.model, bundle.path / "bottleneck.safetensors")

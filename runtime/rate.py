@@ -16,12 +16,10 @@ from collections.abc import Callable
 
 import torch
 
-from edgesplit.models.datasets import IMAGE_BYTES
 from edgesplit.models.split_model import SplitModel
 from edgesplit.runtime.codec import decode, encode
 
 LOSSY = ("fp16", "int8", "int8-channel")
-__all__ = ["IMAGE_BYTES", "LOSSY", "codec_curve", "codec_point", "run_rate", "side_bytes", "wire_roundtrip"]
 
 
 def side_bytes(codec: str, channels: int) -> int:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, is_dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -44,7 +44,7 @@ from edgesplit.models.datasets import IMAGE_BYTES
 from edgesplit.models.split_model import SplitModel
 from edgesplit.models.train import nesterov_sgd
 
-from .checkpoint import load_checkpoint, read_progress, save_checkpoint
+from .checkpoint import fast_forward, load_checkpoint, read_progress, save_checkpoint
 from .data import Splits, accuracy
 from .distill import kd_loss
 
@@ -129,18 +129,12 @@ def _epochs(net: BottleneckModel, params, h: torch.Tensor, h_logits: torch.Tenso
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.max_lr, epochs=max(1, epochs),
                                                    steps_per_epoch=steps)
     history, start = [], 0
-    settings = asdict(cfg) if is_dataclass(cfg) else dict(vars(cfg))
-    fingerprint = {"config": settings, "epochs": epochs, "cut": net.cut, "channels": net.bottleneck.channels,
+    fingerprint = {"config": asdict(cfg), "epochs": epochs, "cut": net.cut, "channels": net.bottleneck.channels,
                    "stride": net.bottleneck.stride, "recon_weight": recon_weight}
     if read_progress(checkpoint, fingerprint) is not None:
         saved = load_checkpoint(checkpoint, net, optimizer)
         start, history = saved["epoch"], saved["history"]
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(start * steps):
-                schedule.step()
+        fast_forward(schedule, start * steps)
     for epoch in range(start, epochs):
         net.train()
         net.model.eval()  # the batch norms of the shipped head and tail keep their statistics

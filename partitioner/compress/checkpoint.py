@@ -92,6 +92,17 @@ def load_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
         return json.loads((f.metadata() or {})["progress"])
 
 
+def fast_forward(schedule: torch.optim.lr_scheduler.LRScheduler, steps: int) -> None:
+    """Advance a learning-rate schedule by ``steps`` (a resumed run's finished epochs)
+    without optimizer steps; torch warns about that order, which is intended here."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(steps):
+            schedule.step()
+
+
 def remove_checkpoints(folder: str | Path, prefix: str) -> None:
     """Delete the checkpoints whose names start with ``prefix`` (a finished step's)."""
     for file in Path(folder).glob(f"{prefix}*.safetensors"):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,7 +35,7 @@ from edgesplit.models.split_model import SplitModel
 from edgesplit.models.train import evaluate_exits, nesterov_sgd
 
 from .architecture import layer_shapes
-from .checkpoint import load_checkpoint, read_progress, save_checkpoint
+from .checkpoint import fast_forward, load_checkpoint, read_progress, save_checkpoint
 from .data import Splits
 
 
@@ -164,10 +163,7 @@ def distill(student: SplitModel, teacher: SplitModel, data: Splits, recipe: Dist
     if checkpoint is not None and read_progress(checkpoint, fingerprint) is not None:
         saved = load_checkpoint(checkpoint, student, optimizer, {"adapt": adapt})
         start_epoch, history, seconds = saved["epoch"], saved["history"], saved["seconds"]
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # stepping the schedule forward without optimizer steps
-            for _ in range(start_epoch * steps_per_epoch):
-                schedule.step()
+        fast_forward(schedule, start_epoch * steps_per_epoch)
     for epoch in range(start_epoch, recipe.epochs):
         started = time.time()
         student.train()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,10 +41,10 @@ from tqdm import tqdm
 from edgesplit.models.datasets import TensorBatches
 from edgesplit.models.resnet_fm import exit_head
 from edgesplit.models.split_model import SplitModel, confidence
-from edgesplit.models.train import nesterov_sgd
+from edgesplit.models.train import evaluate_exits, nesterov_sgd
 
-from .checkpoint import load_checkpoint, read_progress, save_checkpoint
-from .data import Splits
+from .checkpoint import fast_forward, load_checkpoint, read_progress, save_checkpoint
+from .data import Splits, accuracy
 from .distill import kd_loss
 
 OFF = 1.01  # a threshold no confidence reaches: the exit is not run
@@ -65,9 +65,6 @@ def with_exits(model: SplitModel, cuts: list[int]) -> SplitModel:
     blocks = [(n, copy.deepcopy(b)) for n, b in zip(model.block_names, model.blocks)]
     out = SplitModel(model.name, blocks, heads, model.input_shape, model.num_classes)
     return out.eval()
-
-
-confidences = confidence  # max-softmax or normalised entropy, in [0, 1]; and the predicted class
 
 
 @torch.no_grad()
@@ -92,16 +89,11 @@ def train_exits(model: SplitModel, data: Splits, cfg, checkpoint: Path | None = 
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.max_lr, epochs=cfg.epochs,
                                                    steps_per_epoch=steps)
     history, start, seconds = [], 0, 0.0
-    fingerprint = {"config": asdict(cfg) if is_dataclass(cfg) else vars(cfg), "exit_cuts": model.exit_cuts}
+    fingerprint = {"config": asdict(cfg), "exit_cuts": model.exit_cuts}
     if checkpoint is not None and read_progress(checkpoint, fingerprint) is not None:
         saved = load_checkpoint(checkpoint, model, optimizer)
         start, history, seconds = saved["epoch"], saved["history"], saved["seconds"]
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for _ in range(start * steps):
-                schedule.step()
+        fast_forward(schedule, start * steps)
     for epoch in range(start, cfg.epochs):
         began = time.time()
         model.train()
@@ -121,7 +113,7 @@ def train_exits(model: SplitModel, data: Splits, cfg, checkpoint: Path | None = 
             optimizer.step()
             schedule.step()
             running += float(loss.detach())
-        val = [float((o.argmax(1) == data.val_y).float().mean()) for o in outputs_of(model, data.val_x)]
+        val = evaluate_exits(model, data.val_x, data.val_y)
         seconds += time.time() - began
         history.append({"epoch": epoch + 1, "loss": round(running / steps, 4),
                         "val_accuracy": [round(a, 4) for a in val]})
@@ -144,6 +136,7 @@ class Cascade:
     accuracy: float
     mean_macs: float
     exit_rates: dict[int, float]
+    predictions: torch.Tensor = field(repr=False, default=None)  # the answer given to each input
 
 
 def exit_costs(model: SplitModel) -> tuple[dict[int, int], dict[int, int], int]:
@@ -177,7 +170,7 @@ def simulate(conf: torch.Tensor, pred: torch.Tensor, y: torch.Tensor, cuts: list
         rates[cut] = float(leave.float().mean())
         remaining &= ~leave
     macs[remaining] = total + spent_heads
-    return Cascade(dict(thresholds), float((chosen == y).float().mean()), float(macs.mean()), rates)
+    return Cascade(dict(thresholds), float((chosen == y).float().mean()), float(macs.mean()), rates, chosen)
 
 
 def drop_bound(pred: torch.Tensor, chosen: torch.Tensor, y: torch.Tensor, z: float) -> float:
@@ -187,20 +180,6 @@ def drop_bound(pred: torch.Tensor, chosen: torch.Tensor, y: torch.Tensor, z: flo
     n = len(y)
     se = float(loss.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
     return 100 * (float(loss.mean()) + z * se)
-
-
-def _cascade_predictions(conf: torch.Tensor, pred: torch.Tensor, cuts: list[int],
-                         thresholds: dict[int, float]) -> torch.Tensor:
-    remaining = torch.ones(pred.shape[1], dtype=torch.bool)
-    chosen = pred[-1].clone()
-    for i, cut in enumerate(cuts):
-        t = thresholds.get(cut, OFF)
-        if t >= OFF:
-            continue
-        leave = remaining & (conf[i] >= t)
-        chosen[leave] = pred[i][leave]
-        remaining &= ~leave
-    return chosen
 
 
 def calibrate(conf: torch.Tensor, pred: torch.Tensor, y: torch.Tensor, cuts: list[int],
@@ -217,11 +196,10 @@ def calibrate(conf: torch.Tensor, pred: torch.Tensor, y: torch.Tensor, cuts: lis
             for t in GRID:
                 if t >= now:
                     continue
-                thresholds = {**current.thresholds, cut: t}
-                trial = simulate(conf, pred, y, cuts, thresholds, costs)
+                trial = simulate(conf, pred, y, cuts, {**current.thresholds, cut: t}, costs)
                 if trial.mean_macs >= current.mean_macs:
                     continue
-                if drop_bound(pred, _cascade_predictions(conf, pred, cuts, thresholds), y, z) > max_drop_points:
+                if drop_bound(pred, trial.predictions, y, z) > max_drop_points:
                     continue
                 saved = current.mean_macs - trial.mean_macs
                 lost = max(current.accuracy - trial.accuracy, 0.0) + 1e-4
@@ -250,7 +228,7 @@ def tables(conf: torch.Tensor, pred: torch.Tensor, y: torch.Tensor, cuts: list[i
 
 
 def stacked(outputs: list[torch.Tensor], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    pairs = [confidences(o, kind) for o in outputs]
+    pairs = [confidence(o, kind) for o in outputs]
     return torch.stack([c for c, _ in pairs]), torch.stack([p for _, p in pairs])
 
 
@@ -278,7 +256,7 @@ def run_exits(cfg, base: str, data: Splits, out: Path, progress: bool = True) ->
     kind = min(per_kind, key=lambda k: per_kind[k]["val"].mean_macs)
     pick = per_kind[kind]
     final_test = float((test_outputs[-1].argmax(1) == data.test_y).float().mean())
-    shipped_test = float((outputs_of(shipped, data.test_x)[-1].argmax(1) == data.test_y).float().mean())
+    shipped_test = accuracy(shipped, data.test_x, data.test_y)
     total = costs[2]
     summary = {
         "confidence": kind,

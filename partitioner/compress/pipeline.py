@@ -89,9 +89,8 @@ def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bo
     epoch_seconds = final["seconds"] + sum(s.pop("seconds") for s in steps)
     test_before = evaluate_exits(teacher, data.test_x, data.test_y)
     test_after = evaluate_exits(student, data.test_x, data.test_y)
-    from edgesplit.partitioner.flops import mac_summary
+    from edgesplit.partitioner.flops import block_macs
 
-    macs_before, macs_after = mac_summary(teacher), mac_summary(student)
     results = {
         "params_before": before,
         "params_after": count_params(student),
@@ -100,8 +99,8 @@ def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bo
         "acc_after": test_after[-1],
         "test_accuracy_per_output_before": test_before,
         "test_accuracy_per_output_after": test_after,
-        "macs_before": sum(macs_before["blocks"]),
-        "macs_after": sum(macs_after["blocks"]),
+        "macs_before": sum(block_macs(teacher)),
+        "macs_after": sum(block_macs(student)),
         "importance": cfg.importance,
         "global_pruning": cfg.global_pruning,
         "sweep": curve,
@@ -128,7 +127,6 @@ def run(cfg: CompressConfig, steps: list[str] | None = None, progress: bool = Tr
     ``runners`` adds step runners from outside the partitioner: the ``rate`` step measures
     the runtime's codecs, so ``edgesplit compress`` passes
     :func:`edgesplit.runtime.rate.run_rate`."""
-    torch.manual_seed(cfg.compress.seed)
     out = cfg.out_dir
     out.mkdir(parents=True, exist_ok=True)
     general = cfg.compress

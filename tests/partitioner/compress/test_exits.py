@@ -3,15 +3,14 @@ threshold calibration."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import torch
 
+from edgesplit.models.split_model import confidence as confidences
+from edgesplit.partitioner.compress.config import ExitsConfig
 from edgesplit.partitioner.compress.exits import (
     GRID,
     OFF,
     calibrate,
-    confidences,
     exit_costs,
     outputs_of,
     simulate,
@@ -43,7 +42,7 @@ def test_self_distillation_trains_only_the_heads(trained_model, tiny_splits):
     model = with_exits(trained_model, [2])
     backbone = {k: v.clone() for k, v in model.blocks.state_dict().items()}
     before = [float((o.argmax(1) == tiny_splits.val_y).float().mean()) for o in outputs_of(model, tiny_splits.val_x)]
-    cfg = SimpleNamespace(epochs=2, batch_size=128, max_lr=0.05, temperature=4.0, kd_weight=0.9)
+    cfg = ExitsConfig(epochs=2, batch_size=128, max_lr=0.05, temperature=4.0, kd_weight=0.9)
     train_exits(model, tiny_splits, cfg, progress=False)
     after = [float((o.argmax(1) == tiny_splits.val_y).float().mean()) for o in outputs_of(model, tiny_splits.val_x)]
     assert after[0] > before[0] + 0.2  # the new head at cut 2 learned

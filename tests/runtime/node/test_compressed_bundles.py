@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from edgesplit.models.datasets import load_sample, to_tensor
+from edgesplit.models.split_model import confidence as confidences
 from edgesplit.partitioner.bundle import load_bundle
 from edgesplit.partitioner.compress import WEIGHTS_DIR
-from edgesplit.partitioner.compress.exits import confidences
 from edgesplit.runtime.device.runner import WHERE_DEVICE, WHERE_EDGE, DeviceRunner
 from edgesplit.runtime.node.launcher import NodeProcess
 from edgesplit.runtime.transport.client import EdgeClient
