@@ -97,6 +97,9 @@ class DeviceMetrics:
         self.on_battery = Gauge("edgesplit_device_on_battery", "1 on battery, 0 on mains power.", registry=registry)
         self.decisions = Counter("edgesplit_device_controller_decisions_total",
                                  "Plan changes made by the controller.", registry=registry)
+        self.device_time_scale = Gauge("edgesplit_device_time_scale_ratio",
+                                       "Device time observed over the profile's prediction, at the cut in force.",
+                                       registry=registry)
 
 
 class EnsembleMetrics:

@@ -7,11 +7,18 @@ once when the estimator sees a sharp drop, it asks the policy for the best optio
 the current state and, if that differs from the plan in force, swaps in a new plan (next
 epoch) between requests. Each change is recorded with the estimate that triggered it.
 
+Every answer also times the device itself: its device time against what the plan space's
+profile predicted for that path feeds a :class:`~.estimators.DeviceTimeEstimator`, and the
+policy sees the profile scaled by what was learned (per cut where known). A start-up
+profile taken under a CPU quota can be a third off for a whole run; the requests
+themselves are the better measurement.
+
 While the plan keeps everything on the device nothing is offloaded and the link goes
 unobserved: :meth:`probe` sends a pair of real requests that differ only in size (the
 same tensor as int8 and as fp32) and takes the bandwidth from their difference;
-:meth:`start_probing` does that in a thread whenever no offload was seen for
-``probe_interval_s``.
+:meth:`start_probing` does that in a thread whenever no offload was seen for the probe
+interval. A probe costs a weak device real CPU time, so while probes change nothing the
+interval doubles, up to ``max_probe_interval_s``; any plan change or offload resets it.
 """
 
 from __future__ import annotations
@@ -26,12 +33,12 @@ import torch
 
 from edgesplit.partitioner.cost import PI4, DevicePower, Link
 from edgesplit.runtime import codec as codecs
-from edgesplit.runtime.device.runner import WHERE_EDGE, Answer, DeviceRunner
+from edgesplit.runtime.device.runner import WHERE_EDGE, WHERE_FALLBACK, Answer, DeviceRunner
 from edgesplit.runtime.inference import OffloadError
 from edgesplit.runtime.plan import NEVER, Plan
 
 from .battery import BatteryReading, SimulatedBattery, system_battery
-from .estimators import LinkEstimator
+from .estimators import DeviceTimeEstimator, LinkEstimator
 from .policy import Option, PlanSpace, Policy, State
 
 log = logging.getLogger(__name__)
@@ -52,6 +59,7 @@ class Decision:
     rtt_ms: float
     battery_level: float
     on_battery: bool
+    device_scale: float = 1.0  # learned device time over the profile's, at the chosen cut
 
 
 class EmbeddedController:
@@ -60,7 +68,8 @@ class EmbeddedController:
     def __init__(self, runner: DeviceRunner, space: PlanSpace, policy: Policy,
                  estimator: LinkEstimator | None = None, battery: SimulatedBattery | None = None,
                  every: int = 8, power: DevicePower = PI4, clock: Callable[[], float] = time.monotonic,
-                 probe_interval_s: float = 2.0) -> None:
+                 probe_interval_s: float = 2.0, max_probe_interval_s: float | None = None,
+                 device_times: DeviceTimeEstimator | None = None, learn_device_time: bool = True) -> None:
         self.runner = runner
         self.space = space
         self.policy = policy
@@ -70,6 +79,14 @@ class EmbeddedController:
         self.power = power
         self.clock = clock
         self.probe_interval_s = probe_interval_s
+        self.max_probe_interval_s = 8 * probe_interval_s if max_probe_interval_s is None else max_probe_interval_s
+        if self.max_probe_interval_s < probe_interval_s:
+            raise ValueError(f"max_probe_interval_s ({self.max_probe_interval_s}) < probe_interval_s "
+                             f"({probe_interval_s})")
+        self.probe_wait_s = probe_interval_s
+        self.probes = 0
+        self.device_times = device_times or DeviceTimeEstimator()
+        self.learn_device_time = learn_device_time
         self.decisions: list[Decision] = []
         self.current: Option | None = None
         self.deciding = True  # False while a cluster controller decides for this device (remote.DeviceLink)
@@ -91,7 +108,10 @@ class EmbeddedController:
         at = self.clock() if at is None else at
         reading = self.battery_reading(at)
         est = self.estimator.estimate
-        return State(est.bandwidth_mbit, est.rtt_s, reading.level, reading.on_battery)
+        scales = self.device_times.scales() if self.learn_device_time else {}
+        overall = self.device_times.overall() if self.learn_device_time else 1.0
+        return State(est.bandwidth_mbit, est.rtt_s, reading.level, reading.on_battery,
+                     device_scale=overall, device_scales=scales)
 
     # -- observing -----------------------------------------------------------------------
     def observe(self, answer: Answer) -> None:
@@ -105,6 +125,8 @@ class EmbeddedController:
             elif answer.attempted_bytes and (answer.offload_error or "").startswith("DEADLINE_EXCEEDED"):
                 # The bytes did not get through in time: the link is at most this fast.
                 self.estimator.observe_timeout(answer.attempted_bytes, lat.transfer, at)
+            if self.learn_device_time:
+                self._observe_device_time(answer)
             if self.battery is not None:
                 link = Link(self.estimator.bandwidth_mbit, self.estimator.rtt_s)
                 self.battery.drain(self.power.energy_joules(lat.device, lat.transfer, link), at)
@@ -114,6 +136,18 @@ class EmbeddedController:
             self._moves = moves
             if self.deciding and (moved or self._seen % self.every == 0):
                 self._decide(at)
+
+    def _observe_device_time(self, answer: Answer) -> None:
+        plan = self.runner.plan
+        if answer.where == WHERE_FALLBACK or answer.epoch != plan.epoch:
+            return  # a local completion is not the plan's path; an older plan's exits are unknown here
+        exit_cut = int(answer.exit.split("@", 1)[1]) if answer.exit.startswith("exit@") else None
+        ran = plan.active_exits(exits=self.runner.model.exit_cuts)
+        predicted = self.space.device_seconds(answer.cut, exit_cut, ran)
+        self.device_times.observe(answer.cut, answer.latency.device, predicted)
+        metrics = self.runner.metrics
+        if metrics:
+            metrics.device_time_scale.set(self.device_times.scale(answer.cut))
 
     def decide(self) -> Plan | None:
         """Decide now (also done every ``every`` answers); the new plan, or None if unchanged."""
@@ -133,7 +167,7 @@ class EmbeddedController:
         self.runner.set_plan(new)
         decision = Decision(at, new.epoch, new.cut, new.codec, option.exits.name, thresholds,
                             1000 * option.latency_s, state.bandwidth_mbit, 1000 * state.rtt_s,
-                            state.battery_level, state.on_battery)
+                            state.battery_level, state.on_battery, state.device_scale_at(new.cut))
         self.decisions.append(decision)
         metrics = self.runner.metrics
         if metrics:
@@ -143,9 +177,9 @@ class EmbeddedController:
             metrics.battery.set(state.battery_level)
             metrics.on_battery.set(1 if state.on_battery else 0)
         log.info("plan %d: cut %d, codec %s, exits %s (%.1f ms predicted) at %.2f Mbit/s, RTT %.1f ms, "
-                 "battery %.0f%%%s", new.epoch, new.cut, new.codec, option.exits.name, decision.predicted_ms,
-                 state.bandwidth_mbit, decision.rtt_ms, 100 * state.battery_level,
-                 " on battery" if state.on_battery else "")
+                 "device %.2fx its profile, battery %.0f%%%s", new.epoch, new.cut, new.codec, option.exits.name,
+                 decision.predicted_ms, state.bandwidth_mbit, decision.rtt_ms, decision.device_scale,
+                 100 * state.battery_level, " on battery" if state.on_battery else "")
         return new
 
     # -- probing -------------------------------------------------------------------------
@@ -160,6 +194,7 @@ class EmbeddedController:
         if client is None:
             return False
         model = self.runner.model
+        self.probes += 1
         points = model.cut_points()
         cut = min(range(1, model.num_blocks), key=lambda k: abs(points[k].numel - elements))
         tensor = torch.zeros(1, *points[cut].shape)
@@ -181,13 +216,21 @@ class EmbeddedController:
         return True
 
     def start_probing(self) -> None:
-        """Probe in a thread whenever no offload was seen for ``probe_interval_s``."""
+        """Probe in a thread whenever no offload was seen for the probe interval (which
+        doubles while probes change nothing, up to ``max_probe_interval_s``)."""
 
         def loop() -> None:
+            last_seen_offload = self._last_offload_at
             while not self._stop.wait(self.probe_interval_s / 4):
-                if self.clock() - self._last_offload_at >= self.probe_interval_s:
-                    if self.probe() and self.deciding:
-                        self.decide()
+                if self._last_offload_at != last_seen_offload:  # real offloads measure the link
+                    self.probe_wait_s = self.probe_interval_s
+                if self.clock() - self._last_offload_at < self.probe_wait_s:
+                    last_seen_offload = self._last_offload_at
+                    continue
+                changed = self.probe() and self.deciding and self.decide() is not None
+                self.probe_wait_s = (self.probe_interval_s if changed
+                                      else min(2 * self.probe_wait_s, self.max_probe_interval_s))
+                last_seen_offload = self._last_offload_at
 
         self._thread = threading.Thread(target=loop, name="edgesplit-probe", daemon=True)
         self._thread.start()

@@ -189,3 +189,60 @@ class LinkEstimator:
     @property
     def estimate(self) -> LinkEstimate:
         return LinkEstimate(self.bandwidth_mbit, self.rtt_s, self.samples, self.drops)
+
+
+class DeviceTimeEstimator:
+    """How the device's own work compares with its profile, learned from every answer.
+
+    A profile taken at start-up can be off for the whole run: under a CFS quota a head's
+    time depends on how its work falls across the scheduler's periods, other processes
+    share the CPU, a clock governor steps. The device sees the time of every request it
+    runs, so each answer gives one ratio of observed to predicted device time for the cut
+    it ran. :meth:`scale` is the median of the last ``window`` ratios at that cut, or, for a
+    cut with fewer than ``min_samples`` ratios, the median over the last ``window`` answers
+    at any cut (a device that runs 30 % slow at one cut most likely does at the next).
+    Ratios are clamped to ``[low, high]`` so one stalled request cannot swing a plan.
+
+    Example::
+
+        >>> est = DeviceTimeEstimator(window=4)
+        >>> for s in (0.50, 0.48, 0.52):
+        ...     est.observe(cut=20, observed_s=s, predicted_s=0.37)
+        >>> round(est.scale(20), 2), round(est.scale(8), 2)   # cut 8 not seen: the overall ratio
+        (1.35, 1.35)
+    """
+
+    def __init__(self, window: int = 8, min_samples: int = 2, low: float = 0.25, high: float = 8.0) -> None:
+        if window < 1 or min_samples < 1 or not 0 < low <= 1 <= high:
+            raise ValueError(f"need window >= 1, min_samples >= 1 and 0 < low <= 1 <= high, "
+                             f"not {window}, {min_samples}, {low}, {high}")
+        self.window = window
+        self.min_samples = min_samples
+        self.low, self.high = low, high
+        self._by_cut: dict[int, deque[float]] = {}
+        self._recent: deque[float] = deque(maxlen=window)
+        self.samples = 0
+
+    def observe(self, cut: int, observed_s: float, predicted_s: float) -> None:
+        """One request at ``cut`` took ``observed_s`` of device time where ``predicted_s`` was expected."""
+        if not (predicted_s > 0 and observed_s > 0):
+            return
+        ratio = min(self.high, max(self.low, observed_s / predicted_s))
+        self._by_cut.setdefault(cut, deque(maxlen=self.window)).append(ratio)
+        self._recent.append(ratio)
+        self.samples += 1
+
+    def overall(self) -> float:
+        """The median ratio over the last ``window`` answers (1.0 before any)."""
+        return statistics.median(self._recent) if self._recent else 1.0
+
+    def scale(self, cut: int) -> float:
+        """What to multiply the profile's device time at ``cut`` by."""
+        seen = self._by_cut.get(cut)
+        if seen is not None and len(seen) >= self.min_samples:
+            return statistics.median(seen)
+        return self.overall()
+
+    def scales(self) -> dict[int, float]:
+        """The learned ratio of every cut with enough answers of its own."""
+        return {cut: statistics.median(r) for cut, r in self._by_cut.items() if len(r) >= self.min_samples}

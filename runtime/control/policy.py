@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from edgesplit.partitioner.cost import CODEC_BYTES, INPUT_BYTES_PER_ELEMENT, PI4, DevicePower, Exit, Link, predict
@@ -57,6 +57,13 @@ class State:
     battery_level: float = 1.0  # 0..1
     on_battery: bool = False
     edge_wait_s: float = 0.0  # expected wait in the edge's queue (from nodes' telemetry)
+    # Observed over predicted device time (estimators.DeviceTimeEstimator): per cut where
+    # learned, ``device_scale`` for the others.
+    device_scale: float = 1.0
+    device_scales: Mapping[int, float] = field(default_factory=dict)
+
+    def device_scale_at(self, cut: int) -> float:
+        return self.device_scales.get(cut, self.device_scale)
 
 
 @dataclass(frozen=True)
@@ -137,6 +144,17 @@ class PlanSpace:
         shapes = [c.shape for c in model.cut_points()[:-1]] + [(model.num_classes,)]
         return cls(device, edge or host, shapes, exit_seconds=exit_s, **kwargs)
 
+    def device_seconds(self, cut: int, exit_cut: int | None = None, exits_run: Collection[int] = ()) -> float:
+        """The profile's device time of one request under a plan at ``cut``: the head up to
+        ``exit_cut`` when it left there, else the whole head and its encoding, plus the exit
+        heads among ``exits_run`` on the way. What
+        :class:`~.estimators.DeviceTimeEstimator` compares answers with."""
+        stop = cut if exit_cut is None else exit_cut
+        seconds = self.device.segment_seconds(0, stop)
+        if exit_cut is None and cut < self.last:
+            seconds += math.prod(self.shapes[cut]) * self.device.encode_seconds_per_element
+        return seconds + sum(self.exit_seconds.get(c, 0.0) for c in exits_run if c <= stop)
+
     def options(self, state: State) -> list[Option]:
         link = Link(state.bandwidth_mbit, state.rtt_s)
         plain = self._plain
@@ -154,7 +172,12 @@ class PlanSpace:
                         continue  # the head holds none of its exits: the same plan as no exits
                     stays = 1.0 - sum(r for c, r in setting.rates.items() if c <= p.cut)
                     wait = state.edge_wait_s * stays if p.cut < self.last else 0.0
-                    out.append(Option(p.cut, codec, setting, p.total_s + wait, p.energy_j, setting.accuracy))
+                    total_s, energy_j = p.total_s, p.energy_j
+                    scale = state.device_scale_at(p.cut)
+                    if scale != 1.0:  # the device runs slower (or faster) than its profile
+                        total_s += (scale - 1.0) * p.device_s
+                        energy_j = self.power.energy_joules(scale * p.device_s, p.transfer_s, link)
+                    out.append(Option(p.cut, codec, setting, total_s + wait, energy_j, setting.accuracy))
         return out
 
 

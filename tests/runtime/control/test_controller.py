@@ -12,7 +12,8 @@ from edgesplit.runtime.control.battery import SimulatedBattery
 from edgesplit.runtime.control.controller import EmbeddedController
 from edgesplit.runtime.control.estimators import LinkEstimator
 from edgesplit.runtime.control.policy import BatteryAware, LeastEnergy, LeastLatency, PlanSpace
-from edgesplit.runtime.device.runner import WHERE_EDGE, DeviceRunner
+from edgesplit.runtime.device.runner import WHERE_DEVICE, WHERE_EDGE, DeviceRunner
+from edgesplit.runtime.device.slowed import slowed
 from edgesplit.runtime.metrics import DeviceMetrics
 from edgesplit.runtime.plan import Plan
 from edgesplit.runtime.transport.client import EdgeClient
@@ -84,12 +85,16 @@ def test_a_low_battery_moves_the_plan_to_less_device_energy(node, space):
     model, running = node
     runner, client = runner_for(model, running, Plan(cut=model.num_blocks, codec="fp32"))
     battery = SimulatedBattery(capacity_j=2.0, level=0.35)
-    # 0.1 Mbit/s: even the 784-byte image takes longer to send than the device needs (about
-    # 60 ms at 0.05 of a core), but sending it costs the device far less energy.
-    estimator = LinkEstimator(initial_mbit=0.1, initial_rtt_s=0.02)
+    # A link on which the 784-byte image (and its answer) takes twice as long to send as the
+    # device needs to run everything (about 60 ms at 0.05 of a core, by this host's profile):
+    # slower than staying, but sending costs the device far less energy.
+    mbit = 8 * (784 + 40) / (2 * space.device_seconds(model.num_blocks)) / 1e6
+    estimator = LinkEstimator(initial_mbit=mbit, initial_rtt_s=0.02)
     policy = BatteryAware(mains=LeastLatency(), saving=LeastEnergy(slo_s=1.0), low_level=0.3)
+    # The space plays a 0.05-core device; the runner runs at this host's speed, so learning
+    # the device's time from its answers would undo the simulation: off here.
     controller = EmbeddedController(runner, space, policy, estimator=estimator, battery=battery, every=1,
-                                    clock=iter(range(10_000)).__next__)
+                                    clock=iter(range(10_000)).__next__, learn_device_time=False)
     try:
         first = controller.decide() or runner.plan
         mains_option = controller.current
@@ -99,7 +104,7 @@ def test_a_low_battery_moves_the_plan_to_less_device_energy(node, space):
             runner.infer(x)
             if battery.reading(controller.clock()).level < 0.3:
                 break
-        controller.estimator.bandwidth_mbit, controller.estimator.rtt_s = 0.1, 0.02  # same link as before
+        controller.estimator.bandwidth_mbit, controller.estimator.rtt_s = mbit, 0.02  # same link as before
         controller.decide()
         saving = controller.current
         assert battery.reading(controller.clock()).level < 0.3
@@ -137,7 +142,7 @@ def test_offloads_that_miss_their_deadline_on_a_collapsed_link_move_the_plan_to_
         client = EdgeClient(f"127.0.0.1:{link.port}")
         runner = DeviceRunner(model, plan=Plan(cut=4, codec="int8"), client=client, deadline_s=0.3)
         # believes in a fast link, so it starts offloading 12.5 kB per request
-        controller = EmbeddedController(runner, space, LeastLatency(), every=1000,
+        controller = EmbeddedController(runner, space, LeastLatency(), every=1000, learn_device_time=False,
                                         estimator=LinkEstimator(initial_mbit=50.0, initial_rtt_s=0.001))
         try:
             assert controller.decide() is None or runner.plan.cut < model.num_blocks
@@ -154,3 +159,60 @@ def test_offloads_that_miss_their_deadline_on_a_collapsed_link_move_the_plan_to_
         finally:
             controller.close()
             client.close()
+
+
+@pytest.fixture(scope="module")
+def host_space(node):
+    """A space whose device profile is this host at full speed (a profile that flatters a slow device)."""
+    model, _ = node
+    return PlanSpace.for_model(model, device_quota=1.0, repeats=3, codecs=("int8",))
+
+
+@pytest.mark.parametrize("learn", [True, False])
+def test_a_device_slower_than_its_profile_is_learned_from_its_answers_and_the_plan_moves(node, host_space, learn):
+    model, running = node
+    last = model.num_blocks
+    runner, client = runner_for(slowed(model, 0.1), running, Plan(cut=last, codec="int8"))
+    # 2 Mbit/s, 2 ms: by the profile all on the device wins (no transfer, same speed as the
+    # edge); at a tenth of the speed sending the 784-byte image wins.
+    controller = EmbeddedController(runner, host_space, LeastLatency(), every=1, learn_device_time=learn,
+                                    estimator=LinkEstimator(initial_mbit=2.0, initial_rtt_s=0.002))
+    try:
+        assert controller.decide() is None and runner.plan.cut == last
+        x = torch.randn(1, 1, 28, 28)
+        answers = [runner.infer(x) for _ in range(6)]
+        assert answers[0].where == WHERE_DEVICE
+        if learn:
+            assert controller.device_times.scale(last) > 4  # about 10, clamped at 8
+            assert runner.plan.cut < last and controller.decisions
+            assert controller.decisions[0].epoch == runner.plan.epoch or len(controller.decisions) > 1
+            assert any(a.where == WHERE_EDGE for a in answers)
+            scale = runner.metrics.registry.get_sample_value("edgesplit_device_time_scale_ratio")
+            assert scale is not None and scale > 0
+        else:
+            assert runner.plan.cut == last and not controller.decisions
+            assert all(a.where == WHERE_DEVICE for a in answers)
+    finally:
+        controller.close()
+        client.close()
+
+
+def test_probes_that_change_nothing_come_less_and_less_often(node, host_space):
+    model, running = node
+    runner, client = runner_for(model, running, Plan(cut=model.num_blocks, codec="int8"))
+    # Device and edge profiled alike: offloading only adds the link, so no probe can move the plan.
+    controller = EmbeddedController(runner, host_space, LeastLatency(), probe_interval_s=0.04,
+                                    max_probe_interval_s=0.32, learn_device_time=False)
+    try:
+        controller.decide()
+        waits = []
+        controller.start_probing()
+        for n in range(1, 5):
+            wait_until(lambda n=n: controller.probes >= n, timeout=20)
+            waits.append(controller.probe_wait_s)
+        assert not controller.decisions or all(d.cut == model.num_blocks for d in controller.decisions)
+        assert controller.estimator.samples >= 3  # the probes measured the link
+        assert waits[-1] == 0.32 and waits == sorted(waits), waits
+    finally:
+        controller.close()
+        client.close()

@@ -93,3 +93,24 @@ def test_a_first_sample_far_above_the_guess_is_not_taken_alone():
     est2 = LinkEstimator(initial_mbit=1.0, initial_rtt_s=0.0)
     est2.observe_pair(8_000, 0.001 + 8 * 8_000 / 0.2e6, 32_000, 0.001 + 8 * 32_000 / 0.2e6, at=1.0)
     assert est2.bandwidth_mbit == pytest.approx(0.2) and est2.drops == 1  # far below: taken at once
+
+
+def test_device_time_is_learned_per_cut_with_the_overall_ratio_for_cuts_not_seen():
+    from edgesplit.runtime.control.estimators import DeviceTimeEstimator
+
+    est = DeviceTimeEstimator(window=4, min_samples=2)
+    assert est.scale(3) == 1.0 and est.scales() == {}
+    est.observe(cut=8, observed_s=0.3, predicted_s=0.2)
+    assert est.scales() == {} and est.scale(8) == pytest.approx(1.5)  # one answer: the overall ratio
+    for observed in (0.4, 0.4, 0.4, 5.0):  # one stalled request among them
+        est.observe(cut=8, observed_s=observed, predicted_s=0.2)
+    assert est.scale(8) == pytest.approx(2.0)  # the median of the last 4, not pulled by the stall
+    est.observe(cut=20, observed_s=0.5, predicted_s=0.5)
+    assert est.scale(20) == pytest.approx(2.0)  # seen once: still the overall median
+    assert est.scale(3) == est.overall()
+    est.observe(cut=20, observed_s=100.0, predicted_s=0.5)
+    assert max(est._by_cut[20]) == 8.0  # clamped
+    est.observe(cut=20, observed_s=0.0, predicted_s=0.5)  # nothing to learn from a zero
+    assert est.samples == 7
+    with pytest.raises(ValueError):
+        DeviceTimeEstimator(low=2.0)

@@ -116,3 +116,29 @@ def test_the_edge_queue_is_paid_only_by_the_inputs_that_reach_the_edge():
 def test_a_space_with_nothing_to_choose_is_refused_up_front():
     with pytest.raises(ValueError, match="one-byte codec"):
         space(codecs=("fp32",), allowed_cuts=[0])
+
+
+def test_a_learned_device_scale_moves_the_prediction_and_the_choice():
+    s, policy = space(), LeastLatency()
+    profiled = State(0.05, 0.01)
+    assert policy.choose(s.options(profiled), profiled).cut == 4  # a slow link: all on the device
+    slow_device = State(0.05, 0.01, device_scale=30.0)
+    options = {o.cut: o for o in s.options(slow_device)}
+    base = {o.cut: o for o in s.options(profiled)}
+    assert options[4].latency_s == pytest.approx(30 * base[4].latency_s)  # all device time
+    assert options[0].latency_s == pytest.approx(base[0].latency_s)  # nothing runs on the device
+    assert options[4].energy_j > base[4].energy_j
+    assert policy.choose(s.options(slow_device), slow_device).cut < 4
+    # a scale learned at one cut applies there only; the others take the overall one
+    mixed = State(0.05, 0.01, device_scale=1.0, device_scales={2: 3.0})
+    got = {o.cut: o.latency_s for o in s.options(mixed)}
+    assert got[4] == pytest.approx(base[4].latency_s)
+    assert got[2] - base[2].latency_s == pytest.approx(2 * 2 * 0.02)  # two device blocks, 3x instead of 1x
+
+
+def test_device_seconds_of_a_path_count_the_head_its_encoding_and_the_exits_it_ran():
+    s = space(exit_seconds={1: 0.001, 3: 0.002})
+    assert s.device_seconds(4) == pytest.approx(0.08)
+    assert s.device_seconds(4, exits_run=(1, 3)) == pytest.approx(0.083)
+    assert s.device_seconds(2, exits_run=(1, 3)) == pytest.approx(0.041)  # exit 3 lies beyond the cut
+    assert s.device_seconds(4, exit_cut=1, exits_run=(1, 3)) == pytest.approx(0.021)

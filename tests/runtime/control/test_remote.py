@@ -49,13 +49,15 @@ def test_killed_controller_leaves_the_last_plan_then_the_embedded_controller_dec
                       DecisionSubscriber(ctx, endpoints["decisions"], "cam1"), interval_s=0.1, silence_s=1.0)
     x = torch.randn(1, 1, 28, 28)
     try:
-        embedded.estimator.bandwidth_mbit, embedded.estimator.rtt_s = 0.01, 2.0  # hopeless link: stay local
+        # A hopeless link: 16 s to send the image. (At 0.01 Mbit/s and 2 s, a controller profiling
+        # the 0.05-core device on a host busy with other work predicted more than that and chose it.)
+        embedded.estimator.bandwidth_mbit, embedded.estimator.rtt_s = 0.001, 10.0
         link.start()
         wait_until(lambda: link.applied and runner.plan.cut == model.num_blocks, timeout=30,
                    what="the controller's all-on-device decision applied")
         assert link.following and not embedded.deciding
         sent = link.telemetry()  # what the device publishes: its estimate, battery, CPU and memory
-        assert sent.link.bandwidth_mbit == 0.01 and sent.resources.memory_bytes > 0 and not sent.battery.simulated
+        assert sent.link.bandwidth_mbit == 0.001 and sent.resources.memory_bytes > 0 and not sent.battery.simulated
         remote_plan = runner.plan
         answers = [runner.infer(x) for _ in range(5)]
         assert all(a.epoch == remote_plan.epoch and a.where == "device" for a in answers)
