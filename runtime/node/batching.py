@@ -130,7 +130,7 @@ class ModelQueue:
     def submit(self, item: Pending) -> None:
         """Queue ``item``; its future gets the result or an :class:`InferError`."""
         if not self._queue and self._slots.busy == 0 and self._slots.try_acquire():
-            if self._inline_pays():
+            if item.rows == 1 and self._inline_pays():
                 self._run_inline([item])  # quicker run here than handed to a thread and back
             else:
                 self._launch([item])  # an idle node: straight to a worker, no dispatcher round
@@ -265,9 +265,10 @@ class ModelQueue:
         work.add_done_callback(lambda done: self._loop.call_soon_threadsafe(self._finish, batch, done, started))
 
     def _inline_pays(self) -> bool:
-        """Whether a lone request on this idle node should run on the event loop.
+        """Whether a lone single-row request on this idle node should run on the event loop.
 
-        Only for a model whose single requests are known to be quick, and only when the node
+        Only for a model whose single requests are known to be quick (a request of many rows
+        always goes to a worker: its rows would block the loop), and only when the node
         has been idle a little while: a request that comes in right as the last batch ended
         was most likely waiting behind it, so more are coming, and run on the loop they
         would be served one after another there with the other workers idle."""

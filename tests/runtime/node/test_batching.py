@@ -220,6 +220,11 @@ def test_a_quick_lone_request_on_an_idle_node_runs_on_the_event_loop_once_its_ti
             # goes to a worker, so a busy node keeps its workers busy.
             plane._slots.idle_since = time.perf_counter() + 60
             assert values(await plane.infer(req(9))).tolist() == [[9.0] * 4]
+            # Many rows in one request would hold the loop as long as many requests: a worker.
+            plane._slots.idle_since = -1e9
+            rows = InferRequest("quick", [InferInput("input", "FP32", (8, 4), encode(torch.ones(8, 4), "fp32").data,
+                                                     {})])
+            assert values(await plane.infer(rows)).shape == (8, 4)
             return loop_thread
         finally:
             await plane.aclose()
@@ -227,7 +232,7 @@ def test_a_quick_lone_request_on_an_idle_node_runs_on_the_event_loop_once_its_ti
     loop_thread = asyncio.run(go())
     on_loop = [t == loop_thread for t in recorder.threads]
     if inline_max_s:
-        assert on_loop == [False] * SOLO_WARMUP + [True, True, False]  # timed on a worker first
+        assert on_loop == [False] * SOLO_WARMUP + [True, True, False, False]  # timed on a worker first
     else:
         assert not any(on_loop)
 
