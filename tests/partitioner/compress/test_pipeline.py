@@ -4,6 +4,7 @@ plots, resumption, and clear errors for bad configurations."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -108,4 +109,47 @@ def test_the_shipped_configuration_is_valid():
 
     cfg = load_config(WEIGHTS_DIR.parent / "configs" / "resnet_fm.toml")
     assert cfg.out_dir.resolve() == WEIGHTS_DIR.resolve()
-    assert cfg.prune.removed == 0.9 and cfg.bottleneck.candidates and cfg.exits.max_drop_points == 0.5
+    assert cfg.prune.removed == 0.9 and cfg.bottleneck.candidates
+    # the exits' backbone never saw the validation split; the committed bundle was made on it
+    backbone = json.loads(Path(cfg.exits.backbone).with_suffix(".json").read_text())
+    assert backbone["dataset"]["train_images"] == 60000 - cfg.compress.validation
+    exits = load_bundle(WEIGHTS_DIR / "resnet_fm_exits").manifest["exits"]
+    assert exits["backbone"]["sha256"] == backbone["sha256"] and exits["max_drop_points"] == cfg.exits.max_drop_points
+
+
+def test_exits_go_on_the_configured_backbone_and_drops_stay_against_the_shipped_model(tmp_path, capsys):
+    import torch
+
+    from edgesplit.models import load_trained
+    from edgesplit.models.weights_io import save_weights
+
+    other = load_trained("resnet_fm")
+    with torch.no_grad():
+        other.blocks[-1][-1].bias.add_(0.5)  # another backbone: the classifier's bias moved
+    (tmp_path / "nets").mkdir()
+    sha = save_weights(other, tmp_path / "nets" / "held_out.safetensors")
+    (tmp_path / "nets" / "held_out.json").write_text(json.dumps(
+        {"sha256": sha, "dataset": {"train_images": 55000}, "exits": [{"test_accuracy": 0.9}]}))
+    config = tmp_path / "exits.toml"
+    config.write_text('[compress]\nbase = "resnet_fm"\nout = "out"\nvalidation = 200\ntrain_limit = 800\n'
+                      'test_limit = 200\n[prune]\nenabled = false\n[int8]\nenabled = false\n'
+                      '[bottleneck]\nenabled = false\n[rate]\nenabled = false\n'
+                      '[exits]\ncuts = [4]\nepochs = 1\nbackbone = "nets/held_out.safetensors"\n')
+    assert main(["compress", str(config), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "out" / "exits.json").read_text())
+    assert summary["backbone"] == {"weights": "held_out.safetensors", "sha256": sha, "train_images": 55000,
+                                   "test_accuracy": 0.9}
+    bundle = load_bundle(tmp_path / "out" / "resnet_fm_exits")
+    assert torch.equal(bundle.model.blocks[-1][-1].bias, other.blocks[-1][-1].bias)
+    assert bundle.manifest["exits"]["backbone"]["weights"] == "held_out.safetensors"
+    shipped = load_trained("resnet_fm")
+    assert not torch.equal(bundle.model.blocks[-1][-1].bias, shipped.blocks[-1][-1].bias)
+    from edgesplit.partitioner.compress.data import accuracy, load_splits
+
+    test = load_splits(200, train_limit=800, test_limit=200)
+    assert summary["acc_before"] == pytest.approx(accuracy(shipped, test.test_x, test.test_y))
+
+    missing = tmp_path / "missing.toml"
+    missing.write_text(config.read_text().replace("held_out", "nowhere").replace('out = "out"', 'out = "out2"'))
+    assert main(["compress", str(missing), "--quiet"]) != 0
+    assert "nowhere" in capsys.readouterr().err
