@@ -216,3 +216,26 @@ def test_probes_that_change_nothing_come_less_and_less_often(node, host_space):
     finally:
         controller.close()
         client.close()
+
+
+def test_local_completions_after_failed_offloads_teach_nothing_about_the_device(node, host_space):
+    import socket
+
+    model, _ = node
+    with socket.socket() as s:  # a port nobody listens on: every offload is refused at once
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    client = EdgeClient(dead)
+    runner = DeviceRunner(model, plan=Plan(cut=4, codec="int8"), client=client, deadline_s=2.0)
+    controller = EmbeddedController(runner, host_space, LeastLatency(), every=1000)
+    controller.deciding = False
+    try:
+        answers = [runner.infer(torch.randn(1, 1, 28, 28)) for _ in range(4)]
+        assert all(a.where == "device-fallback" for a in answers)  # answered, each once
+        assert controller.device_times.samples == 0  # the head plus a local tail is not the plan's path
+        runner.set_plan(Plan(cut=model.num_blocks, codec="int8", epoch=runner.plan.epoch + 1))
+        runner.infer(torch.randn(1, 1, 28, 28))
+        assert controller.device_times.samples == 1
+    finally:
+        controller.close()
+        client.close()
