@@ -7,7 +7,7 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from prometheus_client import CollectorRegistry
@@ -81,11 +81,7 @@ def tiny_model(name: str = "tiny") -> SplitModel:
 def registry_of(*models: SplitModel, batching: BatchingConfig | None = None) -> ModelRegistry:
     registry = ModelRegistry()
     for model in models:
-        config = batching
-        if any(isinstance(m, Gate) for m in model.modules()):
-            # A gated model blocks until its test opens the gate: never on the node's event loop.
-            config = replace(batching or BatchingConfig(), inline_max_s=0.0)
-        register_split_model(registry, model, config)
+        register_split_model(registry, model, batching)
     return registry
 
 

@@ -12,11 +12,7 @@ went away is dropped.
 The batch itself runs in a worker thread (:func:`execute_batch`): each request's inputs
 are decoded there by their own codec (so mixed codecs batch together), stacked, run,
 split back, and each request's outputs encoded, so the event loop only moves references.
-One request's bad payload fails that request alone. The exception is a lone request on an
-idle node for a model whose single requests take at most ``inline_max_s``
-(:class:`~.registry.BatchingConfig`, measured on the requests themselves): it runs on the
-event loop, as the hand-offs to a worker thread and back would cost it a good share of its
-round trip, and nothing else is waiting for the loop.
+One request's bad payload fails that request alone.
 """
 
 from __future__ import annotations
@@ -38,11 +34,6 @@ from .registry import ServedModel
 
 log = logging.getLogger("edgesplit.node.batching")
 
-SOLO_WARMUP = 3  # single-row batches timed on a worker before one may run on the event loop
-# A node idle for less than this when a request arrives was busy a moment ago: no inline run.
-# (A client's next request after an answer takes longer than this even over loopback.)
-INLINE_IDLE_GAP_S = 0.0002
-
 
 class WorkerSlots:
     """The node's worker threads as slots shared by every model's queue; counts batches running.
@@ -53,7 +44,6 @@ class WorkerSlots:
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.busy = 0
-        self.idle_since = -math.inf  # time.perf_counter() when the last running batch ended
         self._freed: asyncio.Event | None = None
 
     def try_acquire(self) -> bool:
@@ -71,8 +61,6 @@ class WorkerSlots:
 
     def release(self) -> None:
         self.busy -= 1
-        if self.busy == 0:
-            self.idle_since = time.perf_counter()
         if self._freed is not None:
             self._freed.set()
 
@@ -121,8 +109,6 @@ class ModelQueue:
         self._running = 0
         self._drained: asyncio.Event | None = None
         self._loop = asyncio.get_running_loop()
-        self._solo_seconds = math.inf  # moving average of single-row batches' compute time
-        self._solo_runs = 0
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -130,10 +116,7 @@ class ModelQueue:
     def submit(self, item: Pending) -> None:
         """Queue ``item``; its future gets the result or an :class:`InferError`."""
         if not self._queue and self._slots.busy == 0 and self._slots.try_acquire():
-            if item.rows == 1 and self._inline_pays():
-                self._run_inline([item])  # quicker run here than handed to a thread and back
-            else:
-                self._launch([item])  # an idle node: straight to a worker, no dispatcher round
+            self._launch([item])  # an idle node: straight to a worker, no dispatcher round
             return
         self._queue.append(item)
         self._rows += item.rows
@@ -264,42 +247,16 @@ class ModelQueue:
             return
         work.add_done_callback(lambda done: self._loop.call_soon_threadsafe(self._finish, batch, done, started))
 
-    def _inline_pays(self) -> bool:
-        """Whether a lone single-row request on this idle node should run on the event loop.
-
-        Only for a model whose single requests are known to be quick (a request of many rows
-        always goes to a worker: its rows would block the loop), and only when the node
-        has been idle a little while: a request that comes in right as the last batch ended
-        was most likely waiting behind it, so more are coming, and run on the loop they
-        would be served one after another there with the other workers idle."""
-        return (self._solo_runs >= SOLO_WARMUP and self._solo_seconds <= self.model.batching.inline_max_s
-                and time.perf_counter() - self._slots.idle_since >= INLINE_IDLE_GAP_S)
-
-    def _run_inline(self, batch: list[Pending]) -> None:
-        """Run ``batch`` on the event loop now (the caller holds a slot)."""
-        started = time.perf_counter()
-        self._running += 1
-        try:
-            done: BatchOutcome | BaseException = execute_batch(self.model, [p.request for p in batch],
-                                                               self._workers.max_elements)
-        except Exception as exc:  # execute_batch answers model failures itself; anything else: UNAVAILABLE
-            done = exc
-        self._finish(batch, done, started)
-
     def _finish(self, batch: list[Pending], done, started: float) -> None:
         self._slots.release()
         self._running -= 1
         try:
             if isinstance(done, BaseException):
                 raise done
-            outcome = done if isinstance(done, BatchOutcome) else done.result()
+            outcome = done.result()
         except BaseException as exc:  # the executor itself failed: nobody may hang
             error = InferError(InferError.UNAVAILABLE, f"node could not run the batch: {type(exc).__name__}")
             outcome = BatchOutcome([error] * len(batch), sum(p.rows for p in batch), 0.0)
-        if outcome.rows == 1 and outcome.compute_seconds > 0:
-            self._solo_runs += 1
-            seconds = outcome.compute_seconds
-            self._solo_seconds = seconds if self._solo_runs == 1 else 0.8 * self._solo_seconds + 0.2 * seconds
         for item, answer in zip(batch, outcome.answers):
             if not item.future.done():
                 if isinstance(answer, InferError):

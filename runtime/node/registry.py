@@ -60,27 +60,18 @@ class BatchingConfig:
     ``max_batch`` rows. While another batch of the node is running (the node is loaded),
     a free worker waits up to ``max_delay_s`` for the queue to reach ``preferred_batch``
     rows; an idle node never delays a request. ``enabled=False`` runs one request per batch.
-
-    ``inline_max_s``: on an idle node, a lone request for a model whose single requests
-    have been taking at most this long runs on the event loop itself, without the two
-    thread hand-offs (0: never). The loop is blocked that long at most, and only while
-    nothing else is running and the node has been idle a moment (a request arriving as
-    the last batch ends goes to a worker, so a busy node keeps all its workers).
     """
 
     enabled: bool = True
     preferred_batch: int = 32
     max_batch: int = 64
     max_delay_s: float = 0.002
-    inline_max_s: float = 0.003
 
     def __post_init__(self) -> None:
         if not 1 <= self.preferred_batch <= self.max_batch:
             raise ValueError(f"need 1 <= preferred_batch ({self.preferred_batch}) <= max_batch ({self.max_batch})")
         if not 0 <= self.max_delay_s <= 1.0:
             raise ValueError(f"max_delay_s must be within 0..1 s, not {self.max_delay_s}")
-        if not 0 <= self.inline_max_s <= 0.1:
-            raise ValueError(f"inline_max_s must be within 0..0.1 s, not {self.inline_max_s}")
 
 
 @dataclass

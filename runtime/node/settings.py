@@ -47,7 +47,6 @@ class NodeSettings:
     max_batch: int = 64
     preferred_batch: int = 32
     max_delay_ms: float = 2.0
-    inline_max_ms: float = 3.0  # an idle node runs a lone request this quick on its event loop
     workers: int = 0  # 0: as many as the cores allow at ``threads`` each
     worker_processes: bool = True  # run batches in worker processes (else threads of the node)
     threads: int = 1  # torch intra-op threads per batch; 0: cores / workers
@@ -120,7 +119,6 @@ class NodeSettings:
         return BatchingConfig(
             enabled=self.batching, preferred_batch=min(self.preferred_batch, self.max_batch),
             max_batch=self.max_batch, max_delay_s=self.max_delay_ms / 1000,
-            inline_max_s=self.inline_max_ms / 1000,
         )
 
 
@@ -154,9 +152,6 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="rows a loaded node waits for before running a batch (default: 32)")
     b.add_argument("--max-delay-ms", type=float, default=d["max_delay_ms"].default,
                    help="longest wait for the preferred batch while the node is loaded (default: 2)")
-    b.add_argument("--inline-max-ms", type=float, default=d["inline_max_ms"].default,
-                   help="on an idle node, run a lone request on the event loop when single requests of its "
-                        "model take at most this long, saving two thread hand-offs (default: 3; 0: never)")
     c = p.add_argument_group("threads (workers x threads should not exceed the cores)")
     c.add_argument("--workers", type=int, default=0, help="batches run at a time (default 0: cores / threads)")
     c.add_argument("--worker-threads", action="store_true",

@@ -5,7 +5,6 @@ never run, limits hold, and an idle node never waits."""
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 
 import numpy as np
@@ -13,11 +12,9 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from edgesplit.models.split_model import SplitModel
 from edgesplit.runtime.codec import encode
 from edgesplit.runtime.inference import InferError, InferInput, InferRequest
 from edgesplit.runtime.metrics import NodeMetrics
-from edgesplit.runtime.node.batching import INLINE_IDLE_GAP_S, SOLO_WARMUP
 from edgesplit.runtime.node.dataplane import DataPlane
 from edgesplit.runtime.node.registry import BatchingConfig
 from tests.helpers import gated_model, registry_of, wait_for
@@ -181,60 +178,6 @@ def test_batch_config_is_checked():
         BatchingConfig(preferred_batch=10, max_batch=4)
     with pytest.raises(ValueError, match="max_delay_s"):
         BatchingConfig(max_delay_s=5)
-    with pytest.raises(ValueError, match="inline_max_s"):
-        BatchingConfig(inline_max_s=1.0)
-
-
-class ThreadRecorder(torch.nn.Module):
-    """Identity that notes which thread ran it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.threads: list[int] = []
-
-    def forward(self, x):
-        self.threads.append(threading.get_ident())
-        return x
-
-
-@pytest.mark.parametrize("inline_max_s", [0.05, 0.0])
-def test_a_quick_lone_request_on_an_idle_node_runs_on_the_event_loop_once_its_time_is_known(inline_max_s):
-    recorder = ThreadRecorder()
-    model = SplitModel("quick", [("record", recorder), ("id", torch.nn.Identity())], {}, (4,), 4)
-    model.cut_points()
-    recorder.threads.clear()
-    registry = registry_of(model, batching=BatchingConfig(inline_max_s=inline_max_s))
-
-    def req(i: int) -> InferRequest:
-        return InferRequest("quick", [InferInput("input", "FP32", (1, 4), encode(torch.full((1, 4), i), "fp32").data,
-                                                 {})])
-
-    async def go():
-        plane = DataPlane(registry, workers=1)
-        try:
-            loop_thread = threading.get_ident()
-            for i in range(SOLO_WARMUP + 2):
-                await asyncio.sleep(2 * INLINE_IDLE_GAP_S)  # an idle node, not one that just finished a batch
-                assert values(await plane.infer(req(i))).tolist() == [[float(i)] * 4]  # answered, inline or not
-            # A request arriving as the last batch ends (most likely one that waited behind it)
-            # goes to a worker, so a busy node keeps its workers busy.
-            plane._slots.idle_since = time.perf_counter() + 60
-            assert values(await plane.infer(req(9))).tolist() == [[9.0] * 4]
-            # Many rows in one request would hold the loop as long as many requests: a worker.
-            plane._slots.idle_since = -1e9
-            rows = InferRequest("quick", [InferInput("input", "FP32", (8, 4), encode(torch.ones(8, 4), "fp32").data,
-                                                     {})])
-            assert values(await plane.infer(rows)).shape == (8, 4)
-            return loop_thread
-        finally:
-            await plane.aclose()
-
-    loop_thread = asyncio.run(go())
-    on_loop = [t == loop_thread for t in recorder.threads]
-    if inline_max_s:
-        assert on_loop == [False] * SOLO_WARMUP + [True, True, False, False]  # timed on a worker first
-    else:
-        assert not any(on_loop)
 
 
 def test_callers_that_leave_free_their_place_and_payload_at_once():
