@@ -315,6 +315,9 @@ def _backbone_summary(weights: str | None) -> dict:
     path = Path(weights)
     card = path.with_suffix(".json")
     info = json.loads(card.read_text()) if card.is_file() else {}
-    return {"weights": path.name, "sha256": info.get("sha256"),
-            "train_images": info.get("dataset", {}).get("train_images"),
-            "test_accuracy": info.get("exits", [{}])[-1].get("test_accuracy")}
+    info = info if isinstance(info, dict) else {}
+    dataset = info.get("dataset") if isinstance(info.get("dataset"), dict) else {}
+    outputs = info.get("exits") if isinstance(info.get("exits"), list) else []
+    final = outputs[-1] if outputs and isinstance(outputs[-1], dict) else {}
+    return {"weights": path.name, "sha256": info.get("sha256"), "train_images": dataset.get("train_images"),
+            "test_accuracy": final.get("test_accuracy")}

@@ -18,7 +18,9 @@ unobserved: :meth:`probe` sends a pair of real requests that differ only in size
 same tensor as int8 and as fp32) and takes the bandwidth from their difference;
 :meth:`start_probing` does that in a thread whenever no offload was seen for the probe
 interval. A probe costs a weak device real CPU time, so while probes change nothing the
-interval doubles, up to ``max_probe_interval_s``; any plan change or offload resets it.
+interval doubles, up to ``max_probe_interval_s``; a plan change (by this controller or a
+cluster controller) or an offload resets it, and a device following a cluster controller
+does not back off (its telemetry is what that controller decides on).
 """
 
 from __future__ import annotations
@@ -105,6 +107,11 @@ class EmbeddedController:
         return system_battery() or BatteryReading(1.0, False)
 
     def state(self, at: float | None = None) -> State:
+        """What the controller knows now (the link, the battery, the device's learned time)."""
+        with self._lock:
+            return self._state(at)
+
+    def _state(self, at: float | None = None) -> State:  # the caller holds the lock
         at = self.clock() if at is None else at
         reading = self.battery_reading(at)
         est = self.estimator.estimate
@@ -155,7 +162,7 @@ class EmbeddedController:
             return self._decide(self.clock())
 
     def _decide(self, at: float) -> Plan | None:
-        state = self.state(at)
+        state = self._state(at)
         option = self.policy.choose(self.space.options(state), state)
         self.current = option
         plan = self.runner.plan
@@ -194,7 +201,8 @@ class EmbeddedController:
         if client is None:
             return False
         model = self.runner.model
-        self.probes += 1
+        with self._lock:
+            self.probes += 1
         points = model.cut_points()
         cut = min(range(1, model.num_blocks), key=lambda k: abs(points[k].numel - elements))
         tensor = torch.zeros(1, *points[cut].shape)
@@ -220,17 +228,23 @@ class EmbeddedController:
         doubles while probes change nothing, up to ``max_probe_interval_s``)."""
 
         def loop() -> None:
-            last_seen_offload = self._last_offload_at
+            last_seen_offload, last_epoch = self._last_offload_at, self.runner.plan.epoch
             while not self._stop.wait(self.probe_interval_s / 4):
-                if self._last_offload_at != last_seen_offload:  # real offloads measure the link
+                # Real offloads measure the link, and a new plan (whoever made it) may need it.
+                if self._last_offload_at != last_seen_offload or self.runner.plan.epoch != last_epoch:
                     self.probe_wait_s = self.probe_interval_s
+                last_seen_offload, last_epoch = self._last_offload_at, self.runner.plan.epoch
                 if self.clock() - self._last_offload_at < self.probe_wait_s:
-                    last_seen_offload = self._last_offload_at
                     continue
-                changed = self.probe() and self.deciding and self.decide() is not None
-                self.probe_wait_s = (self.probe_interval_s if changed
+                measured = self.probe()
+                if measured and self.deciding:
+                    self.decide()
+                # Back off only while probes change nothing here; a device following a cluster
+                # controller keeps its telemetry fresh for it instead.
+                moved = self.runner.plan.epoch != last_epoch or not self.deciding
+                self.probe_wait_s = (self.probe_interval_s if moved
                                       else min(2 * self.probe_wait_s, self.max_probe_interval_s))
-                last_seen_offload = self._last_offload_at
+                last_seen_offload, last_epoch = self._last_offload_at, self.runner.plan.epoch
 
         self._thread = threading.Thread(target=loop, name="edgesplit-probe", daemon=True)
         self._thread.start()

@@ -199,9 +199,14 @@ class DeviceTimeEstimator:
     share the CPU, a clock governor steps. The device sees the time of every request it
     runs, so each answer gives one ratio of observed to predicted device time for the cut
     it ran. :meth:`scale` is the median of the last ``window`` ratios at that cut, or, for a
-    cut with fewer than ``min_samples`` ratios, the median over the last ``window`` answers
-    at any cut (a device that runs 30 % slow at one cut most likely does at the next).
-    Ratios are clamped to ``[low, high]`` so one stalled request cannot swing a plan.
+    cut with fewer than ``min_samples`` ratios or none among the last ``stale_after``
+    answers, the median over the last ``window`` answers at any cut (a device that runs
+    30 % slow at one cut most likely does at the next; and a slowdown that moved the plan
+    away from a cut must not keep it away once the device is back to speed). Ratios are
+    clamped to ``[low, high]`` so one stalled request cannot swing a plan, and answers
+    predicted to take less than ``min_predicted_s`` are skipped: there the fixed cost of
+    any request (the interpreter, an exit's softmax) is most of what is observed, and its
+    ratio says nothing about how fast the device computes.
 
     Example::
 
@@ -212,25 +217,30 @@ class DeviceTimeEstimator:
         (1.35, 1.35)
     """
 
-    def __init__(self, window: int = 8, min_samples: int = 2, low: float = 0.25, high: float = 8.0) -> None:
+    def __init__(self, window: int = 8, min_samples: int = 2, low: float = 0.25, high: float = 8.0,
+                 stale_after: int | None = None, min_predicted_s: float = 0.0005) -> None:
         if window < 1 or min_samples < 1 or not 0 < low <= 1 <= high:
             raise ValueError(f"need window >= 1, min_samples >= 1 and 0 < low <= 1 <= high, "
                              f"not {window}, {min_samples}, {low}, {high}")
         self.window = window
         self.min_samples = min_samples
         self.low, self.high = low, high
+        self.stale_after = 4 * window if stale_after is None else stale_after
+        self.min_predicted_s = min_predicted_s
         self._by_cut: dict[int, deque[float]] = {}
+        self._last_at: dict[int, int] = {}  # cut -> the sample count when it was last observed
         self._recent: deque[float] = deque(maxlen=window)
         self.samples = 0
 
     def observe(self, cut: int, observed_s: float, predicted_s: float) -> None:
         """One request at ``cut`` took ``observed_s`` of device time where ``predicted_s`` was expected."""
-        if not (predicted_s > 0 and observed_s > 0):
+        if not (predicted_s >= self.min_predicted_s and predicted_s > 0 and observed_s > 0):
             return
         ratio = min(self.high, max(self.low, observed_s / predicted_s))
         self._by_cut.setdefault(cut, deque(maxlen=self.window)).append(ratio)
         self._recent.append(ratio)
         self.samples += 1
+        self._last_at[cut] = self.samples
 
     def overall(self) -> float:
         """The median ratio over the last ``window`` answers (1.0 before any)."""
@@ -238,11 +248,9 @@ class DeviceTimeEstimator:
 
     def scale(self, cut: int) -> float:
         """What to multiply the profile's device time at ``cut`` by."""
-        seen = self._by_cut.get(cut)
-        if seen is not None and len(seen) >= self.min_samples:
-            return statistics.median(seen)
-        return self.overall()
+        return self.scales().get(cut, self.overall())
 
     def scales(self) -> dict[int, float]:
-        """The learned ratio of every cut with enough answers of its own."""
-        return {cut: statistics.median(r) for cut, r in self._by_cut.items() if len(r) >= self.min_samples}
+        """The learned ratio of every cut with enough recent answers of its own."""
+        return {cut: statistics.median(r) for cut, r in self._by_cut.items()
+                if len(r) >= self.min_samples and self.samples - self._last_at[cut] < self.stale_after}

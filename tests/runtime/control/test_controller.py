@@ -185,7 +185,6 @@ def test_a_device_slower_than_its_profile_is_learned_from_its_answers_and_the_pl
         if learn:
             assert controller.device_times.scale(last) > 4  # about 10, clamped at 8
             assert runner.plan.cut < last and controller.decisions
-            assert controller.decisions[0].epoch == runner.plan.epoch or len(controller.decisions) > 1
             assert any(a.where == WHERE_EDGE for a in answers)
             scale = runner.metrics.registry.get_sample_value("edgesplit_device_time_scale_ratio")
             assert scale is not None and scale > 0
@@ -213,6 +212,14 @@ def test_probes_that_change_nothing_come_less_and_less_often(node, host_space):
         assert not controller.decisions or all(d.cut == model.num_blocks for d in controller.decisions)
         assert controller.estimator.samples >= 3  # the probes measured the link
         assert waits[-1] == 0.32 and waits == sorted(waits), waits
+        # A plan made elsewhere (a cluster controller) resets the interval, and while this
+        # device follows one it keeps probing at the base interval: its telemetry is what
+        # that controller decides on.
+        controller.deciding = False
+        runner.set_plan(runner.plan.with_changes(codec="fp32"))
+        seen = controller.probes
+        wait_until(lambda: controller.probes >= seen + 3, timeout=20)
+        assert controller.probe_wait_s == 0.04
     finally:
         controller.close()
         client.close()

@@ -114,3 +114,19 @@ def test_device_time_is_learned_per_cut_with_the_overall_ratio_for_cuts_not_seen
     assert est.samples == 7
     with pytest.raises(ValueError):
         DeviceTimeEstimator(low=2.0)
+
+
+def test_a_cut_not_run_for_a_while_takes_the_overall_ratio_again_and_tiny_predictions_teach_nothing():
+    from edgesplit.runtime.control.estimators import DeviceTimeEstimator
+
+    est = DeviceTimeEstimator(window=4, min_samples=2, stale_after=6, min_predicted_s=0.001)
+    for _ in range(3):  # a burst of contention while the plan ran everything on the device
+        est.observe(cut=20, observed_s=4.0, predicted_s=0.5)
+    assert est.scale(20) == pytest.approx(8.0)
+    for _ in range(5):  # the plan moved away; the device is back to speed
+        est.observe(cut=8, observed_s=0.2, predicted_s=0.2)
+    assert est.scale(20) == pytest.approx(8.0)  # 5 answers since cut 20 last ran: still its own
+    est.observe(cut=8, observed_s=0.2, predicted_s=0.2)
+    assert est.scale(20) == pytest.approx(1.0) == est.overall()  # 6: stale, the overall ratio
+    est.observe(cut=1, observed_s=0.0005, predicted_s=0.00005)  # mostly fixed per-request cost
+    assert est.samples == 9 and est.overall() == pytest.approx(1.0)
