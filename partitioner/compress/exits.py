@@ -32,6 +32,7 @@ settings the controller chooses among.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -243,7 +244,7 @@ def run_exits(cfg, base: str, data: Splits, out: Path, progress: bool = True) ->
 
     started = time.time()
     shipped = load_trained(base)  # the reference every drop is measured against
-    backbone = load_trained(base, cfg.backbone) if getattr(cfg, "backbone", None) else shipped
+    backbone = load_trained(base, cfg.backbone) if cfg.backbone else shipped
     model = with_exits(backbone, cfg.cuts)
     model.name = f"{base}_exits"
     trained = train_exits(model, data, cfg, out / "checkpoints" / "exits", progress)
@@ -271,7 +272,7 @@ def run_exits(cfg, base: str, data: Splits, out: Path, progress: bool = True) ->
         "mac_ratio": round(total / pick["test"].mean_macs, 3),
         "acc_before": shipped_test,
         "acc_final_exit": final_test,
-        "backbone": _backbone_summary(getattr(cfg, "backbone", None)),
+        "backbone": _backbone_summary(cfg.backbone),
         "acc_after": pick["test"].accuracy,
         "acc_drop_points": round((shipped_test - pick["test"].accuracy) * 100, 2),
         "val": {"accuracy": pick["val"].accuracy, "mean_macs": round(pick["val"].mean_macs),
@@ -307,9 +308,6 @@ def run_exits(cfg, base: str, data: Splits, out: Path, progress: bool = True) ->
 
 def _backbone_summary(weights: str | None) -> dict:
     """Where the exits' backbone came from: the shipped weights, or a file and its card."""
-    import json
-    from pathlib import Path
-
     if not weights:
         return {"weights": "shipped", "train_images": 60000}
     path = Path(weights)

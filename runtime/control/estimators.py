@@ -248,9 +248,14 @@ class DeviceTimeEstimator:
 
     def scale(self, cut: int) -> float:
         """What to multiply the profile's device time at ``cut`` by."""
-        return self.scales().get(cut, self.overall())
+        return statistics.median(self._by_cut[cut]) if self._learned(cut) else self.overall()
 
     def scales(self) -> dict[int, float]:
         """The learned ratio of every cut with enough recent answers of its own."""
-        return {cut: statistics.median(r) for cut, r in self._by_cut.items()
-                if len(r) >= self.min_samples and self.samples - self._last_at[cut] < self.stale_after}
+        return {cut: statistics.median(r) for cut, r in self._by_cut.items() if self._learned(cut)}
+
+    def _learned(self, cut: int) -> bool:
+        """Whether ``cut`` has enough answers of its own, the last one recent."""
+        seen = self._by_cut.get(cut)
+        return (seen is not None and len(seen) >= self.min_samples
+                and self.samples - self._last_at[cut] < self.stale_after)
