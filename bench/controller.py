@@ -163,7 +163,8 @@ def analyse(name: str, samples, fits: dict[str, tuple[float, float]], live: dict
         "slo_ms": slo_ms, "slo_miss_rate": sum(r["ms"] > slo_ms for r in adaptive) / len(adaptive),
         "sent": sum(v["sent"] for v in live.values()),
         "answered": sum(len(v["records"]) for v in live.values()),
-        "decisions": len(live["adaptive"]["decisions"]),
+        "decisions": sum(not d.get("explore") for d in live["adaptive"]["decisions"]),
+        "explorations": sum(bool(d.get("explore")) for d in live["adaptive"]["decisions"]),
         "decision_log": live["adaptive"]["decisions"],
         "adaptive_records": adaptive,
         "fixed_ms": {label: [r["ms"] for r in live[label]["records"]] for label in live if label != "adaptive"},
@@ -291,16 +292,17 @@ def _run(config, folder, chosen, work, q, pause_s, progress) -> dict:
                     whole = load_trace(path)
                     start_s = window_start(whole, config["duration_s"], config.get("window", "start"))
                     samples = shifted(whole, start_s)
-                    live = {label: replayed(bed, device, samples, mode, config["duration_s"], pause_s)
-                            for label, mode in modes.items()}
+                    live = {"adaptive": replayed(bed, device, samples, "adaptive", config["duration_s"], pause_s)}
                     # The best static plan in hindsight (by the table, at the adaptive run's requests),
-                    # run live too: the level the oracle is anchored to (see analyse).
+                    # run live right after the adaptive run: the level the oracle is anchored to (see
+                    # analyse), measured as close in time to the adaptive run as it can be.
                     best = best_static_plan(samples, fits, live["adaptive"]["records"])
                     same = {f"{mode[0]}:{mode[1]}": label for label, mode in modes.items() if label != "adaptive"}
-                    if best not in same:
-                        cut, codec = best.split(":")
-                        live["best_static"] = replayed(bed, device, samples, [int(cut), codec], config["duration_s"],
-                                                       pause_s)
+                    cut, codec = best.split(":")
+                    order = [(same.get(best, "best_static"), [int(cut), codec])]
+                    order += [(label, mode) for label, mode in modes.items() if label not in ("adaptive", order[0][0])]
+                    for label, mode in order:
+                        live[label] = replayed(bed, device, samples, mode, config["duration_s"], pause_s)
                     row = analyse(f"{path.parent.name}/{path.name}", samples, fits, live, config["slo_ms"],
                                   config["model"], best_static_live=same.get(best, "best_static"))
                     row["window_start_s"] = start_s
@@ -309,7 +311,8 @@ def _run(config, folder, chosen, work, q, pause_s, progress) -> dict:
                         print(f"controller: {row['name']}: adaptive {row['adaptive_ms']:.0f} ms, oracle "
                               f"{row['oracle_ms']:.0f}, best static {row['best_static_ms']:.0f} "
                               f"({row['best_static_plan']}), device {row['all_device_ms']:.0f}, edge "
-                              f"{row['all_edge_ms']:.0f}, {row['decisions']} decisions", flush=True)
+                              f"{row['all_edge_ms']:.0f}, {row['decisions']} decisions, "
+                              f"{row['explorations']} trials", flush=True)
             finally:
                 device.close()
                 log.close()
@@ -347,10 +350,11 @@ def _edge_blocks(model_name: str, repeats: int = 5) -> list[float]:
 
 def render(result: dict) -> str:
     headers = ["trace", "Mbit/s", "adaptive ms", "oracle ms", "best static ms", "(plan)", "all-device ms",
-               "all-edge ms", "SLO miss", "decisions", "sent", "answered"]
+               "all-edge ms", "SLO miss", "decisions", "trials", "sent", "answered"]
     body = [[r["name"], f"{r['mean_mbit']:.2f}", f"{r['adaptive_ms']:.0f}", f"{r['oracle_ms']:.0f}",
              f"{r['best_static_ms']:.0f}", r["best_static_plan"], f"{r['all_device_ms']:.0f}",
-             f"{r['all_edge_ms']:.0f}", f"{r['slo_miss_rate']:.0%}", r["decisions"], r["sent"], r["answered"]]
+             f"{r['all_edge_ms']:.0f}", f"{r['slo_miss_rate']:.0%}", r["decisions"], r.get("explorations", 0),
+             r["sent"], r["answered"]]
             for r in result["traces"]]
     s = result["summary"]
     gain = "n/a (no trace where the oracle beats the best static by 5%)" if s["gain_captured"] is None \

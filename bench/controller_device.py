@@ -147,7 +147,8 @@ class Device:
         decisions = [] if controller is None else [
             {"t": round(d.at - started, 3), "epoch": d.epoch, "cut": d.cut, "codec": d.codec,
              "bandwidth_mbit": round(d.bandwidth_mbit, 3), "rtt_ms": round(d.rtt_ms, 2),
-             "predicted_ms": round(d.predicted_ms, 2), "device_scale": round(d.device_scale, 3)}
+             "predicted_ms": round(d.predicted_ms, 2), "device_scale": round(d.device_scale, 3),
+             "explore": d.explore}
             for d in controller.decisions]
         return {"records": records, "sent": sent, "decisions": decisions}
 

@@ -19,8 +19,20 @@ same tensor as int8 and as fp32) and takes the bandwidth from their difference;
 :meth:`start_probing` does that in a thread whenever no offload was seen for the probe
 interval. A probe costs a weak device real CPU time, so while probes change nothing the
 interval doubles, up to ``max_probe_interval_s``; a plan change (by this controller or a
-cluster controller) or an offload resets it, and a device following a cluster controller
-does not back off (its telemetry is what that controller decides on).
+cluster controller) or an offload resets it, a probe that read the link far from the
+estimate (a change the estimator waits to see confirmed) is followed by one at the base
+interval, and a device following a cluster controller does not back off (its telemetry is
+what that controller decides on).
+
+The device's time is only learned at the cuts it runs; elsewhere the profile is scaled by
+the ratio seen overall, which can be wrong for one cut (a quota splits some heads' work
+across more scheduler periods than others). So the controller **explores**: when the plan
+in force stays, and another cut the device has not timed recently is predicted within
+``explore_margin`` of it (its objective, latency by default), it runs that cut for
+``device_times.min_samples`` requests (a plan of its own, with its own epoch, recorded as a
+decision with ``explore=True``), then decides again with that cut's own ratio learned. At
+most once every ``explore_every`` answers, so a cut that stays close costs about
+``min_samples / explore_every`` of the requests at most ``explore_margin`` slower.
 """
 
 from __future__ import annotations
@@ -62,6 +74,7 @@ class Decision:
     battery_level: float
     on_battery: bool
     device_scale: float = 1.0  # learned device time over the profile's, at the chosen cut
+    explore: bool = False  # a trial of a cut whose device time is not learned, not the policy's choice
 
 
 class EmbeddedController:
@@ -71,7 +84,8 @@ class EmbeddedController:
                  estimator: LinkEstimator | None = None, battery: SimulatedBattery | None = None,
                  every: int = 8, power: DevicePower = PI4, clock: Callable[[], float] = time.monotonic,
                  probe_interval_s: float = 2.0, max_probe_interval_s: float | None = None,
-                 device_times: DeviceTimeEstimator | None = None, learn_device_time: bool = True) -> None:
+                 device_times: DeviceTimeEstimator | None = None, learn_device_time: bool = True,
+                 explore_margin: float = 0.25, explore_every: int = 24) -> None:
         self.runner = runner
         self.space = space
         self.policy = policy
@@ -89,6 +103,13 @@ class EmbeddedController:
         self.probes = 0
         self.device_times = device_times or DeviceTimeEstimator()
         self.learn_device_time = learn_device_time
+        if explore_margin < 0 or explore_every < 1:
+            raise ValueError(f"need explore_margin >= 0 and explore_every >= 1, not {explore_margin}, {explore_every}")
+        self.explore_margin = explore_margin
+        self.explore_every = explore_every
+        self.explorations = 0
+        self._trial: list[int] | None = None  # [epoch of the trial plan, answers it still needs]
+        self._explored_at = -explore_every  # self._seen when the last trial began
         self.decisions: list[Decision] = []
         self.current: Option | None = None
         self.deciding = True  # False while a cluster controller decides for this device (remote.DeviceLink)
@@ -141,8 +162,23 @@ class EmbeddedController:
             moves = self.estimator.drops + self.estimator.rises
             moved = moves != self._moves
             self._moves = moves
-            if self.deciding and (moved or self._seen % self.every == 0):
+            trial_over = self._trial_answered(answer)
+            if not self.deciding:
+                self._trial = None
+            elif moved or trial_over or (self._trial is None and self._seen % self.every == 0):
+                self._trial = None
                 self._decide(at)
+
+    def _trial_answered(self, answer: Answer) -> bool:
+        """Count an answer of the trial plan in force; True when the trial has all it needs."""
+        if self._trial is None:
+            return False
+        if self.runner.plan.epoch != self._trial[0]:
+            self._trial = None  # someone else changed the plan: the trial is over, unfinished
+            return False
+        if answer.epoch == self._trial[0]:  # a local completion teaches nothing, but ends it all the same
+            self._trial[1] -= 1
+        return self._trial[1] <= 0
 
     def _observe_device_time(self, answer: Answer) -> None:
         plan = self.runner.plan
@@ -163,18 +199,26 @@ class EmbeddedController:
 
     def _decide(self, at: float) -> Plan | None:
         state = self._state(at)
-        option = self.policy.choose(self.space.options(state), state)
+        options = self.space.options(state)
+        option = self.policy.choose(options, state)
         self.current = option
         plan = self.runner.plan
-        thresholds = {cut: option.exits.thresholds.get(cut, NEVER) for cut in self.runner.model.exit_cuts}
-        if (option.cut, option.codec, thresholds) == (plan.cut, plan.codec, {
-                c: plan.threshold(c) for c in self.runner.model.exit_cuts}):
-            return None
+        explore = False
+        if self._runs(option, plan):
+            trial = self._trial_option(option, options, state)
+            if trial is None:
+                return None
+            option, explore = trial, True
+        thresholds = self._thresholds(option)
         new = plan.with_changes(cut=option.cut, codec=option.codec, thresholds=thresholds)
         self.runner.set_plan(new)
+        if explore:
+            self.explorations += 1
+            self._explored_at = self._seen
+            self._trial = [new.epoch, self.device_times.min_samples]
         decision = Decision(at, new.epoch, new.cut, new.codec, option.exits.name, thresholds,
                             1000 * option.latency_s, state.bandwidth_mbit, 1000 * state.rtt_s,
-                            state.battery_level, state.on_battery, state.device_scale_at(new.cut))
+                            state.battery_level, state.on_battery, state.device_scale_at(new.cut), explore)
         self.decisions.append(decision)
         metrics = self.runner.metrics
         if metrics:
@@ -183,11 +227,37 @@ class EmbeddedController:
             metrics.rtt.set(state.rtt_s)
             metrics.battery.set(state.battery_level)
             metrics.on_battery.set(1 if state.on_battery else 0)
-        log.info("plan %d: cut %d, codec %s, exits %s (%.1f ms predicted) at %.2f Mbit/s, RTT %.1f ms, "
-                 "device %.2fx its profile, battery %.0f%%%s", new.epoch, new.cut, new.codec, option.exits.name,
+        log.info("plan %d%s: cut %d, codec %s, exits %s (%.1f ms predicted) at %.2f Mbit/s, RTT %.1f ms, "
+                 "device %.2fx its profile, battery %.0f%%%s", new.epoch, " (trial)" if explore else "", new.cut,
+                 new.codec, option.exits.name,
                  decision.predicted_ms, state.bandwidth_mbit, decision.rtt_ms, decision.device_scale,
                  100 * state.battery_level, " on battery" if state.on_battery else "")
         return new
+
+    def _thresholds(self, option: Option) -> dict[int, float]:
+        return {cut: option.exits.thresholds.get(cut, NEVER) for cut in self.runner.model.exit_cuts}
+
+    def _runs(self, option: Option, plan: Plan) -> bool:
+        """Whether ``plan`` is ``option`` already."""
+        return (option.cut, option.codec, self._thresholds(option)) == (
+            plan.cut, plan.codec, {c: plan.threshold(c) for c in self.runner.model.exit_cuts})
+
+    def _trial_option(self, chosen: Option, options: list[Option], state: State) -> Option | None:
+        """A cut worth timing on the device: not learned, predicted within ``explore_margin``
+        of ``chosen`` (in latency and in the policy's own objective), the best such; None if
+        none, if the last trial was too recent, or if ``chosen``'s own time is not learned
+        yet (it is what the trial is measured against)."""
+        if (not self.learn_device_time or self.explore_margin <= 0 or chosen.cut not in state.device_scales
+                or self._seen - self._explored_at < self.explore_every):
+            return None
+        objective = getattr(self.policy, "objective", "latency_s")
+        bound = 1 + self.explore_margin
+        close = [o for o in options
+                 if o.cut != chosen.cut and o.cut not in state.device_scales and o.exits == chosen.exits
+                 and self.space.device_seconds(o.cut) >= self.device_times.min_predicted_s
+                 and o.latency_s <= bound * chosen.latency_s
+                 and getattr(o, objective) <= bound * getattr(chosen, objective)]
+        return min(close, key=lambda o: (getattr(o, objective), o.latency_s)) if close else None
 
     # -- probing -------------------------------------------------------------------------
     def probe(self, timeout: float = 2.0, elements: int = 8192) -> bool:
@@ -234,7 +304,10 @@ class EmbeddedController:
                 if self._last_offload_at != last_seen_offload or self.runner.plan.epoch != last_epoch:
                     self.probe_wait_s = self.probe_interval_s
                 last_seen_offload, last_epoch = self._last_offload_at, self.runner.plan.epoch
-                if self.clock() - self._last_offload_at < self.probe_wait_s:
+                # A probe that read the link far from the estimate (a change the estimator waits
+                # to see twice) is followed by one at the base interval, not one 8 s later.
+                wait = self.probe_interval_s if self.estimator.unconfirmed else self.probe_wait_s
+                if self.clock() - self._last_offload_at < wait:
                     continue
                 measured = self.probe()
                 if measured and self.deciding:

@@ -142,7 +142,8 @@ class LinkEstimator:
         """The RTT: the 10th percentile of the overheads seen (their minimum while there are few)."""
         if len(self._overheads) < 3:
             return min(self._overheads)
-        return statistics.quantiles(self._overheads, n=10)[0]
+        # inclusive: within the samples (the default extrapolates below the least, to negative RTTs)
+        return statistics.quantiles(self._overheads, n=10, method="inclusive")[0]
 
     def _add_rate(self, rate: float, at: float) -> None:
         current = self.bandwidth_mbit * 1e6
@@ -185,6 +186,11 @@ class LinkEstimator:
         self._rates.extend(rates)
         rates.clear()
         self.bandwidth_mbit = statistics.harmonic_mean(self._rates) / 1e6
+
+    @property
+    def unconfirmed(self) -> bool:
+        """Whether the last rates were far from the estimate without yet being enough to move it."""
+        return bool(self._low or self._high)
 
     @property
     def estimate(self) -> LinkEstimate:

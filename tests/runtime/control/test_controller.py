@@ -225,6 +225,27 @@ def test_probes_that_change_nothing_come_less_and_less_often(node, host_space):
         client.close()
 
 
+def test_a_probe_that_reads_the_link_far_from_the_estimate_is_confirmed_at_the_base_interval(node, host_space):
+    model, running = node
+    runner, client = runner_for(model, running, Plan(cut=model.num_blocks, codec="int8"))
+    now = [1000.0]  # the controller's clock, moved by hand: the probe loop decides on it
+    controller = EmbeddedController(runner, host_space, LeastLatency(), probe_interval_s=1.0,
+                                    max_probe_interval_s=8.0, learn_device_time=False, clock=lambda: now[0],
+                                    estimator=LinkEstimator(initial_mbit=0.5, initial_rtt_s=0.01))
+    try:
+        controller.probe_wait_s = 8.0  # backed off: probes changed nothing for a while
+        with controller._lock:  # one reading 8x the estimate: a rise the estimator waits to see again
+            controller.estimator.observe_pair(8_000, 0.004 + 8 * 8_000 / 4e6, 32_000, 0.004 + 8 * 32_000 / 4e6)
+        assert controller.estimator.unconfirmed
+        controller.start_probing()
+        now[0] += 1.5  # past the base interval, far short of the 8 s back-off
+        wait_until(lambda: controller.probes >= 1, timeout=20)
+        wait_until(lambda: controller.probe_wait_s == 8.0 and controller.estimator.samples >= 2, timeout=20)
+    finally:
+        controller.close()
+        client.close()
+
+
 def test_local_completions_after_failed_offloads_teach_nothing_about_the_device(node, host_space):
     import socket
 
@@ -243,6 +264,59 @@ def test_local_completions_after_failed_offloads_teach_nothing_about_the_device(
         runner.set_plan(Plan(cut=model.num_blocks, codec="int8", epoch=runner.plan.epoch + 1))
         runner.infer(torch.randn(1, 1, 28, 28))
         assert controller.device_times.samples == 1
+    finally:
+        controller.close()
+        client.close()
+
+
+def stretched_model(model, head_extra_s: float, tail_extra_s: float, cut: int):
+    """``model`` without exits whose blocks before ``cut`` sleep ``head_extra_s`` each and
+    whose blocks from ``cut`` on sleep ``tail_extra_s`` each (a device slow in its tail only)."""
+    from edgesplit.models.split_model import SplitModel
+    from edgesplit.runtime.device.slowed import Stretched
+
+    blocks = [(name, Stretched(block, head_extra_s if i < cut else tail_extra_s))
+              for i, (name, block) in enumerate(zip(model.block_names, model.blocks))]
+    return SplitModel(model.name, blocks, {}, model.input_shape, model.num_classes).eval()
+
+
+@pytest.mark.parametrize("margin", [0.25, 0.0])
+def test_a_cut_the_profile_gets_wrong_is_explored_and_the_plan_moves_to_it(node, margin):
+    """The device is slow only in its last block, so the ratio learned all on the device
+    (about 1.8) wrongly inflates the head of cut 10, which then looks a little worse than
+    staying; two trial requests at cut 10 learn its own ratio (about 1) and the plan moves."""
+    from edgesplit.partitioner.profile import Profile
+
+    model, running = node
+    last, cut = model.num_blocks, model.num_blocks - 1
+    block_s = 0.002
+    device = stretched_model(model, block_s, 10 * block_s, cut)
+    names = list(model.block_names)
+    profile = Profile(model.name, "device", torch.__version__, 1, 1, names, {1: [block_s] * len(names)})
+    edge = Profile(model.name, "edge", torch.__version__, 1, 1, names, {1: [0.0001] * len(names)})
+    shapes = [c.shape for c in model.cut_points()[:-1]] + [(model.num_classes,)]
+    space = PlanSpace(profile, edge, shapes, codecs=("int8",), allowed_cuts=[cut, last])
+    runner, client = runner_for(device, running, Plan(cut=last, codec="int8"))
+    # 4 Mbit/s and 2 ms: cut 10's 3,136 bytes cost about 8 ms, so with the head scaled by
+    # the ratio learned all on the device cut 10 is predicted about 10 % slower than staying.
+    controller = EmbeddedController(runner, space, LeastLatency(), every=1, explore_margin=margin,
+                                    explore_every=4, estimator=LinkEstimator(initial_mbit=4.0, initial_rtt_s=0.002))
+    try:
+        x = torch.randn(1, 1, 28, 28)
+        answers = [runner.infer(x) for _ in range(12)]
+        staying = controller.device_times.scale(last)
+        assert 1.3 < staying < 3, staying  # the last block sleeps 10x its profile
+        if margin:
+            trials = [d for d in controller.decisions if d.explore]
+            assert trials and trials[0].cut == cut and controller.explorations >= 1
+            assert controller.device_times.scale(cut) < 0.75 * staying  # its own ratio, learned
+            assert runner.plan.cut == cut  # and the policy then chose it
+            assert answers[-1].where == WHERE_EDGE and answers[-1].cut == cut
+            # the trial's answers carried the trial plan's epoch
+            assert any(a.epoch == trials[0].epoch and a.cut == cut for a in answers)
+        else:
+            assert runner.plan.cut == last and not controller.decisions and controller.explorations == 0
+            assert all(a.where == WHERE_DEVICE for a in answers)
     finally:
         controller.close()
         client.close()

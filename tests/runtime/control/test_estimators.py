@@ -62,10 +62,12 @@ def test_a_link_that_comes_back_is_seen_after_two_sparse_probes_not_a_window():
     feed(est, 0.3, 16, nbytes=10_000)
     assert est.bandwidth_mbit == pytest.approx(0.3, rel=0.05)
     # probe pairs a second apart at 2 Mbit/s: 30 kB more in the large one
+    assert not est.unconfirmed
     est.observe_pair(8_000, 0.004 + 8 * 8_000 / 2e6, 32_000, 0.004 + 8 * 32_000 / 2e6, at=10.0)
     assert est.rises == 0 and est.bandwidth_mbit < 0.5  # one fast probe may be an outlier
+    assert est.unconfirmed  # ... which the controller's prober confirms without backing off
     est.observe_pair(8_000, 0.004 + 8 * 8_000 / 2e6, 32_000, 0.004 + 8 * 32_000 / 2e6, at=11.0)
-    assert est.rises == 1 and est.bandwidth_mbit == pytest.approx(2.0, rel=0.05)
+    assert est.rises == 1 and est.bandwidth_mbit == pytest.approx(2.0, rel=0.05) and not est.unconfirmed
     # dense requests need three in a row; a normal one in between resets the count
     est2 = LinkEstimator(window=16, initial_mbit=1.0)
     feed(est2, 1.0, 16)
@@ -75,6 +77,15 @@ def test_a_link_that_comes_back_is_seen_after_two_sparse_probes_not_a_window():
     assert est2.rises == 0 and est2.bandwidth_mbit < 1.5
     feed(est2, 4.0, 3, start=1.3)
     assert est2.rises == 1 and est2.bandwidth_mbit == pytest.approx(4.0, rel=0.1)
+
+
+def test_the_rtt_is_never_below_the_least_overhead_seen():
+    # Probe pairs at 2 Mbit/s behind 1, 30 and 30 ms of fixed cost: an extrapolating 10th
+    # percentile of those overheads is -16 ms.
+    est = LinkEstimator(window=16, initial_mbit=2.0, initial_rtt_s=0.0)
+    for i, overhead in enumerate((0.001, 0.03, 0.03)):
+        est.observe_pair(8_000, overhead + 8 * 8_000 / 2e6, 32_000, overhead + 8 * 32_000 / 2e6, at=i)
+        assert 0.001 - 1e-9 <= est.rtt_s <= 0.03, est.rtt_s
 
 
 def test_an_offload_that_missed_its_deadline_bounds_the_rate_and_can_start_a_drop():
