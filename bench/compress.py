@@ -117,7 +117,8 @@ def exits(x, y, reference: float) -> dict:
             "thresholds": info["thresholds"], "confidence": info["confidence"],
             "final_macs": costs[2], "mean_device_macs": round(cascade.mean_macs),
             "exit_rates": {str(c): round(r, 4) for c, r in cascade.exit_rates.items()},
-            "exit_cuts": model.exit_cuts}
+            "exit_cuts": model.exit_cuts, "exit_head": bundle.manifest.get("exit_head", "conv"),
+            "exit_head_macs": {str(c): m for c, m in costs[1].items()}}
 
 
 def run(quick: bool = False, progress: bool = True) -> dict:

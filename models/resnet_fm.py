@@ -45,6 +45,28 @@ def exit_head(cin: int, num_classes: int) -> nn.Module:
     )
 
 
+def light_exit_head(cin: int, num_classes: int) -> nn.Module:
+    """An early-exit branch about 7x cheaper than :func:`exit_head`: the strided 3x3
+    convolution split into a depthwise 3x3 (stride 2) and a pointwise 1x1, the way MobileNet
+    splits its convolutions. At a cut of ``resnet_fm`` it costs 0.10-0.13 M MACs instead of
+    0.90 M, which matters when a cascade runs several heads per input."""
+    return nn.Sequential(
+        nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False),
+        nn.BatchNorm2d(cin),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cin, 2 * cin, 1, bias=False),
+        nn.BatchNorm2d(2 * cin),
+        nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(2 * cin, num_classes),
+    )
+
+
+# exit head kinds by name (the compress config's ``exits.head`` and a bundle's ``exit_head``)
+EXIT_HEADS = {"conv": exit_head, "light": light_exit_head}
+
+
 def build_resnet_fm(num_classes: int = 10, widths: tuple[int, int, int] = (16, 32, 64)) -> SplitModel:
     w1, w2, w3 = widths
     blocks: list[tuple[str, nn.Module]] = [

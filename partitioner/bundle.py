@@ -154,8 +154,11 @@ def load_bundle(path: str | Path) -> Bundle:
 
         try:
             cuts = [int(c) for c in manifest.get("exit_cuts", model.exit_cuts)]
-            if cuts != model.exit_cuts:
-                model = with_exits(model, cuts)
+            head = manifest.get("exit_head")
+            if head is not None and not isinstance(head, str):
+                raise ValueError(f"exit_head must be a name, not {head!r}")
+            if cuts != model.exit_cuts or head is not None:
+                model = with_exits(model, cuts, head)
             rebuild(model, manifest["architecture"])
         except (ValueError, KeyError, TypeError) as exc:
             raise BundleError(f"{manifest_path}: its architecture record does not rebuild {manifest['model']}: "

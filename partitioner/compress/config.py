@@ -93,6 +93,10 @@ class ExitsConfig:
     # the calibration honest: the shipped one was trained on all 60,000 training images.
     backbone: str | None = None
     confidence: list[str] = field(default_factory=lambda: ["max_softmax", "entropy"])
+    # The heads: unset keeps the base model's own heads where it has them (new ones "conv");
+    # "conv" (strided 3x3 conv, 0.9 M MACs at a resnet_fm cut) or "light" (depthwise +
+    # pointwise, about 7x cheaper) makes every head new, of that kind.
+    head: str | None = None
 
 
 @dataclass
@@ -188,6 +192,8 @@ def parse(table: dict, root: Path = Path(".")) -> CompressConfig:
     if cfg.exits.backbone is not None:
         backbone = Path(cfg.exits.backbone)
         cfg.exits.backbone = str(backbone if backbone.is_absolute() else root / backbone)
+    if cfg.exits.head is not None and cfg.exits.head not in ("conv", "light"):
+        raise ValueError(f"exits.head must be conv or light, not {cfg.exits.head!r}")
     bad = sorted(set(cfg.exits.confidence) - {"max_softmax", "entropy"})
     if bad:
         raise ValueError(f"exits.confidence lists {bad}; use max_softmax and/or entropy")

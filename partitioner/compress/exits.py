@@ -43,7 +43,7 @@ from torch import nn
 from tqdm import tqdm
 
 from edgesplit.models.datasets import TensorBatches
-from edgesplit.models.resnet_fm import exit_head
+from edgesplit.models.resnet_fm import EXIT_HEADS
 from edgesplit.models.split_model import SplitModel, confidence
 from edgesplit.models.train import evaluate_exits, nesterov_sgd
 
@@ -57,15 +57,22 @@ SETTING_TARGETS = (0.1, 0.25, 0.5, 1.0, 2.0)
 GRID = tuple(round(0.5 + 0.025 * i, 3) for i in range(20)) + (0.99, 0.995, 0.999)
 
 
-def with_exits(model: SplitModel, cuts: list[int]) -> SplitModel:
-    """A copy of ``model`` with an exit head at each of ``cuts`` (existing heads are kept)."""
+def with_exits(model: SplitModel, cuts: list[int], head: str | None = None) -> SplitModel:
+    """A copy of ``model`` with an exit head at each of ``cuts``.
+
+    ``head`` None: existing heads are kept and new ones are the zoo's ``conv`` kind; a kind
+    of :data:`~edgesplit.models.resnet_fm.EXIT_HEADS` (``conv``, ``light``): every head is a
+    new one of that kind."""
+    if head is not None and head not in EXIT_HEADS:
+        raise ValueError(f"unknown exit head {head!r}; known: {', '.join(EXIT_HEADS)}")
+    make = EXIT_HEADS[head or "conv"]
     shapes = model.cut_points()
     heads = {}
     for cut in sorted(set(cuts)):
         if not 0 < cut < model.num_blocks:
             raise ValueError(f"an exit needs a cut in 1..{model.num_blocks - 1}, not {cut}")
-        heads[cut] = copy.deepcopy(model.exits[str(cut)]) if str(cut) in model.exits else \
-            exit_head(shapes[cut].shape[0], model.num_classes)
+        keep = head is None and str(cut) in model.exits
+        heads[cut] = copy.deepcopy(model.exits[str(cut)]) if keep else make(shapes[cut].shape[0], model.num_classes)
     blocks = [(n, copy.deepcopy(b)) for n, b in zip(model.block_names, model.blocks)]
     out = SplitModel(model.name, blocks, heads, model.input_shape, model.num_classes)
     return out.eval()
@@ -245,7 +252,7 @@ def run_exits(cfg, base: str, data: Splits, out: Path, progress: bool = True) ->
     started = time.time()
     shipped = load_trained(base)  # the reference every drop is measured against
     backbone = load_trained(base, cfg.backbone) if cfg.backbone else shipped
-    model = with_exits(backbone, cfg.cuts)
+    model = with_exits(backbone, cfg.cuts, cfg.head)
     model.name = f"{base}_exits"
     trained = train_exits(model, data, cfg, out / "checkpoints" / "exits", progress)
     cuts = model.exit_cuts
@@ -297,7 +304,9 @@ def run_exits(cfg, base: str, data: Splits, out: Path, progress: bool = True) ->
                          "exit_rates": {str(k): round(r, 4) for k, r in c.exit_rates.items() if r > 0},
                          "accuracy": round(c.accuracy, 4), "mean_macs": round(c.mean_macs)})
     summary["settings"] = settings
-    write_bundle(model, out / f"{base}_exits", base=base, extra={"exits": {
+    summary["exit_head"] = cfg.head or "conv"
+    extra = {"exit_head": cfg.head} if cfg.head else {}
+    write_bundle(model, out / f"{base}_exits", base=base, extra={**extra, "exits": {
         "confidence": kind, "thresholds": summary["thresholds"], "tables": pick["tables"], "settings": settings,
         "max_drop_points": cfg.max_drop_points, "confidence_z": cfg.confidence_z,
         "calibrated_on": f"validation ({len(data.val_y)} images)", "backbone": summary["backbone"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -142,7 +143,12 @@ def run(cfg: CompressConfig, steps: list[str] | None = None, progress: bool = Tr
         done = out / f"{step}.json"
         if done.exists():
             results[step] = json.loads(done.read_text())
-            if progress:
+            settings = getattr(cfg, step)
+            changed = _changed_keys(results[step].get("config"), asdict(settings), asdict(type(settings)()))
+            if changed:  # said even when quiet: the results no longer match the configuration
+                tqdm.write(f"{step}: WARNING: {done} was made with other settings ({', '.join(changed)}); "
+                           f"delete it to redo the step with the current ones", file=sys.stderr)
+            elif progress:
                 tqdm.write(f"{step}: already done ({done}); delete it to redo the step")
             continue
         runner = {**_RUNNERS, **(runners or {})}.get(step)
@@ -158,6 +164,20 @@ def run(cfg: CompressConfig, steps: list[str] | None = None, progress: bool = Tr
 
     plot_results(out)
     return results
+
+
+def _changed_keys(recorded, current: dict, defaults: dict) -> list[str]:
+    """The settings of a step that differ between its finished results and the configuration
+    (paths compared resolved; a setting newer than the results counts only if not at its default)."""
+    if not isinstance(recorded, dict):
+        return []
+
+    def same(a, b) -> bool:
+        if isinstance(a, str) and isinstance(b, str) and ("/" in a or "/" in b):
+            return Path(a).resolve() == Path(b).resolve()
+        return a == b
+
+    return sorted(k for k in current if not same(recorded.get(k, defaults.get(k)), current[k]))
 
 
 def summary(results: dict) -> str:

