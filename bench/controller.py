@@ -9,18 +9,20 @@ cuts and to sending the image above about 4 Mbit/s, inside the traces' 0.05-8 Mb
 Pi-4 class all on the device wins throughout). Under the mcu quota a request waits out
 whole 100 ms CFS periods, so single latencies jump in 100 ms steps: every idle is jittered,
 and every comparison is of means over many requests.
-For each trace, its first ``duration_s`` seconds are replayed on the device's link with tbf,
-once per live run:
+For each trace, a ``duration_s`` window (by default the one whose bandwidth swings most) is
+replayed on the device's link with tbf, once per live run:
 
-- **adaptive**: the embedded controller (least latency with hysteresis, probing while idle),
-  starting all on the device, choosing among the same candidate plans as the table (cut 0,
-  every cut sending fewer bytes than all before it, all on the device);
-- **all_device** and **all_edge** (the image, int8): fixed plans.
+- **adaptive** and **best static**, in turns: the embedded controller's runner (least
+  latency with hysteresis, probing while idle, starting all on the device, choosing among
+  the same candidate plans as the table: cut 0, every cut sending fewer bytes than all
+  before it, all on the device) and a runner of the best fixed plan in hindsight take turns
+  request by request, so they see the same link and the same host at the same moments;
+- **all_device** and **all_edge** (the image, int8): fixed plans, each in its own run.
 
 First every candidate fixed plan is timed at a grid of bandwidths and its latency fitted as
-``fixed + k / bandwidth`` (:func:`fit_table`); the **oracle** (the best plan for each
-request's bandwidth) and the **best static** plan in hindsight come from those fits,
-evaluated at the bandwidths the adaptive run's requests saw.
+``fixed + k / bandwidth`` (:func:`fit_table`); the **best static** plan is the one whose fit
+is least over the window's bandwidth, and the **oracle** (the best plan for each request's
+bandwidth, by the fits) is scaled to the level the live best static run measured.
 
 Run as root: ``edgesplit bench controller --json bench/results/controller.json`` (``--quick``:
 two traces of 10 s, about 2 minutes; ``--traces DIR``: any folder of ``<seconds> <Mbit/s>`` traces).
@@ -42,7 +44,7 @@ from . import machine_info, table
 from .split import TBF_LATENCY_S, DeviceProcess, tbf_burst
 
 DEFAULT_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
-FULL = {"model": "mobilenet_v2", "device": "mcu", "traces": 10, "duration_s": 30.0,
+FULL = {"model": "mobilenet_v2", "device": "mcu", "traces": 10, "duration_s": 45.0,
         "grid": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "repeats": 5, "profile_repeats": 6, "slo_ms": 2000.0,
         "window": "widest"}
 QUICK = {"model": "mobilenet_v2", "device": "mcu", "traces": 2, "duration_s": 10.0,
@@ -128,6 +130,11 @@ def table_at(fits: dict[str, tuple[float, float]], plan: str, mbit: float) -> fl
     return max(0.0, fixed + per_inverse_mbit / mbit)
 
 
+def window_times(duration_s: float, step_s: float = 0.1) -> list[dict]:
+    """Evenly spaced moments of a window, as records (``t``) for :func:`best_static_plan`."""
+    return [{"t": i * step_s} for i in range(int(duration_s / step_s))]
+
+
 def best_static_plan(samples, fits: dict[str, tuple[float, float]], records: list[dict]) -> str:
     """The fixed plan with the least fitted mean latency at the bandwidths ``records`` saw."""
     at = [rate_at(samples, r["t"]) for r in records]
@@ -135,19 +142,20 @@ def best_static_plan(samples, fits: dict[str, tuple[float, float]], records: lis
 
 
 def analyse(name: str, samples, fits: dict[str, tuple[float, float]], live: dict[str, dict], slo_ms: float,
-            model: str, best_static_live: str | None = None) -> dict:
+            model: str, best_static_live: str | None = None, best_static: str | None = None) -> dict:
     """One trace's row. With ``best_static_live`` (the label of the live run of the best static
-    plan), ``best_static_ms`` is that run's mean and ``oracle_ms`` the table's oracle scaled by
-    the same live/table ratio: the table says how much switching per request beats the best
-    fixed plan, the live run of that plan says at what level, in the same minutes as the
-    adaptive run (a device under a quota drifts by tens of percent over minutes). The table's
-    own values stay in ``oracle_table_ms`` and ``best_static_table_ms``."""
+    plan ``best_static``, run in turns with the adaptive runner), ``best_static_ms`` is that
+    run's mean and ``oracle_ms`` the table's oracle scaled by the same live/table ratio: the
+    table says how much switching per request beats the best fixed plan, the live run of
+    that plan says at what level, at the same moments as the adaptive run (a device under a
+    quota drifts by tens of percent over minutes). The table's own values stay in
+    ``oracle_table_ms`` and ``best_static_table_ms``."""
     adaptive = live["adaptive"]["records"]
     plans = list(fits)
     at_requests = [rate_at(samples, r["t"]) for r in adaptive]
     oracle = statistics.fmean(min(table_at(fits, p, b) for p in plans) for b in at_requests)
     static = {p: statistics.fmean(table_at(fits, p, b) for b in at_requests) for p in plans}
-    best_static = min(static, key=static.get)
+    best_static = best_static or min(static, key=static.get)
     best_static_ms, oracle_ms = static[best_static], oracle
     if best_static_live is not None:
         best_static_ms = statistics.fmean(r["ms"] for r in live[best_static_live]["records"])
@@ -167,6 +175,7 @@ def analyse(name: str, samples, fits: dict[str, tuple[float, float]], live: dict
         "explorations": sum(bool(d.get("explore")) for d in live["adaptive"]["decisions"]),
         "decision_log": live["adaptive"]["decisions"],
         "adaptive_records": adaptive,
+        "best_static_records": live[best_static_live]["records"] if best_static_live else [],
         "fixed_ms": {label: [r["ms"] for r in live[label]["records"]] for label in live if label != "adaptive"},
         "trace": list(samples),
         "fallbacks": sum(r["error"] is not None for v in live.values() for r in v["records"]),
@@ -292,19 +301,21 @@ def _run(config, folder, chosen, work, q, pause_s, progress) -> dict:
                     whole = load_trace(path)
                     start_s = window_start(whole, config["duration_s"], config.get("window", "start"))
                     samples = shifted(whole, start_s)
-                    live = {"adaptive": replayed(bed, device, samples, "adaptive", config["duration_s"], pause_s)}
-                    # The best static plan in hindsight (by the table, at the adaptive run's requests),
-                    # run live right after the adaptive run: the level the oracle is anchored to (see
-                    # analyse), measured as close in time to the adaptive run as it can be.
-                    best = best_static_plan(samples, fits, live["adaptive"]["records"])
+                    # The best static plan in hindsight (by the table, over the window's bandwidth),
+                    # run in turns with the adaptive runner: the two see the same link and the same
+                    # host at the same moments (single runs minutes apart differed by up to 30 %).
+                    # That run is the level the oracle is anchored to (see analyse).
+                    best = best_static_plan(samples, fits, window_times(config["duration_s"]))
                     same = {f"{mode[0]}:{mode[1]}": label for label, mode in modes.items() if label != "adaptive"}
                     cut, codec = best.split(":")
-                    order = [(same.get(best, "best_static"), [int(cut), codec])]
-                    order += [(label, mode) for label, mode in modes.items() if label not in ("adaptive", order[0][0])]
-                    for label, mode in order:
-                        live[label] = replayed(bed, device, samples, mode, config["duration_s"], pause_s)
+                    best_label = same.get(best, "best_static")
+                    pair = replayed(bed, device, samples, [int(cut), codec], config["duration_s"], pause_s, op="pair")
+                    live = {"adaptive": pair["adaptive"], best_label: pair["static"]}
+                    for label, mode in modes.items():
+                        if label not in live:
+                            live[label] = replayed(bed, device, samples, mode, config["duration_s"], pause_s)
                     row = analyse(f"{path.parent.name}/{path.name}", samples, fits, live, config["slo_ms"],
-                                  config["model"], best_static_live=same.get(best, "best_static"))
+                                  config["model"], best_static_live=best_label, best_static=best)
                     row["window_start_s"] = start_s
                     rows.append(row)
                     if progress:
@@ -326,11 +337,13 @@ def _run(config, folder, chosen, work, q, pause_s, progress) -> dict:
             "traces": rows, "summary": summarise(rows), "logs": str(work), "machine": machine_info()}
 
 
-def replayed(bed, device, samples, mode, duration_s: float, pause_s: float) -> dict:
-    """One live run of ``mode`` on the device while ``samples`` are replayed on its link."""
+def replayed(bed, device, samples, mode, duration_s: float, pause_s: float, op: str = "run") -> dict:
+    """One live run of ``mode`` on the device while ``samples`` are replayed on its link
+    (``op="pair"``: the adaptive runner and the fixed plan ``mode`` taking turns)."""
     replay = Replay(bed, samples, duration_s).start()
     try:
-        return device.ask(op="run", mode=mode, duration_s=duration_s, pause_s=pause_s, timeout=duration_s + 600)
+        args = {"static": mode} if op == "pair" else {"mode": mode}
+        return device.ask(op=op, **args, duration_s=duration_s, pause_s=pause_s, timeout=duration_s + 600)
     finally:
         replay.stop()
 

@@ -14,6 +14,11 @@ JSON commands on stdin, one JSON answer per line on stdout:
   requests one after another for ``D`` seconds (idling ``P`` before each, like frames of a
   camera), each recorded with its time, latency, plan epoch, cut and where it ran; the
   adaptive mode also reports the controller's decisions;
+- ``{"op": "pair", "static": [cut, codec], "duration_s": D, "pause_s": P}``: the adaptive
+  runner and one fixed plan's runner take turns (a request of one, idle, a request of the
+  other) for ``D`` seconds, so both see the same link and the same host at the same
+  moments; the controller sees only its own runner's answers, and its probes are held off
+  while the fixed plan's request runs; answers ``{"adaptive": run, "static": run}``;
 
 every idle is jittered (:meth:`Device.idle`);
 - ``{"op": "quit"}``.
@@ -120,37 +125,63 @@ class Device:
             out[f"{cut}:{codec}"] = times
         return out
 
+    def adaptive(self) -> tuple[DeviceRunner, EmbeddedController]:
+        """A runner under the embedded controller, starting all on the device, probing."""
+        runner = self.runner(Plan(cut=self.model.num_blocks, codec="int8"))
+        controller = EmbeddedController(runner, self.space, Hysteresis(LeastLatency(), margin=0.1, hold=2),
+                                        estimator=LinkEstimator(initial_mbit=1.0, initial_rtt_s=0.01),
+                                        every=2, probe_interval_s=1.0)
+        controller.decide()
+        controller.start_probing()
+        return runner, controller
+
     def run(self, mode, duration_s: float, pause_s: float) -> dict:
         if mode == "adaptive":
-            runner = self.runner(Plan(cut=self.model.num_blocks, codec="int8"))
-            controller = EmbeddedController(runner, self.space, Hysteresis(LeastLatency(), margin=0.1, hold=2),
-                                            estimator=LinkEstimator(initial_mbit=1.0, initial_rtt_s=0.01),
-                                            every=2, probe_interval_s=1.0)
-            controller.decide()
-            controller.start_probing()
+            runner, controller = self.adaptive()
         else:
-            runner = self.runner(Plan(cut=int(mode[0]), codec=mode[1]))
-            controller = None
-        records, sent = [], 0
+            runner, controller = self.runner(Plan(cut=int(mode[0]), codec=mode[1])), None
+        return self._drive([(runner, controller)], duration_s, pause_s)[0]
+
+    def pair(self, static, duration_s: float, pause_s: float) -> dict:
+        adaptive = self.adaptive()
+        fixed = self.runner(Plan(cut=int(static[0]), codec=static[1]))
+        runs = self._drive([adaptive, (fixed, None)], duration_s, pause_s, quiet=adaptive[1].probe_lock)
+        return {"adaptive": runs[0], "static": runs[1]}
+
+    def _drive(self, turns, duration_s: float, pause_s: float, quiet=None) -> list[dict]:
+        """Requests for ``duration_s``, the runners of ``turns`` ([(runner, controller or
+        None)]) taking turns; ``quiet`` (a lock) is held during the turns of runners without
+        a controller."""
+        runs = [{"records": [], "sent": 0} for _ in turns]
         started = time.monotonic()
+        turn = 0
         try:
             while time.monotonic() - started < duration_s:
                 self.idle(pause_s)
-                sent += 1
+                (runner, controller), run = turns[turn], runs[turn]
+                turn = (turn + 1) % len(turns)
+                run["sent"] += 1
                 at = time.monotonic() - started
-                answer = runner.infer(self.x)
-                records.append({"t": round(at, 4), "ms": round(1000 * answer.latency.total, 3), "cut": answer.cut,
-                                "epoch": answer.epoch, "where": answer.where, "error": answer.offload_error})
+                if controller is None and quiet is not None:
+                    with quiet:
+                        answer = runner.infer(self.x)
+                else:
+                    answer = runner.infer(self.x)
+                run["records"].append({"t": round(at, 4), "ms": round(1000 * answer.latency.total, 3),
+                                       "cut": answer.cut, "epoch": answer.epoch, "where": answer.where,
+                                       "error": answer.offload_error})
         finally:
-            if controller is not None:
-                controller.close()
-        decisions = [] if controller is None else [
-            {"t": round(d.at - started, 3), "epoch": d.epoch, "cut": d.cut, "codec": d.codec,
-             "bandwidth_mbit": round(d.bandwidth_mbit, 3), "rtt_ms": round(d.rtt_ms, 2),
-             "predicted_ms": round(d.predicted_ms, 2), "device_scale": round(d.device_scale, 3),
-             "explore": d.explore}
-            for d in controller.decisions]
-        return {"records": records, "sent": sent, "decisions": decisions}
+            for _, controller in turns:
+                if controller is not None:
+                    controller.close()
+        for (_, controller), run in zip(turns, runs):
+            run["decisions"] = [] if controller is None else [
+                {"t": round(d.at - started, 3), "epoch": d.epoch, "cut": d.cut, "codec": d.codec,
+                 "bandwidth_mbit": round(d.bandwidth_mbit, 3), "rtt_ms": round(d.rtt_ms, 2),
+                 "predicted_ms": round(d.predicted_ms, 2), "device_scale": round(d.device_scale, 3),
+                 "explore": d.explore}
+                for d in controller.decisions]
+        return runs
 
 
 def pool_adjacent_violators(values: list[float]) -> list[float]:
@@ -177,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": lambda c: {"heads_ms": device.profile(c["repeats"], c["pause_s"], c["edge"], c["cuts"])},
         "static": lambda c: {"samples_ms": device.static(c["plans"], c["repeats"], c["pause_s"])},
         "run": lambda c: device.run(c["mode"], c["duration_s"], c["pause_s"]),
+        "pair": lambda c: device.pair(c["static"], c["duration_s"], c["pause_s"]),
     })
 
 if __name__ == "__main__":

@@ -245,9 +245,10 @@ def run_demo(
                 if controller is not None:
                     for d in controller.decisions[len(decisions):]:
                         decisions.append(d)
+                        trial = " (a trial: timing a cut the device has not run lately)" if d.explore else ""
                         say(f"{max(0.0, d.at - run_started):5.1f} s  plan {d.epoch}: "
                             f"{describe(d.cut, d.codec, d.thresholds, last)} ({d.predicted_ms:.0f} ms predicted) "
-                            f"at {d.bandwidth_mbit:.2f} Mbit/s, RTT {d.rtt_ms:.0f} ms")
+                            f"at {d.bandwidth_mbit:.2f} Mbit/s, RTT {d.rtt_ms:.0f} ms{trial}")
 
             def after(i: int, answer: Answer) -> None:
                 announce()
@@ -289,7 +290,8 @@ def run_demo(
         entry["requests"] += 1
         entry["where"][a.where] += 1
         entry["ms"].append(1000 * a.latency.total)
-    described = {d.epoch: describe(d.cut, d.codec, d.thresholds, last) for d in decisions}
+    described = {d.epoch: describe(d.cut, d.codec, d.thresholds, last) + (" (trial)" if d.explore else "")
+                 for d in decisions}
     first = describe(last, codec, {}, last) if cut is None else describe(
         cut, codec, {c: threshold for c in model.exit_cuts}, last)
     for epoch, entry in plans.items():

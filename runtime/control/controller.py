@@ -117,6 +117,10 @@ class EmbeddedController:
         self._moves = 0  # the estimator's drops + rises seen so far
         self._last_offload_at = clock()
         self._lock = threading.Lock()
+        # Held while probing: hold it to keep probes out of a stretch of time (a benchmark that
+        # interleaves another runner's requests with this device's does, so probes load only
+        # this device's own turns).
+        self.probe_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         runner.observers.append(self.observe)
@@ -278,14 +282,15 @@ class EmbeddedController:
         tensor = torch.zeros(1, *points[cut].shape)
         name = DeviceRunner.tail_model_name_for(model, cut)
         timed = []
-        for codec_name in ("int8", "fp32"):
-            encoded = codecs.encode(tensor, codec_name)
-            started = time.perf_counter()
-            try:
-                result = client.infer(name, encoded, timeout, "probe")
-            except OffloadError:
-                return False
-            timed.append((len(encoded.data), time.perf_counter() - started - result.edge_seconds))
+        with self.probe_lock:
+            for codec_name in ("int8", "fp32"):
+                encoded = codecs.encode(tensor, codec_name)
+                started = time.perf_counter()
+                try:
+                    result = client.infer(name, encoded, timeout, "probe")
+                except OffloadError:
+                    return False
+                timed.append((len(encoded.data), time.perf_counter() - started - result.edge_seconds))
         at = self.clock()
         with self._lock:
             (small, small_s), (large, large_s) = timed

@@ -68,6 +68,11 @@ def test_the_live_best_static_run_anchors_the_oracle_at_its_level():
     assert row["best_static_ms"] == 372.0 and row["best_static_table_ms"] == pytest.approx(310.0)
     assert row["oracle_table_ms"] == pytest.approx(280.0)
     assert row["oracle_ms"] == pytest.approx(280.0 * 1.2)
+    # the plan that ran live anchors the oracle, even where another fits the adaptive requests better
+    edge = analyse("t", samples, TABLE, live, slo_ms=1000.0, model="m", best_static_live="all_edge",
+                   best_static="0:int8")
+    assert edge["best_static_plan"] == "0:int8" and edge["best_static_ms"] == 900.0
+    assert edge["oracle_ms"] == pytest.approx(280.0 * 900.0 / edge["best_static_table_ms"])
 
 
 def test_the_widest_window_is_where_the_bandwidth_swings_most():
@@ -109,5 +114,10 @@ def test_a_short_run_answers_every_request_and_the_controller_decides(tmp_path):
     (row,) = result["traces"]
     assert row["sent"] == row["answered"] > 0 and result["summary"]["lost"] == 0
     assert row["decisions"] >= 1  # it left the all-on-device start at 8 Mbit/s
+    # the best static plan ran in turns with the adaptive runner: their requests interleave
+    static_t = [r["t"] for r in row["best_static_records"]]
+    adaptive_t = [r["t"] for r in row["adaptive_records"]]
+    assert static_t and abs(len(static_t) - len(adaptive_t)) <= 1
+    assert all(a < b for a, b in zip(adaptive_t, static_t)) and all(b < a for b, a in zip(static_t, adaptive_t[1:]))
     assert set(row) >= {"name", "model", "adaptive_ms", "oracle_ms", "best_static_ms", "all_device_ms",
                         "all_edge_ms", "slo_miss_rate", "sent", "answered", "decisions"}
