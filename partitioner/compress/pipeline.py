@@ -168,16 +168,19 @@ def run(cfg: CompressConfig, steps: list[str] | None = None, progress: bool = Tr
 
 def _changed_keys(recorded, current: dict, defaults: dict) -> list[str]:
     """The settings of a step that differ between its finished results and the configuration
-    (paths compared resolved; a setting newer than the results counts only if not at its default)."""
+    (paths by file name, as they are recorded relative to wherever the run started; a setting
+    newer than the results counts only if not at its default; ``enabled`` not at all, as a
+    step can be named on the command line)."""
     if not isinstance(recorded, dict):
         return []
 
     def same(a, b) -> bool:
         if isinstance(a, str) and isinstance(b, str) and ("/" in a or "/" in b):
-            return Path(a).resolve() == Path(b).resolve()
+            return Path(a).name == Path(b).name
         return a == b
 
-    return sorted(k for k in current if not same(recorded.get(k, defaults.get(k)), current[k]))
+    return sorted(k for k in current
+                  if k != "enabled" and not same(recorded.get(k, defaults.get(k)), current[k]))
 
 
 def summary(results: dict) -> str:

@@ -28,16 +28,21 @@ The device's time is only learned at the cuts it runs; elsewhere the profile is 
 the ratio seen overall, which can be wrong for one cut (a quota splits some heads' work
 across more scheduler periods than others). So the controller **explores**: when the plan
 in force stays, and another cut the device has not timed recently is predicted within
-``explore_margin`` of it (its objective, latency by default), it runs that cut for
+``explore_margin`` of it in the policy's objective (energy for a least-energy policy, else
+latency; and within the policy's latency SLO, if it has one), it runs that cut for
 ``device_times.min_samples`` requests (a plan of its own, with its own epoch, recorded as a
-decision with ``explore=True``), then decides again with that cut's own ratio learned. At
-most once every ``explore_every`` answers, so a cut that stays close costs about
-``min_samples / explore_every`` of the requests at most ``explore_margin`` slower.
+decision with ``explore=True``; the decision that follows it has ``ends_trial=True``), then
+decides again with that cut's own ratio learned. At most once every ``explore_every``
+answers, so a cut that stays close costs about ``min_samples / explore_every`` of the
+requests at most ``explore_margin`` slower; a trial that taught nothing (its requests failed
+over, left at an exit, or were too short to time) is not repeated at that cut until
+``device_times.stale_after`` answers later.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -53,7 +58,7 @@ from edgesplit.runtime.plan import NEVER, Plan
 
 from .battery import BatteryReading, SimulatedBattery, system_battery
 from .estimators import DeviceTimeEstimator, LinkEstimator
-from .policy import Option, PlanSpace, Policy, State
+from .policy import LeastEnergy, Option, PlanSpace, Policy, State, active_policy
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +80,14 @@ class Decision:
     on_battery: bool
     device_scale: float = 1.0  # learned device time over the profile's, at the chosen cut
     explore: bool = False  # a trial of a cut whose device time is not learned, not the policy's choice
+    ends_trial: bool = False  # the policy's decision right after a trial (often back to the plan before it)
+
+
+@dataclass
+class _Trial:
+    epoch: int  # of the trial plan
+    cut: int
+    left: int  # answers it still needs
 
 
 class EmbeddedController:
@@ -108,8 +121,10 @@ class EmbeddedController:
         self.explore_margin = explore_margin
         self.explore_every = explore_every
         self.explorations = 0
-        self._trial: list[int] | None = None  # [epoch of the trial plan, answers it still needs]
+        self._trial: _Trial | None = None
         self._explored_at = -explore_every  # self._seen when the last trial began
+        self._barren: dict[int, int] = {}  # cut -> self._seen when a trial there taught nothing
+        self._confirming = False  # the next probe comes at the base interval (see start_probing)
         self.decisions: list[Decision] = []
         self.current: Option | None = None
         self.deciding = True  # False while a cluster controller decides for this device (remote.DeviceLink)
@@ -170,19 +185,25 @@ class EmbeddedController:
             if not self.deciding:
                 self._trial = None
             elif moved or trial_over or (self._trial is None and self._seen % self.every == 0):
+                ended = self._trial is not None
                 self._trial = None
-                self._decide(at)
+                self._decide(at, ends_trial=ended)
 
     def _trial_answered(self, answer: Answer) -> bool:
         """Count an answer of the trial plan in force; True when the trial has all it needs."""
         if self._trial is None:
             return False
-        if self.runner.plan.epoch != self._trial[0]:
+        trial = self._trial
+        if self.runner.plan.epoch != trial.epoch:
             self._trial = None  # someone else changed the plan: the trial is over, unfinished
             return False
-        if answer.epoch == self._trial[0]:  # a local completion teaches nothing, but ends it all the same
-            self._trial[1] -= 1
-        return self._trial[1] <= 0
+        if answer.epoch == trial.epoch:  # counted even if it taught nothing: a trial always ends
+            trial.left -= 1
+        if trial.left > 0:
+            return False
+        if trial.cut not in self.device_times.scales():
+            self._barren[trial.cut] = self._seen
+        return True
 
     def _observe_device_time(self, answer: Answer) -> None:
         plan = self.runner.plan
@@ -201,7 +222,7 @@ class EmbeddedController:
         with self._lock:
             return self._decide(self.clock())
 
-    def _decide(self, at: float) -> Plan | None:
+    def _decide(self, at: float, ends_trial: bool = False) -> Plan | None:
         state = self._state(at)
         options = self.space.options(state)
         option = self.policy.choose(options, state)
@@ -219,10 +240,11 @@ class EmbeddedController:
         if explore:
             self.explorations += 1
             self._explored_at = self._seen
-            self._trial = [new.epoch, self.device_times.min_samples]
+            self._trial = _Trial(new.epoch, new.cut, self.device_times.min_samples)
         decision = Decision(at, new.epoch, new.cut, new.codec, option.exits.name, thresholds,
                             1000 * option.latency_s, state.bandwidth_mbit, 1000 * state.rtt_s,
-                            state.battery_level, state.on_battery, state.device_scale_at(new.cut), explore)
+                            state.battery_level, state.on_battery, state.device_scale_at(new.cut), explore,
+                            ends_trial and not explore)
         self.decisions.append(decision)
         metrics = self.runner.metrics
         if metrics:
@@ -248,19 +270,24 @@ class EmbeddedController:
 
     def _trial_option(self, chosen: Option, options: list[Option], state: State) -> Option | None:
         """A cut worth timing on the device: not learned, predicted within ``explore_margin``
-        of ``chosen`` (in latency and in the policy's own objective), the best such; None if
-        none, if the last trial was too recent, or if ``chosen``'s own time is not learned
-        yet (it is what the trial is measured against)."""
+        of ``chosen`` in the deciding policy's objective (energy for :class:`LeastEnergy`,
+        else latency) and within its SLO, the best such; None if none, if the last trial was
+        too recent, or if ``chosen``'s own time is not learned yet (it is what the trial is
+        measured against)."""
         if (not self.learn_device_time or self.explore_margin <= 0 or chosen.cut not in state.device_scales
                 or self._seen - self._explored_at < self.explore_every):
             return None
-        objective = getattr(self.policy, "objective", "latency_s")
+        rule = active_policy(self.policy, state)
+        slo_s = getattr(rule, "slo_s", math.inf)
+        objective = "energy_j" if isinstance(rule, LeastEnergy) else "latency_s"
         bound = 1 + self.explore_margin
+        barren_for = self.device_times.stale_after
         close = [o for o in options
                  if o.cut != chosen.cut and o.cut not in state.device_scales and o.exits == chosen.exits
+                 and self._seen - self._barren.get(o.cut, -barren_for) >= barren_for
                  and self.space.device_seconds(o.cut) >= self.device_times.min_predicted_s
-                 and o.latency_s <= bound * chosen.latency_s
-                 and getattr(o, objective) <= bound * getattr(chosen, objective)]
+                 and getattr(o, objective) <= bound * getattr(chosen, objective)
+                 and (o.latency_s <= slo_s or o.latency_s <= chosen.latency_s)]
         return min(close, key=lambda o: (getattr(o, objective), o.latency_s)) if close else None
 
     # -- probing -------------------------------------------------------------------------
@@ -311,10 +338,12 @@ class EmbeddedController:
                 last_seen_offload, last_epoch = self._last_offload_at, self.runner.plan.epoch
                 # A probe that read the link far from the estimate (a change the estimator waits
                 # to see twice) is followed by one at the base interval, not one 8 s later.
-                wait = self.probe_interval_s if self.estimator.unconfirmed else self.probe_wait_s
+                wait = self.probe_interval_s if self._confirming else self.probe_wait_s
                 if self.clock() - self._last_offload_at < wait:
                     continue
                 measured = self.probe()
+                # once: not after a failed probe, nor again after a confirming one
+                self._confirming = measured and self.estimator.unconfirmed and not self._confirming
                 if measured and self.deciding:
                     self.decide()
                 # Back off only while probes change nothing here; a device following a cluster

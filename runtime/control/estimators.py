@@ -209,7 +209,8 @@ class DeviceTimeEstimator:
     answers, the median over the last ``window`` answers at any cut (a device that runs
     30 % slow at one cut most likely does at the next; and a slowdown that moved the plan
     away from a cut must not keep it away once the device is back to speed). Ratios are
-    clamped to ``[low, high]`` so one stalled request cannot swing a plan, and answers
+    clamped to ``[low, high]`` so one stalled request cannot swing a plan (a cut seen again
+    after going stale starts its window afresh), and answers
     predicted to take less than ``min_predicted_s`` are skipped: there the fixed cost of
     any request (the interpreter, an exit's softmax) is most of what is observed, and its
     ratio says nothing about how fast the device computes.
@@ -243,6 +244,8 @@ class DeviceTimeEstimator:
         if not (predicted_s >= self.min_predicted_s and predicted_s > 0 and observed_s > 0):
             return
         ratio = min(self.high, max(self.low, observed_s / predicted_s))
+        if cut in self._last_at and self.samples - self._last_at[cut] >= self.stale_after:
+            self._by_cut[cut].clear()  # stale: what it measured then says nothing about now
         self._by_cut.setdefault(cut, deque(maxlen=self.window)).append(ratio)
         self._recent.append(ratio)
         self.samples += 1

@@ -235,6 +235,19 @@ class BatteryAware(Policy):
         return policy.choose(options, state)
 
 
+def active_policy(policy: Policy, state: State) -> Policy:
+    """The rule that decides in ``state``: through :class:`Hysteresis` to its inner policy,
+    through :class:`BatteryAware` to the one the battery selects."""
+    while True:
+        if isinstance(policy, Hysteresis):
+            policy = policy.inner
+        elif isinstance(policy, BatteryAware):
+            low = state.on_battery and state.battery_level < policy.low_level
+            policy = policy.saving if low else policy.mains
+        else:
+            return policy
+
+
 @dataclass
 class Hysteresis(Policy):
     """Switch away from the current option only when another is better by ``margin`` (a share

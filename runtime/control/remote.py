@@ -207,11 +207,14 @@ class DeviceLink:
             now = time.monotonic()
             if msg is not None:
                 self._heard_at = now
-                if not self.following:
+                resumed = not self.following
+                if resumed:
                     self.following = True
                     self.embedded.deciding = False
-                if not self.applied or (msg.epoch, msg.controller) != (self.applied[-1].epoch,
-                                                                       self.applied[-1].controller):
+                # On resuming, the decision is applied even if it is the one applied before the
+                # silence: the embedded controller may have changed the plan (or be trying a cut).
+                if resumed or not self.applied or (msg.epoch, msg.controller) != (self.applied[-1].epoch,
+                                                                                  self.applied[-1].controller):
                     self._apply(msg)
             elif self.following and self._heard_at is not None and now - self._heard_at > self.silence_s:
                 self.following = False

@@ -141,3 +141,7 @@ def test_a_cut_not_run_for_a_while_takes_the_overall_ratio_again_and_tiny_predic
     assert est.scale(20) == pytest.approx(1.0) == est.overall()  # 6: stale, the overall ratio
     est.observe(cut=1, observed_s=0.0005, predicted_s=0.00005)  # mostly fixed per-request cost
     assert est.samples == 9 and est.overall() == pytest.approx(1.0)
+    # run again (a trial of two answers): its own ratio now, not the contention's brought back
+    est.observe(cut=20, observed_s=0.5, predicted_s=0.5)
+    est.observe(cut=20, observed_s=0.5, predicted_s=0.5)
+    assert est.scale(20) == pytest.approx(1.0) and len(est._by_cut[20]) == 2

@@ -84,3 +84,40 @@ def test_killed_controller_leaves_the_last_plan_then_the_embedded_controller_dec
         embedded.close()
         client.close()
         ctx.term()
+
+
+def test_a_controller_heard_again_after_a_silence_has_its_decision_applied_again(node):
+    """While the cluster controller was silent the embedded one moved the plan (a decision or
+    a trial); when the controller is heard again with the same decision, that decision is
+    what the device runs, not whatever the embedded controller left."""
+    from edgesplit.runtime.control.bus import ControllerSockets, decision, wait_for_subscribers
+
+    model, running = node
+    ctx = zmq.Context()
+    hub = ControllerSockets(ctx, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+    client = EdgeClient(running.address)
+    last = model.num_blocks
+    runner = DeviceRunner(model, plan=Plan(cut=4, codec="int8"), client=client, deadline_s=5.0)
+    embedded = EmbeddedController(runner, PlanSpace.for_model(model, repeats=2), LeastLatency(), every=10**9)
+    subscriber = DecisionSubscriber(ctx, hub.decision_endpoint, "cam1")
+    link = DeviceLink(embedded, TelemetryPublisher(ctx, hub.telemetry_endpoint, "device/cam1"), subscriber,
+                      interval_s=0.1, silence_s=0.5)
+    try:
+        link.start()
+        wait_for_subscribers(hub, subscriber)
+        hub.publish_decision(decision("cam1", 1, last, "int8"))
+        wait_until(lambda: link.following and runner.plan.cut == last, timeout=15, what="the decision applied")
+        wait_until(lambda: link.fallbacks == 1, timeout=15, what="the embedded controller deciding after 0.5 s")
+        runner.set_plan(runner.plan.with_changes(cut=4))  # what the embedded controller chose meanwhile
+        hub.publish_decision(decision("cam1", 1, last, "int8"))  # the same decision, heard again
+        wait_until(lambda: link.following and runner.plan.cut == last, timeout=15,
+                   what="the controller's decision applied again")
+        assert not embedded.deciding and len(link.applied) == 2
+    finally:
+        link.close()
+        link.publisher.close()
+        subscriber.close()
+        embedded.close()
+        client.close()
+        hub.close()
+        ctx.term()
