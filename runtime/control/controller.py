@@ -17,9 +17,13 @@ While the plan keeps everything on the device nothing is offloaded and the link 
 unobserved: :meth:`probe` sends a pair of real requests that differ only in size (the
 same tensor as int8 and as fp32) and takes the bandwidth from their difference;
 :meth:`start_probing` does that in a thread whenever no offload was seen for the probe
-interval. A probe costs a weak device real CPU time, so while probes change nothing the
-interval doubles, up to ``max_probe_interval_s``; a plan change (by this controller or a
-cluster controller) or an offload resets it, a probe that read the link far from the
+interval, provided some answer since the last offload was given without one (a plan that
+offloads every request measures the link with each, however sparse the requests: a probe
+between them only queues its 40 kB in front of the next request, which a benchmark run at
+0.3 Mbit/s measured as about 1 s added to such requests). A probe costs a weak device real
+CPU time, so while probes change nothing the interval doubles, up to
+``max_probe_interval_s``; a plan change (by this controller or a cluster controller) or an
+offload resets it, a probe that read the link far from the
 estimate (a change the estimator waits to see confirmed) is followed by one at the base
 interval, and a device following a cluster controller does not back off (its telemetry is
 what that controller decides on).
@@ -114,6 +118,7 @@ class EmbeddedController:
                              f"({probe_interval_s})")
         self.probe_wait_s = probe_interval_s
         self.probes = 0
+        self.probe_checks = 0  # times the probe thread looked whether to probe
         self.device_times = device_times or DeviceTimeEstimator()
         self.learn_device_time = learn_device_time
         if explore_margin < 0 or explore_every < 1:
@@ -131,6 +136,11 @@ class EmbeddedController:
         self._seen = 0
         self._moves = 0  # the estimator's drops + rises seen so far
         self._last_offload_at = clock()
+        # Answers given without an offload since the last one (1 at the start: nothing offloaded
+        # yet). Probes run only when some were: a plan that offloads every request measures the
+        # link with each one, however sparse the requests (probes between them only queue
+        # bytes in front of the next).
+        self._local_since_offload = 1
         self._lock = threading.Lock()
         # Held while probing: hold it to keep probes out of a stretch of time (a benchmark that
         # interleaves another runner's requests with this device's does, so probes load only
@@ -169,9 +179,12 @@ class EmbeddedController:
                 answer_bytes = 4 * answer.logits.numel() if answer.logits is not None else 0
                 self.estimator.observe(answer.sent_bytes, lat.transfer + lat.edge, lat.edge, at, answer_bytes)
                 self._last_offload_at = at
-            elif answer.attempted_bytes and (answer.offload_error or "").startswith("DEADLINE_EXCEEDED"):
-                # The bytes did not get through in time: the link is at most this fast.
-                self.estimator.observe_timeout(answer.attempted_bytes, lat.transfer, at)
+                self._local_since_offload = 0
+            else:
+                self._local_since_offload += 1
+                if answer.attempted_bytes and (answer.offload_error or "").startswith("DEADLINE_EXCEEDED"):
+                    # The bytes did not get through in time: the link is at most this fast.
+                    self.estimator.observe_timeout(answer.attempted_bytes, lat.transfer, at)
             if self.learn_device_time:
                 self._observe_device_time(answer)
             if self.battery is not None:
@@ -332,6 +345,7 @@ class EmbeddedController:
         def loop() -> None:
             last_seen_offload, last_epoch = self._last_offload_at, self.runner.plan.epoch
             while not self._stop.wait(self.probe_interval_s / 4):
+                self.probe_checks += 1
                 # Real offloads measure the link, and a new plan (whoever made it) may need it.
                 if self._last_offload_at != last_seen_offload or self.runner.plan.epoch != last_epoch:
                     self.probe_wait_s = self.probe_interval_s
@@ -339,7 +353,7 @@ class EmbeddedController:
                 # A probe that read the link far from the estimate (a change the estimator waits
                 # to see twice) is followed by one at the base interval, not one 8 s later.
                 wait = self.probe_interval_s if self._confirming else self.probe_wait_s
-                if self.clock() - self._last_offload_at < wait:
+                if not self._local_since_offload or self.clock() - self._last_offload_at < wait:
                     continue
                 measured = self.probe()
                 # once: not after a failed probe, nor again after a confirming one

@@ -250,6 +250,32 @@ def test_a_probe_that_reads_the_link_far_from_the_estimate_is_confirmed_at_the_b
         client.close()
 
 
+def test_no_probes_while_every_request_offloads_however_sparse(node, host_space):
+    model, running = node
+    runner, client = runner_for(model, running, Plan(cut=4, codec="int8"))
+    now = [1000.0]  # the controller's clock, moved by hand: the probe loop decides on it
+    controller = EmbeddedController(runner, host_space, LeastLatency(), probe_interval_s=0.04, every=10**9,
+                                    learn_device_time=False, clock=lambda: now[0])
+    controller.deciding = False  # the plan stays at cut 4: this test is about probing only
+    try:
+        controller.start_probing()  # at the start nothing was offloaded yet: a probe may come
+        wait_until(lambda: controller.probe_checks >= 1, timeout=20)
+        assert runner.infer(torch.randn(1, 1, 28, 28)).where == WHERE_EDGE
+        probes = controller.probes
+        now[0] += 60.0  # a minute without a request: sparse requests, each of them offloaded
+        checks = controller.probe_checks
+        wait_until(lambda: controller.probe_checks >= checks + 5, timeout=20)
+        assert controller.probes == probes  # the next request measures the link itself
+        # One answer given on the device (the plan moved there): now the link goes unobserved.
+        runner.set_plan(Plan(cut=model.num_blocks, codec="int8", epoch=runner.plan.epoch + 1))
+        assert runner.infer(torch.randn(1, 1, 28, 28)).where == WHERE_DEVICE
+        now[0] += 60.0
+        wait_until(lambda: controller.probes > probes, timeout=20, what="a probe once nothing is offloaded")
+    finally:
+        controller.close()
+        client.close()
+
+
 def test_local_completions_after_failed_offloads_teach_nothing_about_the_device(node, host_space):
     import socket
 
