@@ -23,6 +23,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgesplit.models.resnet_fm import EXIT_HEADS
+
 from .distill import DistillRecipe
 
 try:
@@ -192,8 +194,8 @@ def parse(table: dict, root: Path = Path(".")) -> CompressConfig:
     if cfg.exits.backbone is not None:
         backbone = Path(cfg.exits.backbone)
         cfg.exits.backbone = str(backbone if backbone.is_absolute() else root / backbone)
-    if cfg.exits.head is not None and cfg.exits.head not in ("conv", "light"):
-        raise ValueError(f"exits.head must be conv or light, not {cfg.exits.head!r}")
+    if cfg.exits.head is not None and cfg.exits.head not in EXIT_HEADS:
+        raise ValueError(f"exits.head must be one of {', '.join(EXIT_HEADS)}, not {cfg.exits.head!r}")
     bad = sorted(set(cfg.exits.confidence) - {"max_softmax", "entropy"})
     if bad:
         raise ValueError(f"exits.confidence lists {bad}; use max_softmax and/or entropy")

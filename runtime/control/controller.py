@@ -136,11 +136,11 @@ class EmbeddedController:
         self._seen = 0
         self._moves = 0  # the estimator's drops + rises seen so far
         self._last_offload_at = clock()
-        # Answers given without an offload since the last one (1 at the start: nothing offloaded
-        # yet). Probes run only when some were: a plan that offloads every request measures the
-        # link with each one, however sparse the requests (probes between them only queue
-        # bytes in front of the next).
-        self._local_since_offload = 1
+        # Whether an answer was given without an offload since the last offload (True at the
+        # start: nothing offloaded yet). Probes run only then: a plan that offloads every
+        # request measures the link with each one, however sparse the requests (probes between
+        # them only queue bytes in front of the next).
+        self._unoffloaded = True
         self._lock = threading.Lock()
         # Held while probing: hold it to keep probes out of a stretch of time (a benchmark that
         # interleaves another runner's requests with this device's does, so probes load only
@@ -179,9 +179,9 @@ class EmbeddedController:
                 answer_bytes = 4 * answer.logits.numel() if answer.logits is not None else 0
                 self.estimator.observe(answer.sent_bytes, lat.transfer + lat.edge, lat.edge, at, answer_bytes)
                 self._last_offload_at = at
-                self._local_since_offload = 0
+                self._unoffloaded = False
             else:
-                self._local_since_offload += 1
+                self._unoffloaded = True
                 if answer.attempted_bytes and (answer.offload_error or "").startswith("DEADLINE_EXCEEDED"):
                     # The bytes did not get through in time: the link is at most this fast.
                     self.estimator.observe_timeout(answer.attempted_bytes, lat.transfer, at)
@@ -353,7 +353,7 @@ class EmbeddedController:
                 # A probe that read the link far from the estimate (a change the estimator waits
                 # to see twice) is followed by one at the base interval, not one 8 s later.
                 wait = self.probe_interval_s if self._confirming else self.probe_wait_s
-                if not self._local_since_offload or self.clock() - self._last_offload_at < wait:
+                if not self._unoffloaded or self.clock() - self._last_offload_at < wait:
                     continue
                 measured = self.probe()
                 # once: not after a failed probe, nor again after a confirming one

@@ -230,9 +230,12 @@ class BatteryAware(Policy):
     saving: Policy
     low_level: float = 0.3
 
+    def select(self, state: State) -> Policy:
+        """The policy that decides in ``state``."""
+        return self.saving if state.on_battery and state.battery_level < self.low_level else self.mains
+
     def choose(self, options, state):
-        policy = self.saving if state.on_battery and state.battery_level < self.low_level else self.mains
-        return policy.choose(options, state)
+        return self.select(state).choose(options, state)
 
 
 def active_policy(policy: Policy, state: State) -> Policy:
@@ -242,8 +245,7 @@ def active_policy(policy: Policy, state: State) -> Policy:
         if isinstance(policy, Hysteresis):
             policy = policy.inner
         elif isinstance(policy, BatteryAware):
-            low = state.on_battery and state.battery_level < policy.low_level
-            policy = policy.saving if low else policy.mains
+            policy = policy.select(state)
         else:
             return policy
 
