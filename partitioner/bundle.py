@@ -156,7 +156,7 @@ def load_bundle(path: str | Path) -> Bundle:
             cuts = [int(c) for c in manifest.get("exit_cuts", model.exit_cuts)]
             head = manifest.get("exit_head")
             if head is not None and not isinstance(head, str):
-                raise ValueError(f"exit_head must be a name, not {head!r}")
+                raise ValueError(f"exit_head must be a name, not {head!r:.60}")
             if cuts != model.exit_cuts or head is not None:
                 model = with_exits(model, cuts, head)
             rebuild(model, manifest["architecture"])

@@ -64,7 +64,7 @@ def with_exits(model: SplitModel, cuts: list[int], head: str | None = None) -> S
     of :data:`~edgesplit.models.resnet_fm.EXIT_HEADS` (``conv``, ``light``): every head is a
     new one of that kind."""
     if head is not None and head not in EXIT_HEADS:
-        raise ValueError(f"unknown exit head {head!r}; known: {', '.join(EXIT_HEADS)}")
+        raise ValueError(f"unknown exit head {head!r:.60}; known: {', '.join(EXIT_HEADS)}")
     make = EXIT_HEADS[head or "conv"]
     shapes = model.cut_points()
     heads = {}
