@@ -103,8 +103,9 @@ class SplitModel(nn.Module):
         self.check_cut(stop)
         if stop < start:
             raise ValueError(f"stop cut {stop} is before start cut {start}")
-        for block in self.blocks[start:stop]:
-            x = block(x)
+        blocks = self.blocks
+        for i in range(start, stop):  # not blocks[start:stop]: slicing builds a new ModuleList per call
+            x = blocks[i](x)
         return x
 
     def exit_logits(self, cut: int, h: torch.Tensor) -> torch.Tensor:

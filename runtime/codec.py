@@ -110,6 +110,18 @@ def decode(
     max_elements: int = MAX_ELEMENTS,
 ) -> torch.Tensor:
     """Decode an untrusted payload into a new contiguous float32 tensor of ``shape``."""
+    return torch.from_numpy(decode_array(data, datatype, shape, params, max_elements))
+
+
+def decode_array(
+    data: bytes,
+    datatype: str,
+    shape: Sequence[int],
+    params: Mapping[str, object] | None = None,
+    max_elements: int = MAX_ELEMENTS,
+) -> np.ndarray:
+    """:func:`decode` to a new, writable, contiguous float32 numpy array (no torch call:
+    what a server checks before handing the tensor to the model)."""
     params = {} if params is None else params
     if not isinstance(params, Mapping):
         raise CodecError(f"params must be a mapping, got {type(params).__name__}")
@@ -163,7 +175,7 @@ def decode(
             out *= scale.reshape(bshape)
         if float(scale.max(initial=0.0)) * 255.0 > _F32_MAX:  # saturate instead of overflowing
             np.clip(out, -_F32_MAX, _F32_MAX, out=out)
-    return torch.from_numpy(out.reshape(dims))
+    return out.reshape(dims)
 
 
 def encoded_nbytes(shape: Sequence[int], codec: str) -> int:

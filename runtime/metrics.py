@@ -56,6 +56,17 @@ class NodeMetrics:
             "edgesplit_node_queue_wait_seconds", "Time a request waited in its model's queue before its batch ran.",
             ["model"], buckets=LATENCY_BUCKETS, registry=registry,
         )
+        self._children: dict[tuple[str, str], object] = {}
+
+    def child(self, metric: str, *labels: str):
+        """``getattr(self, metric).labels(*labels)``, looked up once: a request updates
+        several labelled series, and prometheus_client's ``labels`` takes a lock each time.
+        Label values are served model names (or "unknown") and status codes: few."""
+        key = (metric, *labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = getattr(self, metric).labels(*labels)
+        return found
 
 
 class DeviceMetrics:

@@ -214,10 +214,11 @@ class DataPlane:
             model.stats.add_batch(len(batch), outcome.rows, outcome.compute_seconds,
                                   sum(started - p.enqueued for p in batch))
         if self.metrics and outcome.rows:
-            self.metrics.batch_size.labels(model=model.name).observe(outcome.rows)
-            self.metrics.compute_seconds.labels(model=model.name).observe(outcome.compute_seconds)
+            self.metrics.child("batch_size", model.name).observe(outcome.rows)
+            self.metrics.child("compute_seconds", model.name).observe(outcome.compute_seconds)
+            queue_seconds = self.metrics.child("queue_seconds", model.name)
             for p in batch:
-                self.metrics.queue_seconds.labels(model=model.name).observe(max(0.0, started - p.enqueued))
+                queue_seconds.observe(max(0.0, started - p.enqueued))
 
     async def wait_idle(self, timeout: float | None = None) -> bool:
         """Wait until no request is in flight; False if ``timeout`` passed first."""

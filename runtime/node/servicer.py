@@ -124,10 +124,10 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         finally:
             metrics = self.plane.metrics
             if metrics:
-                metrics.requests.labels(model=label, code=code).inc()
-                metrics.request_seconds.labels(model=label).observe(time.perf_counter() - started)
-                metrics.received_bytes.labels(model=label).inc(received)
-                metrics.sent_bytes.labels(model=label).inc(sent)
+                metrics.child("requests", label, code).inc()
+                metrics.child("request_seconds", label).observe(time.perf_counter() - started)
+                metrics.child("received_bytes", label).inc(received)
+                metrics.child("sent_bytes", label).inc(sent)
 
 
 def _code_name(context) -> str:
