@@ -16,8 +16,9 @@ themselves are the better measurement.
 While the plan keeps everything on the device nothing is offloaded and the link goes
 unobserved: :meth:`probe` sends a pair of real requests that differ only in size (the
 same tensor as int8 and as fp32) and takes the bandwidth from their difference;
-:meth:`start_probing` does that in a thread whenever no offload was seen for the probe
-interval, provided some answer since the last offload was given without one (a plan that
+:meth:`start_probing` does that in a thread once at the start (the first plans then rest
+on a measured link, not on the estimator's initial guess) and whenever no offload was seen
+for the probe interval, provided some answer since the last offload was given without one (a plan that
 offloads every request measures the link with each, however sparse the requests: a probe
 between them only queues its 40 kB in front of the next request, which a benchmark run at
 0.3 Mbit/s measured as about 1 s added to such requests). A probe costs a weak device real
@@ -338,13 +339,18 @@ class EmbeddedController:
             self._last_offload_at = at
         return True
 
-    def start_probing(self) -> None:
+    def start_probing(self, at_once: bool = True) -> None:
         """Probe in a thread whenever no offload was seen for the probe interval (which
-        doubles while probes change nothing, up to ``max_probe_interval_s``)."""
+        doubles while probes change nothing, up to ``max_probe_interval_s``).
+
+        ``at_once``: the first probe comes now (unless a request offloaded already), so the
+        first plans rest on a measured link rather than the estimator's initial guess."""
 
         def loop() -> None:
             last_seen_offload, last_epoch = self._last_offload_at, self.runner.plan.epoch
-            while not self._stop.wait(self.probe_interval_s / 4):
+            first = at_once
+            while first or not self._stop.wait(self.probe_interval_s / 4):
+                due_now, first = first, False
                 self.probe_checks += 1
                 # Real offloads measure the link, and a new plan (whoever made it) may need it.
                 if self._last_offload_at != last_seen_offload or self.runner.plan.epoch != last_epoch:
@@ -353,7 +359,7 @@ class EmbeddedController:
                 # A probe that read the link far from the estimate (a change the estimator waits
                 # to see twice) is followed by one at the base interval, not one 8 s later.
                 wait = self.probe_interval_s if self._confirming else self.probe_wait_s
-                if not self._unoffloaded or self.clock() - self._last_offload_at < wait:
+                if not self._unoffloaded or (not due_now and self.clock() - self._last_offload_at < wait):
                     continue
                 measured = self.probe()
                 # once: not after a failed probe, nor again after a confirming one

@@ -8,8 +8,10 @@ turns them into a bandwidth and an RTT estimate:
   less than a tenth of the round trip at the current estimate), or of all requests minus
   their transfer time, so queueing on a busy link does not inflate it;
 - the **bandwidth** is the harmonic mean of the last ``window`` per-request rates
-  (``bytes / (round trip - edge - RTT)``): one very fast sample (a request that fit in a
-  token bucket, or in the socket buffer) cannot pull it up;
+  (``bytes / (round trip - edge - RTT)``) seen within ``max_age_s``: one very fast sample
+  (a request that fit in a token bucket, or in the socket buffer) cannot pull it up, and
+  rates from long ago (sparse probes while everything runs on the device) do not hold it
+  where the link was;
 - a **sharp drop** (``drop_samples`` consecutive rates below ``drop_ratio`` of the
   estimate, or one below it when the last sample is older than ``drop_after_s``) restarts
   the window from those samples, so the estimate follows a cut in bandwidth within a few
@@ -52,16 +54,21 @@ class LinkEstimator:
     """Bandwidth and RTT from observed offloads, robust to outliers, quick to see a drop."""
 
     def __init__(self, window: int = 16, initial_mbit: float = 10.0, initial_rtt_s: float = 0.02,
-                 drop_ratio: float = 0.5, drop_samples: int = 3, drop_after_s: float = 0.5) -> None:
+                 drop_ratio: float = 0.5, drop_samples: int = 3, drop_after_s: float = 0.5,
+                 max_age_s: float = 10.0) -> None:
         if window < drop_samples or drop_samples < 1:
             raise ValueError(f"need 1 <= drop_samples ({drop_samples}) <= window ({window})")
+        if not max_age_s > 0:
+            raise ValueError(f"need max_age_s > 0, not {max_age_s}")
         if not 0 < drop_ratio < 1 or not initial_mbit > 0:
             raise ValueError(f"need 0 < drop_ratio < 1 and initial_mbit > 0, not {drop_ratio}, {initial_mbit}")
         self.window = window
         self.drop_ratio = drop_ratio
         self.drop_samples = drop_samples
         self.drop_after_s = drop_after_s
+        self.max_age_s = max_age_s
         self._rates: deque[float] = deque(maxlen=window)  # bits per second, one per request
+        self._rates_at: deque[float] = deque(maxlen=window)  # when each of them was seen
         self._overheads: deque[float] = deque(maxlen=window)  # seconds of a round trip not spent sending
         self._low: list[float] = []  # consecutive rates below the drop ratio
         self._high: list[float] = []  # consecutive rates above 1 / the drop ratio
@@ -146,20 +153,23 @@ class LinkEstimator:
         return statistics.quantiles(self._overheads, n=10, method="inclusive")[0]
 
     def _add_rate(self, rate: float, at: float) -> None:
+        while self._rates_at and at - self._rates_at[0] > self.max_age_s:  # not where the link is now
+            self._rates.popleft()
+            self._rates_at.popleft()
         current = self.bandwidth_mbit * 1e6
         if not self._rates and rate <= current / self.drop_ratio:
             # The first measurement replaces the initial guess, unless it is far above it: one
             # fast sample (a probe through a buffer) must not send everything to the edge.
             if rate < self.drop_ratio * current:
                 self.drops += 1
-            self._restart([rate])
+            self._restart([rate], at)
             return
         stale = self._last_at is not None and at - self._last_at > self.drop_after_s
         if rate < self.drop_ratio * current:
             self._high.clear()
             self._low.append(rate)
             if len(self._low) >= self.drop_samples or stale:
-                self._restart(self._low)
+                self._restart(self._low, at)
                 self.drops += 1
                 return
         elif rate > current / self.drop_ratio:
@@ -170,7 +180,7 @@ class LinkEstimator:
             self._low.clear()
             self._high.append(rate)
             if len(self._high) >= self.drop_samples or (stale and len(self._high) >= 2):
-                self._restart(self._high)
+                self._restart(self._high, at)
                 self.rises += 1
                 return
             if not self._rates:
@@ -179,11 +189,14 @@ class LinkEstimator:
             self._low.clear()
             self._high.clear()
         self._rates.append(rate)
+        self._rates_at.append(at)
         self.bandwidth_mbit = statistics.harmonic_mean(self._rates) / 1e6
 
-    def _restart(self, rates: list[float]) -> None:
+    def _restart(self, rates: list[float], at: float) -> None:
         self._rates.clear()
+        self._rates_at.clear()
         self._rates.extend(rates)
+        self._rates_at.extend([at] * len(rates))
         rates.clear()
         self.bandwidth_mbit = statistics.harmonic_mean(self._rates) / 1e6
 

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from edgesplit.runtime.control.battery import SimulatedBattery
 from edgesplit.runtime.control.controller import EmbeddedController
 from edgesplit.runtime.control.estimators import LinkEstimator
-from edgesplit.runtime.control.policy import BatteryAware, LeastEnergy, LeastLatency, PlanSpace
+from edgesplit.runtime.control.policy import BatteryAware, LeastEnergy, LeastLatency, PlanSpace, State
 from edgesplit.runtime.device.runner import WHERE_DEVICE, WHERE_EDGE, DeviceRunner
 from edgesplit.runtime.device.slowed import slowed
 from edgesplit.runtime.metrics import DeviceMetrics
@@ -236,7 +236,7 @@ def test_a_probe_that_reads_the_link_far_from_the_estimate_is_confirmed_at_the_b
                                     estimator=LinkEstimator(initial_mbit=0.01, initial_rtt_s=0.01))
     try:
         controller.probe_wait_s = 8.0  # backed off: probes changed nothing for a while
-        controller.start_probing()
+        controller.start_probing(at_once=False)
         now[0] += 8.5
         wait_until(lambda: controller.probes >= 1, timeout=20)
         wait_until(lambda: controller.estimator.samples >= 1, timeout=20)
@@ -248,6 +248,34 @@ def test_a_probe_that_reads_the_link_far_from_the_estimate_is_confirmed_at_the_b
     finally:
         controller.close()
         client.close()
+
+
+def test_the_first_probe_comes_at_once_and_the_first_plan_rests_on_it(node, space):
+    from edgesplit.linksim import LinkEmulatorThread, LinkSettings
+
+    model, running = node
+    host, port = running.address.rsplit(":", 1)
+    now = [1000.0]  # the controller's clock, never moved: no probe interval ever passes
+    with LinkEmulatorThread(host, int(port), settings=LinkSettings(rate_mbps=2.0)) as link:
+        client = EdgeClient(f"127.0.0.1:{link.port}")
+        runner = DeviceRunner(model, plan=Plan(cut=model.num_blocks, codec="int8"), client=client, deadline_s=5.0)
+        # A guess of 1.5 Mbit/s on a 2 Mbit/s link: a reading within twice the guess replaces it.
+        controller = EmbeddedController(runner, space, LeastLatency(), probe_interval_s=2.0,
+                                        learn_device_time=False, clock=lambda: now[0],
+                                        estimator=LinkEstimator(initial_mbit=1.5, initial_rtt_s=0.01))
+        try:
+            controller.start_probing()
+            wait_until(lambda: controller.estimator.samples >= 1, timeout=30, what="a probe at once")
+            assert controller.probes == 1
+            assert controller.estimator.bandwidth_mbit == pytest.approx(2.0, rel=0.25)
+            checks = controller.probe_checks
+            wait_until(lambda: controller.probe_checks >= checks + 2, timeout=60)
+            assert controller.probes == 1  # then only after the (never reached) interval
+            if controller.decisions:  # the plan made after the probe rests on its reading
+                assert controller.decisions[-1].bandwidth_mbit == pytest.approx(2.0, rel=0.25)
+        finally:
+            controller.close()
+            client.close()
 
 
 def test_no_probes_while_every_request_offloads_however_sparse(node, host_space):
@@ -366,8 +394,13 @@ def test_a_trial_that_teaches_nothing_is_not_repeated_at_that_cut(node):
     client = EdgeClient(dead)
     last = model.num_blocks
     runner = DeviceRunner(model, plan=Plan(cut=last, codec="int8"), client=client, deadline_s=2.0)
+    # An RTT that puts the best offload 20 % behind staying: the policy keeps everything here,
+    # and a trial is close enough to be made (how close the cuts come depends on this host).
+    stay = min(o.latency_s for o in space.options(State(100.0, 0.0)) if o.cut == last)
+    nearest = min(o.latency_s for o in space.options(State(100.0, 0.0)) if o.cut != last)
+    rtt = max(0.0002, 1.2 * stay - nearest)
     controller = EmbeddedController(runner, space, LeastLatency(), every=1, explore_every=2,
-                                    estimator=LinkEstimator(initial_mbit=100.0, initial_rtt_s=0.0002))
+                                    estimator=LinkEstimator(initial_mbit=100.0, initial_rtt_s=rtt))
     try:
         x = torch.randn(1, 1, 28, 28)
         answers = [runner.infer(x) for _ in range(30)]  # a barren cut may be tried again after 32

@@ -145,3 +145,20 @@ def test_a_cut_not_run_for_a_while_takes_the_overall_ratio_again_and_tiny_predic
     est.observe(cut=20, observed_s=0.5, predicted_s=0.5)
     est.observe(cut=20, observed_s=0.5, predicted_s=0.5)
     assert est.scale(20) == pytest.approx(1.0) and len(est._by_cut[20]) == 2
+
+
+def test_rates_older_than_max_age_leave_the_window():
+    # A moderate rise (1.6x: not a "sharp" one) seen only by sparse probes while everything
+    # runs on the device: a window of old rates would hold the estimate near 1 Mbit/s for
+    # a whole window of probes.
+    est = LinkEstimator(window=16, initial_mbit=1.0, max_age_s=10.0)
+    feed(est, 1.0, 16)
+    est.observe_pair(8_000, 0.004 + 8 * 8_000 / 1.6e6, 32_000, 0.004 + 8 * 32_000 / 1.6e6, at=5.0)
+    assert est.bandwidth_mbit < 1.1  # within max_age: one rate among sixteen
+    est.observe_pair(8_000, 0.004 + 8 * 8_000 / 1.6e6, 32_000, 0.004 + 8 * 32_000 / 1.6e6, at=14.0)
+    assert est.bandwidth_mbit == pytest.approx(1.6, rel=0.02)  # the rates of t < 4 s are gone
+    # A rate far above an estimate whose window aged out still waits for a second one.
+    est.observe_pair(8_000, 0.004 + 8 * 8_000 / 20e6, 32_000, 0.004 + 8 * 32_000 / 20e6, at=40.0)
+    assert est.bandwidth_mbit == pytest.approx(1.6, rel=0.02) and est.unconfirmed
+    with pytest.raises(ValueError, match="max_age_s"):
+        LinkEstimator(max_age_s=0)
