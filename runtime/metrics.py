@@ -56,7 +56,7 @@ class NodeMetrics:
             "edgesplit_node_queue_wait_seconds", "Time a request waited in its model's queue before its batch ran.",
             ["model"], buckets=LATENCY_BUCKETS, registry=registry,
         )
-        self._children: dict[tuple[str, str], object] = {}
+        self._children: dict[tuple[str, ...], object] = {}
 
     def child(self, metric: str, *labels: str):
         """``getattr(self, metric).labels(*labels)``, looked up once: a request updates

@@ -67,8 +67,7 @@ class LinkEstimator:
         self.drop_samples = drop_samples
         self.drop_after_s = drop_after_s
         self.max_age_s = max_age_s
-        self._rates: deque[float] = deque(maxlen=window)  # bits per second, one per request
-        self._rates_at: deque[float] = deque(maxlen=window)  # when each of them was seen
+        self._rates: deque[tuple[float, float]] = deque(maxlen=window)  # (when, bits per second), one per request
         self._overheads: deque[float] = deque(maxlen=window)  # seconds of a round trip not spent sending
         self._low: list[float] = []  # consecutive rates below the drop ratio
         self._high: list[float] = []  # consecutive rates above 1 / the drop ratio
@@ -153,9 +152,8 @@ class LinkEstimator:
         return statistics.quantiles(self._overheads, n=10, method="inclusive")[0]
 
     def _add_rate(self, rate: float, at: float) -> None:
-        while self._rates_at and at - self._rates_at[0] > self.max_age_s:  # not where the link is now
+        while self._rates and at - self._rates[0][0] > self.max_age_s:  # not where the link is now
             self._rates.popleft()
-            self._rates_at.popleft()
         current = self.bandwidth_mbit * 1e6
         if not self._rates and rate <= current / self.drop_ratio:
             # The first measurement replaces the initial guess, unless it is far above it: one
@@ -188,17 +186,17 @@ class LinkEstimator:
         else:
             self._low.clear()
             self._high.clear()
-        self._rates.append(rate)
-        self._rates_at.append(at)
-        self.bandwidth_mbit = statistics.harmonic_mean(self._rates) / 1e6
+        self._rates.append((at, rate))
+        self._update()
 
     def _restart(self, rates: list[float], at: float) -> None:
         self._rates.clear()
-        self._rates_at.clear()
-        self._rates.extend(rates)
-        self._rates_at.extend([at] * len(rates))
+        self._rates.extend((at, r) for r in rates)
         rates.clear()
-        self.bandwidth_mbit = statistics.harmonic_mean(self._rates) / 1e6
+        self._update()
+
+    def _update(self) -> None:
+        self.bandwidth_mbit = statistics.harmonic_mean([r for _, r in self._rates]) / 1e6
 
     @property
     def unconfirmed(self) -> bool:
