@@ -35,6 +35,9 @@ class Plan:
     codec: str = "fp32"
     compression: str = "none"
     epoch: int = 0
+    # How long this plan's offloads may take before the request completes on the device
+    # instead (seconds); None: the runner's own deadline. The runner uses the shorter.
+    offload_deadline_s: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.cut, bool) or not isinstance(self.cut, int) or self.cut < 0:
@@ -43,6 +46,10 @@ class Plan:
             raise ValueError(f"codec must be one of {codecs.CODECS}, not {self.codec!r}")
         if self.compression not in codecs.COMPRESSIONS:
             raise ValueError(f"compression must be one of {codecs.COMPRESSIONS}, not {self.compression!r}")
+        if self.offload_deadline_s is not None and not (
+                isinstance(self.offload_deadline_s, (int, float)) and 0 < self.offload_deadline_s < float("inf")):
+            raise ValueError(f"offload_deadline_s must be a positive number of seconds or None, "
+                             f"not {self.offload_deadline_s!r}")
         frozen = {}
         for k, v in dict(self.thresholds).items():
             value = float(v)

@@ -42,6 +42,15 @@ answers, so a cut that stays close costs about ``min_samples / explore_every`` o
 requests at most ``explore_margin`` slower; a trial that taught nothing (its requests failed
 over, left at an exit, or were too short to time) is not repeated at that cut until
 ``device_times.stale_after`` answers later.
+
+Every plan the controller makes carries an **offload deadline**: ``offload_patience`` times
+the predicted offload (sending, the edge, the answer) plus what completing the request on
+the device would cost (the tail after the cut, at the learned device speed). A request
+caught by a link that collapses mid-flight (a trace's drop to 0.05 Mbit/s turned one
+9 kB offload into 2 s) then completes locally at about that deadline instead of waiting
+the link out, and its timeout tells the estimator at once that the link is at most that
+fast, which moves the plan. A plan set by hand or by a cluster controller has none: the
+runner's own deadline applies.
 """
 
 from __future__ import annotations
@@ -86,6 +95,7 @@ class Decision:
     device_scale: float = 1.0  # learned device time over the profile's, at the chosen cut
     explore: bool = False  # a trial of a cut whose device time is not learned, not the policy's choice
     ends_trial: bool = False  # the policy's decision right after a trial (often back to the plan before it)
+    offload_deadline_s: float | None = None  # the plan's own (None: the runner's)
 
 
 @dataclass
@@ -103,7 +113,8 @@ class EmbeddedController:
                  every: int = 8, power: DevicePower = PI4, clock: Callable[[], float] = time.monotonic,
                  probe_interval_s: float = 2.0, max_probe_interval_s: float | None = None,
                  device_times: DeviceTimeEstimator | None = None, learn_device_time: bool = True,
-                 explore_margin: float = 0.25, explore_every: int = 24) -> None:
+                 explore_margin: float = 0.25, explore_every: int = 24,
+                 offload_patience: float | None = 2.0, min_offload_deadline_s: float = 0.05) -> None:
         self.runner = runner
         self.space = space
         self.policy = policy
@@ -126,6 +137,11 @@ class EmbeddedController:
             raise ValueError(f"need explore_margin >= 0 and explore_every >= 1, not {explore_margin}, {explore_every}")
         self.explore_margin = explore_margin
         self.explore_every = explore_every
+        if offload_patience is not None and not offload_patience >= 1:
+            raise ValueError(f"offload_patience must be at least 1 (or None: no deadline of the plan's own), "
+                             f"not {offload_patience}")
+        self.offload_patience = offload_patience
+        self.min_offload_deadline_s = min_offload_deadline_s
         self.explorations = 0
         self._trial: _Trial | None = None
         self._explored_at = -explore_every  # self._seen when the last trial began
@@ -249,7 +265,8 @@ class EmbeddedController:
                 return None
             option, explore = trial, True
         thresholds = self._thresholds(option)
-        new = plan.with_changes(cut=option.cut, codec=option.codec, thresholds=thresholds)
+        new = plan.with_changes(cut=option.cut, codec=option.codec, thresholds=thresholds,
+                                offload_deadline_s=self._offload_deadline(option, state))
         self.runner.set_plan(new)
         if explore:
             self.explorations += 1
@@ -258,7 +275,7 @@ class EmbeddedController:
         decision = Decision(at, new.epoch, new.cut, new.codec, option.exits.name, thresholds,
                             1000 * option.latency_s, state.bandwidth_mbit, 1000 * state.rtt_s,
                             state.battery_level, state.on_battery, state.device_scale_at(new.cut), explore,
-                            ends_trial and not explore)
+                            ends_trial and not explore, new.offload_deadline_s)
         self.decisions.append(decision)
         metrics = self.runner.metrics
         if metrics:
@@ -273,6 +290,14 @@ class EmbeddedController:
                  decision.predicted_ms, state.bandwidth_mbit, decision.rtt_ms, decision.device_scale,
                  100 * state.battery_level, " on battery" if state.on_battery else "")
         return new
+
+    def _offload_deadline(self, option: Option, state: State) -> float | None:
+        """How long ``option``'s offloads may take before completing locally (see the module
+        docstring); None for all on the device or without ``offload_patience``."""
+        if self.offload_patience is None or option.remote_s <= 0:
+            return None
+        tail = self.space.local_tail_seconds(option.cut, state.device_scale_at(option.cut))
+        return max(self.min_offload_deadline_s, self.offload_patience * option.remote_s + tail)
 
     def _thresholds(self, option: Option) -> dict[int, float]:
         return {cut: option.exits.thresholds.get(cut, NEVER) for cut in self.runner.model.exit_cuts}

@@ -76,6 +76,9 @@ class Option:
     latency_s: float
     energy_j: float
     accuracy: float
+    # Predicted time of one offload that happens (sending, the edge's queue and work, the
+    # answer back); 0 for all on the device. What an offload deadline is set from.
+    remote_s: float = 0.0
 
     @property
     def key(self) -> tuple:
@@ -155,6 +158,11 @@ class PlanSpace:
             seconds += math.prod(self.shapes[cut]) * self.device.encode_seconds_per_element
         return seconds + sum(self.exit_seconds.get(c, 0.0) for c in exits_run if c <= stop)
 
+    def local_tail_seconds(self, cut: int, device_scale: float = 1.0) -> float:
+        """The device's time to run everything after ``cut`` itself (what completing a
+        request locally costs when its offload fails), by the profile scaled by ``device_scale``."""
+        return device_scale * self.device.segment_seconds(cut, self.last)
+
     def options(self, state: State) -> list[Option]:
         link = Link(state.bandwidth_mbit, state.rtt_s)
         plain = self._plain
@@ -177,7 +185,10 @@ class PlanSpace:
                     if scale != 1.0:  # the device runs slower (or faster) than its profile
                         total_s += (scale - 1.0) * p.device_s
                         energy_j = self.power.energy_joules(scale * p.device_s, p.transfer_s, link)
-                    out.append(Option(p.cut, codec, setting, total_s + wait, energy_j, setting.accuracy))
+                    # predict() weighs transfer and edge time by the share that reaches them
+                    remote_s = (p.transfer_s + p.edge_s) / stays + state.edge_wait_s if stays > 0 else 0.0
+                    out.append(Option(p.cut, codec, setting, total_s + wait, energy_j, setting.accuracy,
+                                      remote_s if p.cut < self.last else 0.0))
         return out
 
 

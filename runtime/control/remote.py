@@ -228,7 +228,10 @@ class DeviceLink:
             self.rejected += 1
             return
         thresholds = {c: float(msg.thresholds.get(c, NEVER)) for c in model.exit_cuts}
-        self.runner.set_plan(self.runner.plan.with_changes(cut=msg.cut, codec=msg.codec, thresholds=thresholds))
+        # The decision carries no offload deadline: the runner's own applies, not one an
+        # embedded controller set for another cut.
+        self.runner.set_plan(self.runner.plan.with_changes(cut=msg.cut, codec=msg.codec, thresholds=thresholds,
+                                                           offload_deadline_s=None))
         self.applied.append(msg)
 
     def close(self) -> None:

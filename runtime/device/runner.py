@@ -200,13 +200,17 @@ class DeviceRunner:
     def local_tail_s(self) -> float:
         return self.local_tail_seconds(self._plan.cut) if self.latency_target_s else 0.0
 
-    def offload_deadline(self, elapsed_s: float, cut: int | None = None) -> float:
+    def offload_deadline(self, elapsed_s: float, cut: int | None = None, plan: Plan | None = None) -> float:
         """Seconds the node may take: fixed, or what the latency target leaves after the head
-        and a local completion."""
+        and a local completion; no more than ``plan``'s own offload deadline where it sets one."""
         if self.latency_target_s is None:
-            return self.deadline_s
-        tail = self.local_tail_seconds(self._plan.cut if cut is None else cut)
-        return max(0.005, self.latency_target_s - elapsed_s - tail)
+            seconds = self.deadline_s
+        else:
+            tail = self.local_tail_seconds(self._plan.cut if cut is None else cut)
+            seconds = max(0.005, self.latency_target_s - elapsed_s - tail)
+        if plan is not None and plan.offload_deadline_s is not None:
+            seconds = min(seconds, plan.offload_deadline_s)
+        return seconds
 
     @staticmethod
     def tail_model_name_for(model: SplitModel, cut: int) -> str:
@@ -273,7 +277,7 @@ class DeviceRunner:
         latency.device = time.perf_counter() - started
         call_started = time.perf_counter()
         try:
-            deadline = self.offload_deadline(latency.device, plan.cut)
+            deadline = self.offload_deadline(latency.device, plan.cut, plan)
             result = self.client.infer(self.tail_model_name_for(self.model, plan.cut), encoded, deadline,
                                        str(request_id))
         except OffloadError as exc:

@@ -414,3 +414,52 @@ def test_a_trial_that_teaches_nothing_is_not_repeated_at_that_cut(node):
     finally:
         controller.close()
         client.close()
+
+
+def test_a_plan_the_controller_makes_gives_up_on_a_collapsed_link_at_its_own_deadline(node, space):
+    """The runner's deadline is 30 s; the controller's plan carries one from its prediction
+    (patience x the predicted offload + the local tail), so a request caught by a link that
+    collapses completes on the device at that deadline, and the plan moves off the link."""
+    from edgesplit.linksim import LinkEmulatorThread, LinkSettings
+
+    model, running = node
+    host, port = running.address.rsplit(":", 1)
+    with LinkEmulatorThread(host, int(port), settings=LinkSettings(rate_mbps=0.02)) as link:
+        client = EdgeClient(f"127.0.0.1:{link.port}")
+        runner = DeviceRunner(model, plan=Plan(cut=model.num_blocks, codec="int8"), client=client, deadline_s=30.0)
+        controller = EmbeddedController(runner, space, LeastLatency(), every=1000, learn_device_time=False,
+                                        estimator=LinkEstimator(initial_mbit=50.0, initial_rtt_s=0.001),
+                                        offload_patience=2.0)
+        try:
+            plan = controller.decide()
+            assert plan is not None and plan.cut < model.num_blocks  # a fast link is believed: offload
+            option = controller.current
+            expected = max(0.05, 2.0 * option.remote_s + space.local_tail_seconds(plan.cut))
+            assert plan.offload_deadline_s == pytest.approx(expected)
+            assert controller.decisions[-1].offload_deadline_s == plan.offload_deadline_s
+            assert plan.offload_deadline_s < 1.0
+            answer = runner.infer(torch.randn(1, 1, 28, 28))
+            assert answer.where == "device-fallback" and answer.offload_error.startswith("DEADLINE_EXCEEDED")
+            # it waited for the plan's deadline, not the runner's 30 s
+            assert plan.offload_deadline_s * 0.9 <= answer.latency.transfer < 10.0
+            assert runner.plan.cut == model.num_blocks and runner.plan.offload_deadline_s is None
+        finally:
+            controller.close()
+            client.close()
+
+
+def test_without_patience_plans_carry_no_deadline_of_their_own(node, space):
+    model, running = node
+    runner, client = runner_for(model, running, Plan(cut=model.num_blocks, codec="int8"))
+    controller = EmbeddedController(runner, space, LeastLatency(), every=1000, learn_device_time=False,
+                                    estimator=LinkEstimator(initial_mbit=50.0, initial_rtt_s=0.001),
+                                    offload_patience=None)
+    try:
+        plan = controller.decide()
+        assert plan is not None and plan.cut < model.num_blocks and plan.offload_deadline_s is None
+        assert runner.offload_deadline(0.0, plan.cut, plan) == runner.deadline_s
+    finally:
+        controller.close()
+        client.close()
+    with pytest.raises(ValueError, match="offload_patience"):
+        EmbeddedController(runner, space, LeastLatency(), offload_patience=0.5)

@@ -108,11 +108,13 @@ def test_a_controller_heard_again_after_a_silence_has_its_decision_applied_again
         hub.publish_decision(decision("cam1", 1, last, "int8"))
         wait_until(lambda: link.following and runner.plan.cut == last, timeout=15, what="the decision applied")
         wait_until(lambda: link.fallbacks == 1, timeout=15, what="the embedded controller deciding after 0.5 s")
-        runner.set_plan(runner.plan.with_changes(cut=4))  # what the embedded controller chose meanwhile
+        # what the embedded controller chose meanwhile, with an offload deadline of its own
+        runner.set_plan(runner.plan.with_changes(cut=4, offload_deadline_s=0.3))
         hub.publish_decision(decision("cam1", 1, last, "int8"))  # the same decision, heard again
         wait_until(lambda: link.following and runner.plan.cut == last, timeout=15,
                    what="the controller's decision applied again")
         assert not embedded.deciding and len(link.applied) == 2
+        assert runner.plan.offload_deadline_s is None  # the decision carries none: the runner's own applies
     finally:
         link.close()
         link.publisher.close()

@@ -125,3 +125,17 @@ def test_deadline_leaves_room_for_local_completion(trained_model):
     assert runner.offload_deadline(0.01) == pytest.approx(0.2 - 0.01 - runner.local_tail_s)
     assert runner.offload_deadline(1.0) == 0.005
     assert DeviceRunner(trained_model, cut=4, deadline_s=0.7).offload_deadline(0.5) == 0.7
+
+
+def test_a_plan_with_its_own_offload_deadline_shortens_the_runners_never_lengthens_it(trained_model):
+    from edgesplit.runtime.plan import Plan
+
+    runner = DeviceRunner(trained_model, cut=4, deadline_s=0.7)
+    assert runner.offload_deadline(0.0, 4, Plan(cut=4, offload_deadline_s=0.25)) == 0.25
+    assert runner.offload_deadline(0.0, 4, Plan(cut=4, offload_deadline_s=3.0)) == 0.7
+    assert runner.offload_deadline(0.0, 4, Plan(cut=4)) == 0.7
+    targeted = DeviceRunner(trained_model, cut=4, client=None, latency_target_s=0.2)
+    assert targeted.offload_deadline(0.01, 4, Plan(cut=4, offload_deadline_s=0.001)) == 0.001
+    for bad in (0, -1.0, float("inf"), float("nan"), "1"):
+        with pytest.raises(ValueError, match="offload_deadline_s"):
+            Plan(cut=4, offload_deadline_s=bad)
