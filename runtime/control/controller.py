@@ -44,13 +44,15 @@ over, left at an exit, or were too short to time) is not repeated at that cut un
 ``device_times.stale_after`` answers later.
 
 Every plan the controller makes carries an **offload deadline**: ``offload_patience`` times
-the predicted offload (sending, the edge, the answer) plus what completing the request on
-the device would cost (the tail after the cut, at the learned device speed). A request
-caught by a link that collapses mid-flight (a trace's drop to 0.05 Mbit/s turned one
-9 kB offload into 2 s) then completes locally at about that deadline instead of waiting
-the link out, and its timeout tells the estimator at once that the link is at most that
-fast, which moves the plan. A plan set by hand or by a cluster controller has none: the
-runner's own deadline applies.
+the predicted offload (sending, the edge's work, the answer) plus what completing the
+request on the device would cost (the tail after the cut, at the learned device speed), at
+least ``min_offload_deadline_s``. A request caught by a link that collapses mid-flight (a
+trace's drop to 0.05 Mbit/s turned one 9 kB offload into 2 s) then gives up at that
+deadline and completes locally (the deadline plus the tail) instead of waiting the link
+out; its timeout enters the estimator as an upper bound on the rate. When the option in
+force stays but the deadline it wants moves by more than ``DEADLINE_SLACK`` (the link
+changed within the hysteresis), the plan is remade with the new deadline (a decision like
+any other). A plan set by a cluster controller has none: the runner's own deadline applies.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ from .estimators import DeviceTimeEstimator, LinkEstimator
 from .policy import LeastEnergy, Option, PlanSpace, Policy, State, active_policy
 
 log = logging.getLogger(__name__)
+
+DEADLINE_SLACK = 1.5  # a plan is remade when the offload deadline it wants is off by more than this factor
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ class EmbeddedController:
                  probe_interval_s: float = 2.0, max_probe_interval_s: float | None = None,
                  device_times: DeviceTimeEstimator | None = None, learn_device_time: bool = True,
                  explore_margin: float = 0.25, explore_every: int = 24,
-                 offload_patience: float | None = 2.0, min_offload_deadline_s: float = 0.05) -> None:
+                 offload_patience: float | None = 2.0, min_offload_deadline_s: float = 0.2) -> None:
         self.runner = runner
         self.space = space
         self.policy = policy
@@ -140,6 +144,9 @@ class EmbeddedController:
         if offload_patience is not None and not offload_patience >= 1:
             raise ValueError(f"offload_patience must be at least 1 (or None: no deadline of the plan's own), "
                              f"not {offload_patience}")
+        if not 0 < min_offload_deadline_s < math.inf:
+            raise ValueError(f"min_offload_deadline_s must be a positive number of seconds, "
+                             f"not {min_offload_deadline_s}")
         self.offload_patience = offload_patience
         self.min_offload_deadline_s = min_offload_deadline_s
         self.explorations = 0
@@ -262,8 +269,10 @@ class EmbeddedController:
         if self._runs(option, plan):
             trial = self._trial_option(option, options, state)
             if trial is None:
-                return None
-            option, explore = trial, True
+                if not self._deadline_stale(plan, self._offload_deadline(option, state)):
+                    return None
+            else:
+                option, explore = trial, True
         thresholds = self._thresholds(option)
         new = plan.with_changes(cut=option.cut, codec=option.codec, thresholds=thresholds,
                                 offload_deadline_s=self._offload_deadline(option, state))
@@ -293,11 +302,24 @@ class EmbeddedController:
 
     def _offload_deadline(self, option: Option, state: State) -> float | None:
         """How long ``option``'s offloads may take before completing locally (see the module
-        docstring); None for all on the device or without ``offload_patience``."""
-        if self.offload_patience is None or option.remote_s <= 0:
+        docstring); None for all on the device, without ``offload_patience``, or where the
+        prediction is not a number."""
+        if self.offload_patience is None or not option.remote_s > 0:
             return None
-        tail = self.space.local_tail_seconds(option.cut, state.device_scale_at(option.cut))
-        return max(self.min_offload_deadline_s, self.offload_patience * option.remote_s + tail)
+        seconds = (self.offload_patience * option.remote_s
+                   + self.space.local_tail_seconds(option.cut, state.device_scale_at(option.cut)))
+        return max(self.min_offload_deadline_s, seconds) if math.isfinite(seconds) else None
+
+    def _deadline_stale(self, plan: Plan, wanted: float | None) -> bool:
+        """Whether the plan in force should be remade for its offload deadline alone: it has
+        none where one is wanted (a plan set by hand or by a cluster controller, now chosen
+        by this one) or one off by more than ``DEADLINE_SLACK`` (the link moved, the option
+        stayed: a deadline set for a faster link would send every request back to the
+        device, one for a slower link would wait out a collapse)."""
+        have = plan.offload_deadline_s
+        if wanted is None or have is None:
+            return wanted != have
+        return not (1 / DEADLINE_SLACK <= wanted / have <= DEADLINE_SLACK)
 
     def _thresholds(self, option: Option) -> dict[int, float]:
         return {cut: option.exits.thresholds.get(cut, NEVER) for cut in self.runner.model.exit_cuts}

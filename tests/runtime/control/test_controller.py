@@ -3,6 +3,7 @@ under load with every request answered once under the epoch it ran with, a low s
 battery moves the plan, and probing sees the link while everything runs on the device."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -417,35 +418,75 @@ def test_a_trial_that_teaches_nothing_is_not_repeated_at_that_cut(node):
 
 
 def test_a_plan_the_controller_makes_gives_up_on_a_collapsed_link_at_its_own_deadline(node, space):
-    """The runner's deadline is 30 s; the controller's plan carries one from its prediction
-    (patience x the predicted offload + the local tail), so a request caught by a link that
-    collapses completes on the device at that deadline, and the plan moves off the link."""
+    """The runner's deadline is 30 s; the controller's plans carry one from their prediction
+    (patience x the predicted offload + the local tail), so after the link collapses each
+    request completes on the device once that deadline has passed, and within three such
+    requests the plan moves off the link (the estimator's window held good offloads first)."""
     from edgesplit.linksim import LinkEmulatorThread, LinkSettings
 
     model, running = node
     host, port = running.address.rsplit(":", 1)
-    with LinkEmulatorThread(host, int(port), settings=LinkSettings(rate_mbps=0.02)) as link:
+    with LinkEmulatorThread(host, int(port), settings=LinkSettings(rate_mbps=5.0)) as link:
         client = EdgeClient(f"127.0.0.1:{link.port}")
         runner = DeviceRunner(model, plan=Plan(cut=model.num_blocks, codec="int8"), client=client, deadline_s=30.0)
         controller = EmbeddedController(runner, space, LeastLatency(), every=1000, learn_device_time=False,
-                                        estimator=LinkEstimator(initial_mbit=50.0, initial_rtt_s=0.001),
+                                        estimator=LinkEstimator(initial_mbit=5.0, initial_rtt_s=0.001),
                                         offload_patience=2.0)
+        x = torch.randn(1, 1, 28, 28)
         try:
             plan = controller.decide()
-            assert plan is not None and plan.cut < model.num_blocks  # a fast link is believed: offload
+            assert plan is not None and plan.cut < model.num_blocks  # a 5 Mbit/s link: offload
             option = controller.current
-            expected = max(0.05, 2.0 * option.remote_s + space.local_tail_seconds(plan.cut))
-            assert plan.offload_deadline_s == pytest.approx(expected)
+            wanted = 2.0 * option.remote_s + space.local_tail_seconds(plan.cut)
+            expected = max(controller.min_offload_deadline_s, wanted)
+            assert plan.offload_deadline_s == pytest.approx(expected) and plan.offload_deadline_s < 1.0
             assert controller.decisions[-1].offload_deadline_s == plan.offload_deadline_s
-            assert plan.offload_deadline_s < 1.0
-            answer = runner.infer(torch.randn(1, 1, 28, 28))
-            assert answer.where == "device-fallback" and answer.offload_error.startswith("DEADLINE_EXCEEDED")
-            # it waited for the plan's deadline, not the runner's 30 s
-            assert plan.offload_deadline_s * 0.9 <= answer.latency.transfer < 10.0
-            assert runner.plan.cut == model.num_blocks and runner.plan.offload_deadline_s is None
+            for _ in range(4):
+                assert runner.infer(x).where == "edge"
+            assert controller.estimator.samples >= 3 and runner.plan.cut < model.num_blocks
+            link.update(rate_mbps=0.005)  # 784 bytes now take 1.25 s
+            missed, refused = 0, 0
+            started = time.monotonic()
+            while runner.plan.cut < model.num_blocks and missed < 5 and time.monotonic() - started < 15:
+                deadline = runner.plan.offload_deadline_s
+                answer = runner.infer(x)
+                assert answer.where == "device-fallback"
+                if answer.offload_error.startswith("CIRCUIT_OPEN"):  # two misses in a row open the breaker
+                    refused += 1
+                    continue
+                assert answer.offload_error.startswith("DEADLINE_EXCEEDED")
+                missed += 1
+                # it gave up at the plan's deadline, not the runner's 30 s, nor the 1.25 s the bytes need
+                assert deadline * 0.9 <= answer.latency.transfer < 1.2
+            # each miss bounds the rate far below the estimate: the third is a sharp drop
+            assert 1 <= missed <= 3 and runner.plan.cut == model.num_blocks
+            assert runner.plan.offload_deadline_s is None  # all on the device offloads nothing
         finally:
             controller.close()
             client.close()
+
+
+def test_a_plan_whose_option_stays_is_remade_when_the_deadline_it_wants_moves(trained_model):
+    """Only the image can be sent here, so the option never changes; a hand-set plan has no
+    deadline of its own and gets one, and a link 1,000x slower gets a longer one."""
+    space = PlanSpace.for_model(trained_model, device_quota=0.05, repeats=2, codecs=("int8",), allowed_cuts=[0])
+    runner = DeviceRunner(trained_model, plan=Plan(cut=0, codec="int8"), client=None)
+    controller = EmbeddedController(runner, space, LeastLatency(), every=1000, learn_device_time=False,
+                                    estimator=LinkEstimator(initial_mbit=50.0, initial_rtt_s=0.001))
+    try:
+        first = controller.decide()
+        assert first is not None and first.cut == 0 and first.epoch == 1
+        assert first.offload_deadline_s == pytest.approx(controller.min_offload_deadline_s)  # a fast link: the floor
+        assert controller.decide() is None  # nothing moved
+        controller.estimator = LinkEstimator(initial_mbit=0.05, initial_rtt_s=0.001)
+        second = controller.decide()
+        assert second is not None and (second.cut, second.codec) == (0, "int8") and second.epoch == 2
+        sent = trained_model.cut_points()[0].numel  # the image, a byte a pixel
+        assert second.offload_deadline_s > 2 * sent * 8 / 0.05e6  # twice the bytes' time at 0.05 Mbit/s
+        assert controller.decisions[-1].offload_deadline_s == second.offload_deadline_s
+        assert controller.decide() is None
+    finally:
+        controller.close()
 
 
 def test_without_patience_plans_carry_no_deadline_of_their_own(node, space):
@@ -463,3 +504,5 @@ def test_without_patience_plans_carry_no_deadline_of_their_own(node, space):
         client.close()
     with pytest.raises(ValueError, match="offload_patience"):
         EmbeddedController(runner, space, LeastLatency(), offload_patience=0.5)
+    with pytest.raises(ValueError, match="min_offload_deadline_s"):
+        EmbeddedController(runner, space, LeastLatency(), min_offload_deadline_s=0.0)

@@ -142,3 +142,16 @@ def test_device_seconds_of_a_path_count_the_head_its_encoding_and_the_exits_it_r
     assert s.device_seconds(4, exits_run=(1, 3)) == pytest.approx(0.083)
     assert s.device_seconds(2, exits_run=(1, 3)) == pytest.approx(0.041)  # exit 3 lies beyond the cut
     assert s.device_seconds(4, exit_cut=1, exits_run=(1, 3)) == pytest.approx(0.021)
+
+
+def test_an_offloads_predicted_time_is_the_same_whatever_share_of_inputs_leaves_at_an_exit():
+    exits = [ExitSetting({}, {}, 0.93, "off"), ExitSetting({1: 0.8}, {1: 0.6}, 0.90, "exit@1 0.8")]
+    s, st = space(exit_settings=exits, exit_seconds={1: 0.001}), State(0.5, 0.02, edge_wait_s=0.003)
+    by_key = {o.key: o for o in s.options(st)}
+    for cut in (1, 2, 3):  # cuts past the exit: 40 % of the inputs offload, each taking as long as without exits
+        plain, exiting = by_key[(cut, "fp32", "off")], by_key[(cut, "fp32", "exit@1 0.8")]
+        assert exiting.remote_s == pytest.approx(plain.remote_s)
+        assert exiting.latency_s < plain.latency_s  # the mean over all inputs is what the exits lower
+    sent = 4 * 32 * 16 * 16  # cut 1's fp32 tensor
+    assert by_key[(1, "fp32", "off")].remote_s > sent * 8 / 0.5e6 + 0.003  # its bytes at 0.5 Mbit/s, and the queue
+    assert by_key[(4, "fp32", "off")].remote_s == 0.0  # all on the device offloads nothing
