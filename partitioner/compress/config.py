@@ -48,6 +48,7 @@ class PruneConfig:
     enabled: bool = True
     importance: str = "magnitude"  # magnitude, bn_scale or taylor
     global_pruning: bool = True
+    isomorphic: bool = False  # global ranking only among groups of the same structure
     removed: float | str = 0.9  # fraction of parameters removed, or "knee"
     sweep_rates: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
     steps: int = 3  # iterative prune-and-fine-tune steps
@@ -171,6 +172,9 @@ def parse(table: dict, root: Path = Path(".")) -> CompressConfig:
         raise ValueError(f"prune.importance must be magnitude, bn_scale or taylor, not {cfg.prune.importance!r}")
     if isinstance(cfg.prune.removed, str) and cfg.prune.removed != "knee":
         raise ValueError(f"prune.removed must be a fraction or \"knee\", not {cfg.prune.removed!r}")
+    if cfg.prune.isomorphic and not cfg.prune.global_pruning:
+        raise ValueError("prune.isomorphic ranks channels globally within each structure: it needs "
+                         "prune.global_pruning = true")
     if isinstance(cfg.prune.removed, float) and not 0 < cfg.prune.removed < 1:
         raise ValueError(f"prune.removed must be between 0 and 1, not {cfg.prune.removed}")
     if cfg.int8.engine not in ("x86", "fbgemm", "qnnpack"):

@@ -133,10 +133,12 @@ def adaptation_layers(student: SplitModel, teacher: SplitModel, cuts: list[int])
 
 def distill(student: SplitModel, teacher: SplitModel, data: Splits, recipe: DistillRecipe | None = None,
             checkpoint: str | Path | None = None, progress: bool = True, desc: str = "distil",
-            on_epoch: Callable[[dict], None] | None = None) -> dict:
+            on_epoch: Callable[[dict], None] | None = None, context: dict | None = None) -> dict:
     """Train ``student`` in place from ``teacher`` on ``data``; return the history and the
     hint cuts. Validation accuracy per output is measured after every epoch, and
-    ``on_epoch`` is called with that epoch's record once its checkpoint is written."""
+    ``on_epoch`` is called with that epoch's record once its checkpoint is written.
+    ``context`` (JSON values) joins the checkpoint's fingerprint: settings outside the
+    recipe that made the student, so a checkpoint made under others is refused."""
     recipe = recipe or DistillRecipe()
     n_outputs = len(student.exit_cuts) + 1
     if len(recipe.exit_weights) != n_outputs:
@@ -160,6 +162,8 @@ def distill(student: SplitModel, teacher: SplitModel, data: Splits, recipe: Dist
     history: list[dict] = []
     start_epoch, seconds = 0, 0.0
     fingerprint = {"recipe": asdict(recipe), "hints": hints, "layers": layer_shapes(student)}
+    if context:
+        fingerprint["context"] = context
     if checkpoint is not None and read_progress(checkpoint, fingerprint) is not None:
         saved = load_checkpoint(checkpoint, student, optimizer, {"adapt": adapt})
         start_epoch, history, seconds = saved["epoch"], saved["history"], saved["seconds"]

@@ -58,7 +58,8 @@ def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bo
     def val_accuracy(model) -> float:
         return evaluate_exits(model, data.val_x, data.val_y)[-1]
 
-    curve = sweep(teacher, cfg.sweep_rates, val_accuracy, data.x, cfg.importance, cfg.global_pruning, calibration)
+    curve = sweep(teacher, cfg.sweep_rates, val_accuracy, data.x, cfg.importance, cfg.global_pruning, calibration,
+                  isomorphic=cfg.isomorphic)
     knee_index = knee([p["removed"] for p in curve], [p["accuracy"] for p in curve]) if len(curve) >= 3 else None
     rate = curve[knee_index]["removed"] if cfg.removed == "knee" else float(cfg.removed)
     if progress:
@@ -68,6 +69,9 @@ def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bo
     student = copy.deepcopy(teacher)
     student.name = f"{base}_pruned"
     finetune = replace(cfg.distill, epochs=cfg.finetune_epochs)
+    # how the student was pruned: a checkpoint of a student pruned otherwise is refused
+    pruning = {"importance": cfg.importance, "global_pruning": cfg.global_pruning, "isomorphic": cfg.isomorphic,
+               "rate": rate, "steps": cfg.steps}
     steps = []
     for i in range(cfg.steps):
         checkpoint = out / "checkpoints" / f"prune-step{i + 1}"
@@ -78,14 +82,16 @@ def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bo
             student.name = f"{base}_pruned"
         else:
             relative = 1 - (1 - goal) * before / count_params(student)
-            student = prune_to(student, relative, cfg.importance, cfg.global_pruning, calibration)
+            student = prune_to(student, relative, cfg.importance, cfg.global_pruning, calibration,
+                               isomorphic=cfg.isomorphic)
             adapt_bn(student, data.x)
         one_shot = val_accuracy(student) if saved is None else None
-        result = distill(student, teacher, data, finetune, checkpoint, progress, desc=f"prune step {i + 1}")
+        result = distill(student, teacher, data, finetune, checkpoint, progress, desc=f"prune step {i + 1}",
+                         context=pruning)
         steps.append({"removed": round(1 - count_params(student) / before, 4), "params": count_params(student),
                       "val_after_adaptive_bn": one_shot, "val_after_finetune": result["history"][-1]["val_accuracy"],
                       "seconds": result["seconds"]})
-    final = distill(student, teacher, data, cfg.distill, out / "checkpoints" / "prune-final", progress,
+    final = distill(student, teacher, data, cfg.distill, out / "checkpoints" / "prune-final", progress, context=pruning,
                     desc="distil pruned")
     epoch_seconds = final["seconds"] + sum(s.pop("seconds") for s in steps)
     test_before = evaluate_exits(teacher, data.test_x, data.test_y)
@@ -104,6 +110,7 @@ def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bo
         "macs_after": sum(block_macs(student)),
         "importance": cfg.importance,
         "global_pruning": cfg.global_pruning,
+        "isomorphic": cfg.isomorphic,
         "sweep": curve,
         "knee_removed": curve[knee_index]["removed"] if knee_index is not None else None,
         "rate": rate,

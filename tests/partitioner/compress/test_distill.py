@@ -75,3 +75,19 @@ def test_an_interrupted_distillation_resumes_where_it_stopped(trained_model, tin
     assert [h["epoch"] for h in result["history"]] == [1, 2]
     for a, b in zip(resumed.state_dict().values(), reference.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-5)
+
+
+def test_a_checkpoint_of_a_student_pruned_otherwise_is_refused(trained_model, tiny_splits, tmp_path):
+    from edgesplit.partitioner.compress.checkpoint import CheckpointMismatch
+
+    recipe = DistillRecipe(epochs=1, max_lr=0.02, hint_weight=0.0, augment=False)
+    student = prune_to(trained_model, 0.8)
+    made = {"importance": "magnitude", "isomorphic": False}
+    distill(student, trained_model, tiny_splits, recipe, tmp_path / "ck", progress=False, context=made)
+    # the same layer shapes, pruned by another rule: the checkpoint is not this student's
+    again = prune_to(trained_model, 0.8)
+    with pytest.raises(CheckpointMismatch, match="another configuration"):
+        distill(again, trained_model, tiny_splits, recipe, tmp_path / "ck", progress=False,
+                context={**made, "isomorphic": True})
+    assert len(distill(again, trained_model, tiny_splits, recipe, tmp_path / "ck", progress=False,
+                       context=made)["history"]) == 1  # the same context: resumed, already done

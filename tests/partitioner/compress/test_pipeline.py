@@ -90,6 +90,7 @@ def test_compress_runs_every_step_and_resumes(tmp_path, capsys):
 @pytest.mark.parametrize("text, message", [
     ("[prune]\nremove = 0.9\n", "unknown key prune.remove"),
     ("[prune]\nremoved = \"lots\"\n", "prune.removed"),
+    ("[prune]\nglobal_pruning = false\nisomorphic = true\n", "prune.isomorphic"),
     ("[prune]\nremoved = 1.5\n", "between 0 and 1"),
     ("[prune]\nimportance = \"random\"\n", "prune.importance"),
     ("[int8]\nengine = \"tpu\"\n", "int8.engine"),

@@ -26,6 +26,19 @@ def test_pruning_reaches_the_target_and_keeps_exits_consistent(trained_model, ti
     assert count_params(trained_model) == 296398  # the original is untouched
 
 
+def _widths(model) -> list[int]:
+    return [m.out_channels for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and name.startswith("blocks.")]
+
+
+def test_isomorphic_ranking_allocates_the_same_budget_differently(trained_model, tiny_splits):
+    free = prune_to(trained_model, 0.9)
+    iso = prune_to(trained_model, 0.9, isomorphic=True)
+    assert 0.9 <= 1 - count_params(iso) / count_params(trained_model) < 0.91
+    assert _widths(iso) != _widths(free)
+    assert [tuple(o.shape) for o in iso.eval().forward_exits(tiny_splits.x[:2])] == [(2, 10)] * 3
+
+
 def test_taylor_needs_data(trained_model):
     with pytest.raises(ValueError, match="calibration"):
         prune_to(trained_model, 0.5, "taylor")
