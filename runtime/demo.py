@@ -246,9 +246,11 @@ def run_demo(
                     for d in controller.decisions[len(decisions):]:
                         decisions.append(d)
                         trial = " (a trial: timing a cut the device has not run lately)" if d.explore else ""
+                        deadline = ("" if d.offload_deadline_s is None
+                                    else f", gives up offloading after {1000 * d.offload_deadline_s:.0f} ms")
                         say(f"{max(0.0, d.at - run_started):5.1f} s  plan {d.epoch}: "
-                            f"{describe(d.cut, d.codec, d.thresholds, last)} ({d.predicted_ms:.0f} ms predicted) "
-                            f"at {d.bandwidth_mbit:.2f} Mbit/s, RTT {d.rtt_ms:.0f} ms{trial}")
+                            f"{describe(d.cut, d.codec, d.thresholds, last)} ({d.predicted_ms:.0f} ms predicted"
+                            f"{deadline}) at {d.bandwidth_mbit:.2f} Mbit/s, RTT {d.rtt_ms:.0f} ms{trial}")
 
             def after(i: int, answer: Answer) -> None:
                 announce()
