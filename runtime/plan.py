@@ -47,7 +47,8 @@ class Plan:
         if self.compression not in codecs.COMPRESSIONS:
             raise ValueError(f"compression must be one of {codecs.COMPRESSIONS}, not {self.compression!r}")
         if self.offload_deadline_s is not None and not (
-                isinstance(self.offload_deadline_s, (int, float)) and 0 < self.offload_deadline_s < float("inf")):
+                isinstance(self.offload_deadline_s, (int, float)) and not isinstance(self.offload_deadline_s, bool)
+                and 0 < self.offload_deadline_s < float("inf")):
             raise ValueError(f"offload_deadline_s must be a positive number of seconds or None, "
                              f"not {self.offload_deadline_s!r}")
         frozen = {}

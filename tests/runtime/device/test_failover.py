@@ -136,6 +136,6 @@ def test_a_plan_with_its_own_offload_deadline_shortens_the_runners_never_lengthe
     assert runner.offload_deadline(0.0, 4, Plan(cut=4)) == 0.7
     targeted = DeviceRunner(trained_model, cut=4, client=None, latency_target_s=0.2)
     assert targeted.offload_deadline(0.01, 4, Plan(cut=4, offload_deadline_s=0.001)) == 0.001
-    for bad in (0, -1.0, float("inf"), float("nan"), "1"):
+    for bad in (0, -1.0, float("inf"), float("nan"), "1", True):
         with pytest.raises(ValueError, match="offload_deadline_s"):
             Plan(cut=4, offload_deadline_s=bad)
