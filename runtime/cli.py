@@ -83,7 +83,7 @@ def _bench(args: argparse.Namespace) -> int:
     from edgesplit.bench import run_benchmark
 
     run_benchmark(args.name, quick=args.quick, json_path=args.json, progress=not args.no_progress,
-                  traces=args.traces, device=args.device)
+                  traces=args.traces, device=args.device, window_s=args.window_s)
     return 0
 
 
@@ -280,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: ../shared/traces)")
     b.add_argument("--device", choices=["pi4", "pizero2", "mcu"],
                    help="controller: the device class (CPU quota) to throttle the device to (default: mcu)")
+    b.add_argument("--window-s", type=float,
+                   help="controller: seconds of each trace replayed (default 45, --quick 10; longer windows "
+                   "give narrower figures, the run time grows in proportion)")
     b.set_defaults(func=_bench)
 
     i = sub.add_parser("info", help="show a model's cuts, crossing tensors and costs")

@@ -125,3 +125,11 @@ def test_a_short_run_answers_every_request_and_the_controller_decides(tmp_path):
     assert all(a < b for a, b in zip(adaptive_t, static_t)) and all(b < a for b, a in zip(static_t, adaptive_t[1:]))
     assert set(row) >= {"name", "model", "adaptive_ms", "oracle_ms", "best_static_ms", "all_device_ms",
                         "all_edge_ms", "slo_miss_rate", "sent", "answered", "decisions"}
+
+
+@pytest.mark.parametrize("window_s", [0, -5.0, float("nan"), float("inf")])
+def test_a_window_that_is_not_a_positive_length_is_refused_before_anything_starts(window_s):
+    from edgesplit.bench import controller
+
+    with pytest.raises(ValueError, match="window_s"):
+        controller.run(window_s=window_s)
