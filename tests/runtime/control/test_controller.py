@@ -395,6 +395,9 @@ def test_a_trial_that_teaches_nothing_is_not_repeated_at_that_cut(node):
     client = EdgeClient(dead)
     last = model.num_blocks
     runner = DeviceRunner(model, plan=Plan(cut=last, codec="int8"), client=client, deadline_s=2.0)
+    x = torch.randn(1, 1, 28, 28)
+    for _ in range(3):  # warm: a cold first request (2.2x its profile seen in CI) made offloading look best
+        runner.infer(x)
     # An RTT that puts the best offload 20 % behind staying: the policy keeps everything here,
     # and a trial is close enough to be made (how close the cuts come depends on this host).
     stay = min(o.latency_s for o in space.options(State(100.0, 0.0)) if o.cut == last)
@@ -403,7 +406,6 @@ def test_a_trial_that_teaches_nothing_is_not_repeated_at_that_cut(node):
     controller = EmbeddedController(runner, space, LeastLatency(), every=1, explore_every=2,
                                     estimator=LinkEstimator(initial_mbit=100.0, initial_rtt_s=rtt))
     try:
-        x = torch.randn(1, 1, 28, 28)
         answers = [runner.infer(x) for _ in range(30)]  # a barren cut may be tried again after 32
         assert len(answers) == 30 and all(a.prediction is not None for a in answers)  # each answered once
         assert runner.plan.cut == model.num_blocks  # the policy never chose to offload
