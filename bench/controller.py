@@ -186,6 +186,9 @@ def analyse(name: str, samples, fits: dict[str, tuple[float, float]], live: dict
         "fixed_ms": {label: [r["ms"] for r in live[label]["records"]] for label in live if label != "adaptive"},
         "trace": list(samples),
         "fallbacks": sum(r["error"] is not None for v in live.values() for r in v["records"]),
+        # late offloads the adaptive runner raced with the device: answered by the edge / by the device
+        "raced": {"edge": sum(bool(r.get("raced")) and r["where"] == "edge" for r in adaptive),
+                  "device": sum(bool(r.get("raced")) and r["where"] != "edge" for r in adaptive)},
     }
 
 
@@ -377,11 +380,11 @@ def _edge_blocks(model_name: str, repeats: int = 5) -> list[float]:
 
 def render(result: dict) -> str:
     headers = ["trace", "Mbit/s", "adaptive ms", "oracle ms", "best static ms", "(plan)", "all-device ms",
-               "all-edge ms", "SLO miss", "decisions", "trials", "sent", "answered"]
+               "all-edge ms", "SLO miss", "decisions", "trials", "raced (edge/device)", "sent", "answered"]
     body = [[r["name"], f"{r['mean_mbit']:.2f}", f"{r['adaptive_ms']:.0f}", f"{r['oracle_ms']:.0f}",
              f"{r['best_static_ms']:.0f}", r["best_static_plan"], f"{r['all_device_ms']:.0f}",
              f"{r['all_edge_ms']:.0f}", f"{r['slo_miss_rate']:.0%}", r["decisions"], r.get("explorations", 0),
-             r["sent"], r["answered"]]
+             "{edge}/{device}".format(**r.get("raced", {"edge": 0, "device": 0})), r["sent"], r["answered"]]
             for r in result["traces"]]
     s = result["summary"]
     gain = "n/a (no trace where the oracle beats the best static by 5%)" if s["gain_captured"] is None \

@@ -169,7 +169,7 @@ class Device:
                     answer = runner.infer(self.x)
                 run["records"].append({"t": round(at, 4), "ms": round(1000 * answer.latency.total, 3),
                                        "cut": answer.cut, "epoch": answer.epoch, "where": answer.where,
-                                       "error": answer.offload_error})
+                                       "error": answer.offload_error, "raced": answer.raced})
         finally:
             for _, controller in turns:
                 if controller is not None:

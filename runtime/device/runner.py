@@ -10,6 +10,15 @@ the runner completes the request itself: the rest of the model, or the best exit
 already computed, as ``fallback`` says. Every call returns exactly one :class:`Answer`,
 which carries the epoch of the plan it ran under.
 
+**Racing a late offload.** Under a plan that carries its own offload deadline (a
+controller's, predicted from the link) and with ``fallback="complete"``, a deadline that
+passes does not abandon the offload: the runner starts the tail on the device, block by
+block, while the offload goes on (until twice the deadline); the edge's answer is taken if
+it arrives before the device has finished, the device's otherwise (``Answer.raced``). A link
+that is slow rather than dead then costs the wait for its answer, not the deadline plus the
+whole tail. The offload runs in a helper thread for these plans only; elsewhere the call is
+made in the caller's thread, as before.
+
 Circuit breaking is the offloader's job (one breaker per node in
 :class:`~edgesplit.runtime.device.failover.FailoverClient`); a bare client is wrapped in a
 ``FailoverClient`` of one, so there is exactly one breaker per node and none above it.
@@ -32,6 +41,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
@@ -49,6 +60,7 @@ log = logging.getLogger("edgesplit.device")
 WHERE_DEVICE = "device"  # answered by a local exit, or the plan runs everything locally
 WHERE_EDGE = "edge"
 WHERE_FALLBACK = "device-fallback"  # offloading failed; completed locally
+RACE_THREADS = 4  # late offloads kept going at once; beyond that a late one is abandoned as before
 
 
 @dataclass
@@ -80,6 +92,7 @@ class Answer:
     sent_bytes: int = 0  # what was offloaded (0 when nothing was)
     attempted_bytes: int = 0  # what an offload that failed tried to send
     cut: int = 0  # the plan's cut this request ran under
+    raced: bool = False  # the offload was late: the device ran the tail meanwhile (see the module docstring)
 
 
 class DeviceRunner:
@@ -99,6 +112,7 @@ class DeviceRunner:
         plan: Plan | None = None,
         compression: str = "none",
         confidence_kind: str = "max_softmax",
+        race: bool = True,
     ) -> None:
         self.model = model.eval()
         if confidence_kind not in CONFIDENCES:
@@ -119,6 +133,10 @@ class DeviceRunner:
         self.fallback = fallback
         self.metrics = metrics
         self.latency_target_s = latency_target_s
+        self.race = race
+        self._racing = threading.BoundedSemaphore(RACE_THREADS)
+        self._racing_count = 0  # offloads handed to the race pool and not yet ended
+        self._race_pool: ThreadPoolExecutor | None = None
         self._ids = itertools.count()
         self._local_tail: dict[int, float] = {}
         self._tail_lock = threading.Lock()
@@ -278,8 +296,11 @@ class DeviceRunner:
         call_started = time.perf_counter()
         try:
             deadline = self.offload_deadline(latency.device, plan.cut, plan)
-            result = self.client.infer(self.tail_model_name_for(self.model, plan.cut), encoded, deadline,
-                                       str(request_id))
+            name = self.tail_model_name_for(self.model, plan.cut)
+            if self._races(plan):
+                result = self._offload_racing(name, encoded, deadline, request_id, h, plan.cut)
+            else:
+                result = self.client.infer(name, encoded, deadline, str(request_id))
         except OffloadError as exc:
             latency.transfer = time.perf_counter() - call_started  # time lost on the attempt
             self._count_failure(exc.reason)
@@ -294,13 +315,77 @@ class DeviceRunner:
             return self._complete_locally(request_id, h, seen, latency, started,
                                           f"INTERNAL_ERROR: {type(exc).__name__}", plan, resumed=True,
                                           skipped=skipped)
+        if isinstance(result, _DeviceFinished):  # a late offload, and the device finished first
+            latency.transfer = result.waited_s
+            latency.device += result.compute_s
+            self._count_failure("DEADLINE_EXCEEDED")
+            conf, pred = confidence(result.logits, self.confidence_kind)
+            return Answer(request_id, int(pred[0]), float(conf[0]), "final", WHERE_FALLBACK, latency,
+                          offload_error="DEADLINE_EXCEEDED: late; the device finished the tail first",
+                          logits=result.logits, epoch=plan.epoch, attempted_bytes=len(encoded.data), raced=True)
+        raced = isinstance(result, _LateAnswer)
+        if raced:
+            result = result.result
         latency.edge = result.edge_seconds
         latency.transfer = max(0.0, result.round_trip_seconds - result.edge_seconds)
         if self.metrics:
             self.metrics.sent_bytes.inc(result.sent_bytes)
         conf, pred = confidence(result.logits, self.confidence_kind)
         return Answer(request_id, int(pred[0]), float(conf[0]), "final", WHERE_EDGE, latency,
-                      logits=result.logits, epoch=plan.epoch, sent_bytes=result.sent_bytes)
+                      logits=result.logits, epoch=plan.epoch, sent_bytes=result.sent_bytes, raced=raced)
+
+    # -- racing a late offload ------------------------------------------------------------
+    @property
+    def offloads_racing(self) -> int:
+        """Offloads of plans that race them (see the module docstring) not yet ended, late ones included."""
+        return self._racing_count
+
+    def _races(self, plan: Plan) -> bool:
+        return self.race and self.fallback == "complete" and plan.offload_deadline_s is not None
+
+    def _offload_racing(self, name: str, encoded, deadline: float, request_id: int, h: torch.Tensor, cut: int):
+        """Offload; past ``deadline``, run the tail here meanwhile and take whichever ends first.
+
+        Returns the edge's result (a :class:`_LateAnswer` when it came after the deadline) or
+        a :class:`_DeviceFinished`; raises OffloadError as ``client.infer`` does when the
+        offload fails before the deadline."""
+        if not self._racing.acquire(blocking=False):  # too many late offloads pending: as without racing
+            return self.client.infer(name, encoded, deadline, str(request_id))
+        if self._race_pool is None:
+            with self._tail_lock:
+                if self._race_pool is None:
+                    self._race_pool = ThreadPoolExecutor(RACE_THREADS, thread_name_prefix="offload")
+        try:
+            future = self._race_pool.submit(self.client.infer, name, encoded, 2 * deadline, str(request_id))
+        except RuntimeError:  # the pool is shut down (interpreter exit): offload in this thread
+            self._racing.release()
+            return self.client.infer(name, encoded, deadline, str(request_id))
+        with self._tail_lock:
+            self._racing_count += 1
+        future.add_done_callback(self._race_ended)
+        waited = time.perf_counter()
+        try:
+            return future.result(timeout=deadline)
+        except FutureTimeout:
+            pass
+        waited = time.perf_counter() - waited
+        computed = time.perf_counter()
+        y = h
+        with torch.inference_mode():
+            for index in range(cut, self.model.num_blocks):
+                if _succeeded(future):
+                    return _LateAnswer(future.result())
+                y = self.model.blocks[index](y)
+        return _DeviceFinished(y, waited, time.perf_counter() - computed)
+
+    def _race_ended(self, future: Future) -> None:
+        with self._tail_lock:
+            self._racing_count -= 1
+        self._racing.release()
+        if not future.cancelled() and future.exception() is not None:
+            exc = future.exception()
+            if not isinstance(exc, OffloadError):  # a bug in the offloader, not the network: say so
+                log.error("a raced offload raised %s: %s", type(exc).__name__, exc)
 
     def _count_failure(self, reason: str) -> None:
         if self.metrics:
@@ -328,3 +413,23 @@ class DeviceRunner:
             latency.device = time.perf_counter() - started
         return Answer(request_id, pred, conf, name, WHERE_FALLBACK, latency, offload_error=error, logits=logits,
                       epoch=plan.epoch)
+
+
+def _succeeded(future: Future) -> bool:
+    return future.done() and not future.cancelled() and future.exception() is None
+
+
+@dataclass
+class _LateAnswer:
+    """The edge's answer to an offload that passed its deadline, taken before the device finished."""
+
+    result: object  # OffloadResult
+
+
+@dataclass
+class _DeviceFinished:
+    """The tail computed on the device while a late offload was still out."""
+
+    logits: torch.Tensor
+    waited_s: float  # the deadline waited before the device started
+    compute_s: float

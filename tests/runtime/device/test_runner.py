@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
 
 import grpc
 import pytest
@@ -245,5 +246,133 @@ def test_one_breaker_layer_a_restarted_node_is_used_after_one_reset_period(train
         answers = [runner.infer(x[i]) for i in range(5)]
         assert [a.where for a in answers] == [WHERE_EDGE] * 5, [a.offload_error for a in answers]
     finally:
+        client.close()
+        stop_in_thread(running, thread)
+
+
+class Plus(torch.nn.Module):
+    """A block that adds a constant, so the edge's answer tells itself apart from the device's."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def forward(self, x):
+        return x + self.value
+
+
+class Watched:
+    """A real EdgeClient whose ``answered`` is set once a node's answer has come back."""
+
+    def __init__(self, client: EdgeClient) -> None:
+        self.client = client
+        self.target = client.target
+        self.answered = threading.Event()
+
+    def infer(self, *args, **kwargs):
+        result = self.client.infer(*args, **kwargs)
+        self.answered.set()
+        return result
+
+
+def race_models():
+    """A node model whose tail after cut 1 is held by a gate and adds 1, and a device model
+    of the same name whose tail is ``tail`` and adds nothing."""
+    from edgesplit.models.split_model import SplitModel
+    from tests.helpers import Gate
+
+    gate = Gate()
+    node_model = SplitModel("race", [("head", torch.nn.Identity()), ("gate", gate), ("plus", Plus(1.0))], {},
+                            (4,), 4)
+    gate.release.set()
+    node_model.cut_points()
+    gate.release.clear()
+    gate.entered.clear()
+    return node_model, gate
+
+
+def test_a_late_offload_races_the_device_and_the_device_answer_is_taken_when_it_ends_first():
+    from edgesplit.models.split_model import SplitModel
+
+    node_model, gate = race_models()
+    device_model = SplitModel("race", [("head", torch.nn.Identity()), ("a", torch.nn.Identity()),
+                                       ("b", torch.nn.Identity())], {}, (4,), 4)
+    running, thread = start_in_thread(node_model)
+    client = EdgeClient(running.address)
+    try:
+        runner = DeviceRunner(device_model, plan=Plan(cut=1, offload_deadline_s=0.05), client=client)
+        x = torch.arange(4.0).reshape(1, 4)
+        answer = runner.infer(x)  # the node holds the request past the deadline
+        assert answer.where == WHERE_FALLBACK and answer.raced
+        assert answer.offload_error.startswith("DEADLINE_EXCEEDED") and answer.attempted_bytes > 0
+        assert torch.equal(answer.logits, x)  # the device's tail, not the node's (+1)
+        assert answer.latency.transfer >= 0.05
+        wait_until(gate.entered.is_set, 10, "the late request to reach the node")
+        assert runner.offloads_racing == 1  # still out, not abandoned
+        gate.release.set()
+        wait_until(lambda: runner.offloads_racing == 0, 10, "the late offload to end")
+        assert running.plane.registry.get("race.from.1").stats.requests == 1  # answered once, late
+        assert runner.client.breakers[0].state == CircuitBreaker.CLOSED  # a late answer is not a failure
+    finally:
+        gate.release.set()
+        client.close()
+        stop_in_thread(running, thread)
+
+
+def test_a_late_edge_answer_is_taken_when_it_beats_the_device():
+    from edgesplit.models.split_model import SplitModel
+
+    node_model, gate = race_models()
+    watched: list[Watched] = []
+    holding = threading.Event()
+
+    class UntilAnswered(torch.nn.Module):
+        """The device's slow tail: it ends only once the node's answer is in."""
+
+        def forward(self, x):
+            holding.set()
+            assert watched[0].answered.wait(10), "the node never answered"
+            wait_until(lambda: runner.offloads_racing == 0, 10, "the offload's result to be handed over")
+            return x
+
+    device_model = SplitModel("race", [("head", torch.nn.Identity()), ("slow", UntilAnswered()),
+                                       ("b", torch.nn.Identity())], {}, (4,), 4)
+    running, thread = start_in_thread(node_model)
+    watched.append(Watched(EdgeClient(running.address)))
+    try:
+        runner = DeviceRunner(device_model, plan=Plan(cut=1, offload_deadline_s=0.05), client=watched[0])
+        x = torch.arange(4.0).reshape(1, 4)
+        request = CheckedThread(lambda: runner.infer(x), "device request")
+        request.start()
+        assert holding.wait(10), "the device never started its tail"
+        wait_until(gate.entered.is_set, 10, "the request to reach the node")  # held there past its deadline
+        gate.release.set()
+        answer = request.result(20)
+        assert answer.where == WHERE_EDGE and answer.raced and answer.offload_error is None
+        assert torch.equal(answer.logits, x + 1)  # the node's answer
+        assert answer.sent_bytes > 0 and answer.latency.transfer + answer.latency.edge >= 0.05
+    finally:
+        gate.release.set()
+        watched[0].client.close()
+        stop_in_thread(running, thread)
+
+
+def test_without_a_plan_deadline_a_late_offload_is_abandoned_as_before():
+    from edgesplit.models.split_model import SplitModel
+
+    node_model, gate = race_models()
+    device_model = SplitModel("race", [("head", torch.nn.Identity()), ("a", torch.nn.Identity()),
+                                       ("b", torch.nn.Identity())], {}, (4,), 4)
+    running, thread = start_in_thread(node_model)
+    client = EdgeClient(running.address)
+    try:
+        runner = DeviceRunner(device_model, plan=Plan(cut=1), client=client, deadline_s=0.05)
+        answer = runner.infer(torch.ones(1, 4))
+        assert answer.where == WHERE_FALLBACK and not answer.raced and runner.offloads_racing == 0
+        assert answer.offload_error.startswith("DEADLINE_EXCEEDED")
+        off = DeviceRunner(device_model, plan=Plan(cut=1, offload_deadline_s=0.05), client=client, race=False)
+        assert not off.infer(torch.ones(1, 4)).raced
+    finally:
+        gate.release.set()
         client.close()
         stop_in_thread(running, thread)
