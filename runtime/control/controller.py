@@ -244,8 +244,10 @@ class EmbeddedController:
 
     def _observe_device_time(self, answer: Answer) -> None:
         plan = self.runner.plan
-        if answer.where == WHERE_FALLBACK or answer.epoch != plan.epoch:
-            return  # a local completion is not the plan's path; an older plan's exits are unknown here
+        if answer.where == WHERE_FALLBACK or answer.raced or answer.epoch != plan.epoch:
+            # a local completion (or a race with one) is not the plan's path; an older plan's
+            # exits are unknown here
+            return
         exit_cut = int(answer.exit.split("@", 1)[1]) if answer.exit.startswith("exit@") else None
         ran = plan.active_exits(exits=self.runner.model.exit_cuts)
         predicted = self.space.device_seconds(answer.cut, exit_cut, ran)

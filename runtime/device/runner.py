@@ -16,8 +16,9 @@ passes does not abandon the offload: the runner starts the tail on the device, b
 block, while the offload goes on (until twice the deadline); the edge's answer is taken if
 it arrives before the device has finished, the device's otherwise (``Answer.raced``). A link
 that is slow rather than dead then costs the wait for its answer, not the deadline plus the
-whole tail. The offload runs in a helper thread for these plans only; elsewhere the call is
-made in the caller's thread, as before.
+whole tail. The offload runs in a helper thread for these plans only (``race_limit_s``
+bounds how long a late one goes on, by default as long again as its deadline); elsewhere
+the call is made in the caller's thread, as before.
 
 Circuit breaking is the offloader's job (one breaker per node in
 :class:`~edgesplit.runtime.device.failover.FailoverClient`); a bare client is wrapped in a
@@ -60,7 +61,7 @@ log = logging.getLogger("edgesplit.device")
 WHERE_DEVICE = "device"  # answered by a local exit, or the plan runs everything locally
 WHERE_EDGE = "edge"
 WHERE_FALLBACK = "device-fallback"  # offloading failed; completed locally
-RACE_THREADS = 4  # late offloads kept going at once; beyond that a late one is abandoned as before
+RACE_THREADS = 4  # offloads through the racing helper threads at once; beyond that one is made as before
 
 
 @dataclass
@@ -113,6 +114,7 @@ class DeviceRunner:
         compression: str = "none",
         confidence_kind: str = "max_softmax",
         race: bool = True,
+        race_limit_s: float | None = None,
     ) -> None:
         self.model = model.eval()
         if confidence_kind not in CONFIDENCES:
@@ -134,6 +136,8 @@ class DeviceRunner:
         self.metrics = metrics
         self.latency_target_s = latency_target_s
         self.race = race
+        # how long a late offload may go on after its deadline (None: as long again as the deadline)
+        self.race_limit_s = race_limit_s
         self._racing = threading.BoundedSemaphore(RACE_THREADS)
         self._racing_count = 0  # offloads handed to the race pool and not yet ended
         self._race_pool: ThreadPoolExecutor | None = None
@@ -326,6 +330,8 @@ class DeviceRunner:
         raced = isinstance(result, _LateAnswer)
         if raced:
             result = result.result
+            # noticed between two blocks of the device's tail: the block in progress counts too
+            latency.device += max(0.0, time.perf_counter() - call_started - result.round_trip_seconds)
         latency.edge = result.edge_seconds
         latency.transfer = max(0.0, result.round_trip_seconds - result.edge_seconds)
         if self.metrics:
@@ -334,10 +340,15 @@ class DeviceRunner:
         return Answer(request_id, int(pred[0]), float(conf[0]), "final", WHERE_EDGE, latency,
                       logits=result.logits, epoch=plan.epoch, sent_bytes=result.sent_bytes, raced=raced)
 
+    def close(self) -> None:
+        """Stop the racing helper threads (late offloads still out end at their own deadlines)."""
+        if self._race_pool is not None:
+            self._race_pool.shutdown(wait=False)
+
     # -- racing a late offload ------------------------------------------------------------
     @property
     def offloads_racing(self) -> int:
-        """Offloads of plans that race them (see the module docstring) not yet ended, late ones included."""
+        """Offloads made through the racing helper threads (see the module docstring) not yet ended."""
         return self._racing_count
 
     def _races(self, plan: Plan) -> bool:
@@ -356,7 +367,8 @@ class DeviceRunner:
                 if self._race_pool is None:
                     self._race_pool = ThreadPoolExecutor(RACE_THREADS, thread_name_prefix="offload")
         try:
-            future = self._race_pool.submit(self.client.infer, name, encoded, 2 * deadline, str(request_id))
+            limit = deadline + (deadline if self.race_limit_s is None else self.race_limit_s)
+            future = self._race_pool.submit(self.client.infer, name, encoded, limit, str(request_id))
         except RuntimeError:  # the pool is shut down (interpreter exit): offload in this thread
             self._racing.release()
             return self.client.infer(name, encoded, deadline, str(request_id))

@@ -300,7 +300,10 @@ def test_a_late_offload_races_the_device_and_the_device_answer_is_taken_when_it_
     running, thread = start_in_thread(node_model)
     client = EdgeClient(running.address)
     try:
-        runner = DeviceRunner(device_model, plan=Plan(cut=1, offload_deadline_s=0.05), client=client)
+        # one failure would open this breaker; the late offload may go on for 30 s, so only the
+        # gate decides when the node answers
+        runner = DeviceRunner(device_model, plan=Plan(cut=1, offload_deadline_s=0.05),
+                              client=FailoverClient([client], failure_threshold=1), race_limit_s=30)
         x = torch.arange(4.0).reshape(1, 4)
         answer = runner.infer(x)  # the node holds the request past the deadline
         assert answer.where == WHERE_FALLBACK and answer.raced
@@ -313,6 +316,7 @@ def test_a_late_offload_races_the_device_and_the_device_answer_is_taken_when_it_
         wait_until(lambda: runner.offloads_racing == 0, 10, "the late offload to end")
         assert running.plane.registry.get("race.from.1").stats.requests == 1  # answered once, late
         assert runner.client.breakers[0].state == CircuitBreaker.CLOSED  # a late answer is not a failure
+        runner.close()
     finally:
         gate.release.set()
         client.close()
@@ -340,7 +344,8 @@ def test_a_late_edge_answer_is_taken_when_it_beats_the_device():
     running, thread = start_in_thread(node_model)
     watched.append(Watched(EdgeClient(running.address)))
     try:
-        runner = DeviceRunner(device_model, plan=Plan(cut=1, offload_deadline_s=0.05), client=watched[0])
+        runner = DeviceRunner(device_model, plan=Plan(cut=1, offload_deadline_s=0.05), client=watched[0],
+                              race_limit_s=30)
         x = torch.arange(4.0).reshape(1, 4)
         request = CheckedThread(lambda: runner.infer(x), "device request")
         request.start()
@@ -351,6 +356,7 @@ def test_a_late_edge_answer_is_taken_when_it_beats_the_device():
         assert answer.where == WHERE_EDGE and answer.raced and answer.offload_error is None
         assert torch.equal(answer.logits, x + 1)  # the node's answer
         assert answer.sent_bytes > 0 and answer.latency.transfer + answer.latency.edge >= 0.05
+        runner.close()
     finally:
         gate.release.set()
         watched[0].client.close()
