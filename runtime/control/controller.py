@@ -44,11 +44,14 @@ over, left at an exit, or were too short to time) is not repeated at that cut un
 ``device_times.stale_after`` answers later.
 
 Every plan the controller makes carries an **offload deadline**: ``offload_patience`` times
-the predicted offload (sending, the edge's work, the answer) plus what completing the
-request on the device would cost (the tail after the cut, at the learned device speed), at
-least ``min_offload_deadline_s``. A request caught by a link that collapses mid-flight (a
-trace's drop to 0.05 Mbit/s turned one 9 kB offload into 2 s) then gives up at that
-deadline and completes locally (the deadline plus the tail) instead of waiting the link
+the predicted offload (sending, the edge's work, the answer), at least
+``min_offload_deadline_s``. Past it the runner races the offload with the tail on the device
+(:class:`~edgesplit.runtime.device.runner.DeviceRunner`, ``race``), so starting the tail
+early loses nothing but device work; a runner that does not race abandons the offload at
+the deadline, and then the deadline also includes what completing the request on the
+device would cost (the tail after the cut, at the learned device speed). A request caught
+by a link that collapses mid-flight (a trace's drop to 0.05 Mbit/s turned one 9 kB offload
+into 2 s) then completes locally by the deadline plus the tail instead of waiting the link
 out; its timeout enters the estimator as an upper bound on the rate. When the option in
 force stays but the deadline it wants moves by more than ``DEADLINE_SLACK`` (the link
 changed within the hysteresis), the plan is remade with the new deadline (a decision like
@@ -308,8 +311,10 @@ class EmbeddedController:
         prediction is not a number."""
         if self.offload_patience is None or not option.remote_s > 0:
             return None
-        seconds = (self.offload_patience * option.remote_s
-                   + self.space.local_tail_seconds(option.cut, state.device_scale_at(option.cut)))
+        seconds = self.offload_patience * option.remote_s
+        if not (self.runner.race and self.runner.fallback == "complete"):
+            # giving up forfeits the offload: wait as long again as completing here would take
+            seconds += self.space.local_tail_seconds(option.cut, state.device_scale_at(option.cut))
         return max(self.min_offload_deadline_s, seconds) if math.isfinite(seconds) else None
 
     def _deadline_stale(self, plan: Plan, wanted: float | None) -> bool:

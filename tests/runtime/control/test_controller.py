@@ -451,7 +451,7 @@ def test_a_plan_the_controller_makes_gives_up_on_a_collapsed_link_at_its_own_dea
             plan = controller.decide()
             assert plan is not None and plan.cut < model.num_blocks  # a 5 Mbit/s link: offload
             option = controller.current
-            wanted = 2.0 * option.remote_s + space.local_tail_seconds(plan.cut)
+            wanted = 2.0 * option.remote_s  # the runner races a late offload: no tail added
             expected = max(controller.min_offload_deadline_s, wanted)
             assert plan.offload_deadline_s == pytest.approx(expected) and plan.offload_deadline_s < 1.0
             assert controller.decisions[-1].offload_deadline_s == plan.offload_deadline_s
@@ -482,7 +482,7 @@ def test_a_plan_the_controller_makes_gives_up_on_a_collapsed_link_at_its_own_dea
 
 def test_a_plan_whose_option_stays_is_remade_when_the_deadline_it_wants_moves(trained_model):
     """Only the image can be sent here, so the option never changes; a hand-set plan has no
-    deadline of its own and gets one, and a link 1,000x slower gets a longer one."""
+    deadline of its own and gets one, and a link 5,000x slower gets a longer one."""
     space = PlanSpace.for_model(trained_model, device_quota=0.05, repeats=2, codecs=("int8",), allowed_cuts=[0])
     runner = DeviceRunner(trained_model, plan=Plan(cut=0, codec="int8"), client=None)
     controller = EmbeddedController(runner, space, LeastLatency(), every=1000, learn_device_time=False,
@@ -492,15 +492,36 @@ def test_a_plan_whose_option_stays_is_remade_when_the_deadline_it_wants_moves(tr
         assert first is not None and first.cut == 0 and first.epoch == 1
         assert first.offload_deadline_s == pytest.approx(controller.min_offload_deadline_s)  # a fast link: the floor
         assert controller.decide() is None  # nothing moved
-        controller.estimator = LinkEstimator(initial_mbit=0.05, initial_rtt_s=0.001)
+        controller.estimator = LinkEstimator(initial_mbit=0.01, initial_rtt_s=0.001)
         second = controller.decide()
         assert second is not None and (second.cut, second.codec) == (0, "int8") and second.epoch == 2
         sent = trained_model.cut_points()[0].numel  # the image, a byte a pixel
-        assert second.offload_deadline_s > 2 * sent * 8 / 0.05e6  # twice the bytes' time at 0.05 Mbit/s
+        assert second.offload_deadline_s > 2 * sent * 8 / 0.01e6  # twice the bytes' time at 0.01 Mbit/s
         assert controller.decisions[-1].offload_deadline_s == second.offload_deadline_s
         assert controller.decide() is None
     finally:
         controller.close()
+
+
+def test_a_runner_that_does_not_race_gets_the_tail_added_to_its_deadline(trained_model):
+    """Past the deadline a racing runner starts the tail and keeps the offload; one that does
+    not race forfeits the offload, so it is given the tail's time on top."""
+    space = PlanSpace.for_model(trained_model, device_quota=0.05, repeats=2, codecs=("int8",), allowed_cuts=[0])
+    deadlines = {}
+    for race in (True, False):
+        runner = DeviceRunner(trained_model, plan=Plan(cut=0, codec="int8"), client=None, race=race)
+        controller = EmbeddedController(runner, space, LeastLatency(), every=1000, learn_device_time=False,
+                                        estimator=LinkEstimator(initial_mbit=0.05, initial_rtt_s=0.001))
+        try:
+            plan = controller.decide()
+            assert plan is not None and plan.cut == 0
+            deadlines[race] = (plan.offload_deadline_s, controller.current.remote_s)
+        finally:
+            controller.close()
+    (racing, remote), (abandoning, _) = deadlines[True], deadlines[False]
+    assert racing == pytest.approx(2.0 * remote)  # above the floor at 0.05 Mbit/s
+    assert abandoning == pytest.approx(racing + space.local_tail_seconds(0))
+    assert abandoning > racing
 
 
 def test_without_patience_plans_carry_no_deadline_of_their_own(node, space):
