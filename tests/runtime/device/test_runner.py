@@ -276,8 +276,7 @@ class Watched:
 
 
 def race_models():
-    """A node model whose tail after cut 1 is held by a gate and adds 1, and a device model
-    of the same name whose tail is ``tail`` and adds nothing."""
+    """A node model whose tail after cut 1 is held by a gate and adds 1, and the gate."""
     from edgesplit.models.split_model import SplitModel
     from tests.helpers import Gate
 
@@ -291,43 +290,52 @@ def race_models():
     return node_model, gate
 
 
-def test_a_late_offload_races_the_device_and_the_device_answer_is_taken_when_it_ends_first():
+def device_model(tail: torch.nn.Module | None = None):
+    """The device's model of the same name: its tail after cut 1 is ``tail`` then an identity."""
     from edgesplit.models.split_model import SplitModel
 
+    return SplitModel("race", [("head", torch.nn.Identity()), ("a", tail or torch.nn.Identity()),
+                               ("b", torch.nn.Identity())], {}, (4,), 4)
+
+
+@pytest.fixture
+def race_node():
+    """A node serving the gated model in a thread, its gate and a client of it; cleaned up after."""
     node_model, gate = race_models()
-    device_model = SplitModel("race", [("head", torch.nn.Identity()), ("a", torch.nn.Identity()),
-                                       ("b", torch.nn.Identity())], {}, (4,), 4)
     running, thread = start_in_thread(node_model)
     client = EdgeClient(running.address)
     try:
-        # one failure would open this breaker; the late offload may go on for 30 s, so only the
-        # gate decides when the node answers
-        runner = DeviceRunner(device_model, plan=Plan(cut=1, offload_deadline_s=0.05),
-                              client=FailoverClient([client], failure_threshold=1), race_limit_s=30)
-        x = torch.arange(4.0).reshape(1, 4)
-        answer = runner.infer(x)  # the node holds the request past the deadline
-        assert answer.where == WHERE_FALLBACK and answer.raced
-        assert answer.offload_error.startswith("DEADLINE_EXCEEDED") and answer.attempted_bytes > 0
-        assert torch.equal(answer.logits, x)  # the device's tail, not the node's (+1)
-        assert answer.latency.transfer >= 0.05
-        wait_until(gate.entered.is_set, 10, "the late request to reach the node")
-        assert runner.offloads_racing == 1  # still out, not abandoned
-        gate.release.set()
-        wait_until(lambda: runner.offloads_racing == 0, 10, "the late offload to end")
-        assert running.plane.registry.get("race.from.1").stats.requests == 1  # answered once, late
-        assert runner.client.breakers[0].state == CircuitBreaker.CLOSED  # a late answer is not a failure
-        runner.close()
+        yield running, gate, client
     finally:
         gate.release.set()
         client.close()
         stop_in_thread(running, thread)
 
 
-def test_a_late_edge_answer_is_taken_when_it_beats_the_device():
-    from edgesplit.models.split_model import SplitModel
+def test_a_late_offload_races_the_device_and_the_device_answer_is_taken_when_it_ends_first(race_node):
+    running, gate, client = race_node
+    # one failure would open this breaker; the late offload may go on for 30 s, so only the
+    # gate decides when the node answers
+    runner = DeviceRunner(device_model(), plan=Plan(cut=1, offload_deadline_s=0.05),
+                          client=FailoverClient([client], failure_threshold=1), race_limit_s=30)
+    x = torch.arange(4.0).reshape(1, 4)
+    answer = runner.infer(x)  # the node holds the request past the deadline
+    assert answer.where == WHERE_FALLBACK and answer.raced
+    assert answer.offload_error.startswith("DEADLINE_EXCEEDED") and answer.attempted_bytes > 0
+    assert torch.equal(answer.logits, x)  # the device's tail, not the node's (+1)
+    assert answer.latency.transfer >= 0.05
+    wait_until(gate.entered.is_set, 10, "the late request to reach the node")
+    assert runner.offloads_racing == 1  # still out, not abandoned
+    gate.release.set()
+    wait_until(lambda: runner.offloads_racing == 0, 10, "the late offload to end")
+    assert running.plane.registry.get("race.from.1").stats.requests == 1  # answered once, late
+    assert runner.client.breakers[0].state == CircuitBreaker.CLOSED  # a late answer is not a failure
+    runner.close()
 
-    node_model, gate = race_models()
-    watched: list[Watched] = []
+
+def test_a_late_edge_answer_is_taken_when_it_beats_the_device(race_node):
+    running, gate, client = race_node
+    watched = Watched(client)
     holding = threading.Event()
 
     class UntilAnswered(torch.nn.Module):
@@ -335,50 +343,30 @@ def test_a_late_edge_answer_is_taken_when_it_beats_the_device():
 
         def forward(self, x):
             holding.set()
-            assert watched[0].answered.wait(10), "the node never answered"
+            assert watched.answered.wait(10), "the node never answered"
             wait_until(lambda: runner.offloads_racing == 0, 10, "the offload's result to be handed over")
             return x
 
-    device_model = SplitModel("race", [("head", torch.nn.Identity()), ("slow", UntilAnswered()),
-                                       ("b", torch.nn.Identity())], {}, (4,), 4)
-    running, thread = start_in_thread(node_model)
-    watched.append(Watched(EdgeClient(running.address)))
-    try:
-        runner = DeviceRunner(device_model, plan=Plan(cut=1, offload_deadline_s=0.05), client=watched[0],
-                              race_limit_s=30)
-        x = torch.arange(4.0).reshape(1, 4)
-        request = CheckedThread(lambda: runner.infer(x), "device request")
-        request.start()
-        assert holding.wait(10), "the device never started its tail"
-        wait_until(gate.entered.is_set, 10, "the request to reach the node")  # held there past its deadline
-        gate.release.set()
-        answer = request.result(20)
-        assert answer.where == WHERE_EDGE and answer.raced and answer.offload_error is None
-        assert torch.equal(answer.logits, x + 1)  # the node's answer
-        assert answer.sent_bytes > 0 and answer.latency.transfer + answer.latency.edge >= 0.05
-        runner.close()
-    finally:
-        gate.release.set()
-        watched[0].client.close()
-        stop_in_thread(running, thread)
+    runner = DeviceRunner(device_model(UntilAnswered()), plan=Plan(cut=1, offload_deadline_s=0.05), client=watched,
+                          race_limit_s=30)
+    x = torch.arange(4.0).reshape(1, 4)
+    request = CheckedThread(lambda: runner.infer(x), "device request")
+    request.start()
+    assert holding.wait(10), "the device never started its tail"
+    wait_until(gate.entered.is_set, 10, "the request to reach the node")  # held there past its deadline
+    gate.release.set()
+    answer = request.result(20)
+    assert answer.where == WHERE_EDGE and answer.raced and answer.offload_error is None
+    assert torch.equal(answer.logits, x + 1)  # the node's answer
+    assert answer.sent_bytes > 0 and answer.latency.transfer + answer.latency.edge >= 0.05
+    runner.close()
 
 
-def test_without_a_plan_deadline_a_late_offload_is_abandoned_as_before():
-    from edgesplit.models.split_model import SplitModel
-
-    node_model, gate = race_models()
-    device_model = SplitModel("race", [("head", torch.nn.Identity()), ("a", torch.nn.Identity()),
-                                       ("b", torch.nn.Identity())], {}, (4,), 4)
-    running, thread = start_in_thread(node_model)
-    client = EdgeClient(running.address)
-    try:
-        runner = DeviceRunner(device_model, plan=Plan(cut=1), client=client, deadline_s=0.05)
-        answer = runner.infer(torch.ones(1, 4))
-        assert answer.where == WHERE_FALLBACK and not answer.raced and runner.offloads_racing == 0
-        assert answer.offload_error.startswith("DEADLINE_EXCEEDED")
-        off = DeviceRunner(device_model, plan=Plan(cut=1, offload_deadline_s=0.05), client=client, race=False)
-        assert not off.infer(torch.ones(1, 4)).raced
-    finally:
-        gate.release.set()
-        client.close()
-        stop_in_thread(running, thread)
+def test_without_a_plan_deadline_a_late_offload_is_abandoned_as_before(race_node):
+    _, _, client = race_node
+    runner = DeviceRunner(device_model(), plan=Plan(cut=1), client=client, deadline_s=0.05)
+    answer = runner.infer(torch.ones(1, 4))
+    assert answer.where == WHERE_FALLBACK and not answer.raced and runner.offloads_racing == 0
+    assert answer.offload_error.startswith("DEADLINE_EXCEEDED")
+    off = DeviceRunner(device_model(), plan=Plan(cut=1, offload_deadline_s=0.05), client=client, race=False)
+    assert not off.infer(torch.ones(1, 4)).raced
