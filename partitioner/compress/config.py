@@ -54,6 +54,13 @@ class PruneConfig:
     steps: int = 3  # iterative prune-and-fine-tune steps
     finetune_epochs: int = 1  # after each step
     distill: DistillRecipe = field(default_factory=DistillRecipe)  # the final distillation
+    # A pruned bundle to continue from (its widths and weights) instead of pruning the base
+    # anew: one more distillation cycle on a finished student. Relative to this file.
+    start_from: str | None = None
+    # Weights of the base architecture (relative to this file) whose final logits are averaged
+    # with the shipped model's to teach the student: an ensemble teacher. Hints still come from
+    # the shipped model.
+    extra_teachers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -164,6 +171,11 @@ def _build(cls, table: dict, where: str):
     return cls(**values)
 
 
+def _relative_to(path: str, root: Path) -> Path:
+    p = Path(path)
+    return p if p.is_absolute() else root / p
+
+
 def parse(table: dict, root: Path = Path(".")) -> CompressConfig:
     """A validated configuration from a parsed TOML table."""
     cfg = _build(CompressConfig, table, "")
@@ -195,6 +207,14 @@ def parse(table: dict, root: Path = Path(".")) -> CompressConfig:
             raise ValueError(f"{name} must be at least 1, not {value}")
     if not cfg.exits.cuts:
         raise ValueError("exits.cuts must name at least one cut")
+    if cfg.prune.start_from is not None:
+        cfg.prune.start_from = str(_relative_to(cfg.prune.start_from, root))
+        if not (Path(cfg.prune.start_from) / "manifest.json").is_file():
+            raise ValueError(f"prune.start_from: {cfg.prune.start_from} is not a bundle (no manifest.json)")
+    cfg.prune.extra_teachers = [str(_relative_to(t, root)) for t in cfg.prune.extra_teachers]
+    for teacher in cfg.prune.extra_teachers:
+        if not Path(teacher).is_file():
+            raise ValueError(f"prune.extra_teachers: no weights file {teacher}")
     if cfg.exits.backbone is not None:
         backbone = Path(cfg.exits.backbone)
         cfg.exits.backbone = str(backbone if backbone.is_absolute() else root / backbone)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -133,12 +133,15 @@ def adaptation_layers(student: SplitModel, teacher: SplitModel, cuts: list[int])
 
 def distill(student: SplitModel, teacher: SplitModel, data: Splits, recipe: DistillRecipe | None = None,
             checkpoint: str | Path | None = None, progress: bool = True, desc: str = "distil",
-            on_epoch: Callable[[dict], None] | None = None, context: dict | None = None) -> dict:
+            on_epoch: Callable[[dict], None] | None = None, context: dict | None = None,
+            extra_teachers: Sequence[SplitModel] = ()) -> dict:
     """Train ``student`` in place from ``teacher`` on ``data``; return the history and the
     hint cuts. Validation accuracy per output is measured after every epoch, and
     ``on_epoch`` is called with that epoch's record once its checkpoint is written.
     ``context`` (JSON values) joins the checkpoint's fingerprint: settings outside the
-    recipe that made the student, so a checkpoint made under others is refused."""
+    recipe that made the student, so a checkpoint made under others is refused (name
+    ``extra_teachers`` there: their final logits are averaged with ``teacher``'s to make the
+    soft targets, an ensemble teacher; hints come from ``teacher`` alone)."""
     recipe = recipe or DistillRecipe()
     n_outputs = len(student.exit_cuts) + 1
     if len(recipe.exit_weights) != n_outputs:
@@ -147,6 +150,8 @@ def distill(student: SplitModel, teacher: SplitModel, data: Splits, recipe: Dist
     if student.num_blocks != teacher.num_blocks:
         raise ValueError("teacher and student must be chains of the same number of blocks")
     teacher.eval()
+    for extra in extra_teachers:
+        extra.eval()
     if recipe.hint_weight > 0:
         hints = (cluster_hint_points(teacher, data.val_x[:512], recipe.n_hints) if recipe.hints == "cluster"
                  else sorted(int(c) for c in recipe.hints))
@@ -180,8 +185,10 @@ def distill(student: SplitModel, teacher: SplitModel, data: Splits, recipe: Dist
         for step, (xb, yb) in enumerate(bar, start=1):
             with torch.no_grad():
                 t_feats, t_outs = run_with_features(teacher, xb, hints)
+                target = t_outs[-1]
+                if extra_teachers:
+                    target = torch.stack([target, *(t(xb) for t in extra_teachers)]).mean(0)
             s_feats, s_outs = run_with_features(student, xb, hints)
-            target = t_outs[-1]
             loss = sum(w * kd_loss(o, target, yb, recipe.temperature, recipe.kd_weight)
                        for w, o in zip(recipe.exit_weights, s_outs))
             for c in hints:

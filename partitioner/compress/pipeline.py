@@ -48,18 +48,75 @@ def _calibration(data: Splits, n: int = 256) -> tuple[torch.Tensor, torch.Tensor
 
 def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bool = True) -> dict:
     """Iterative structured pruning with distillation from the shipped model; writes the
-    pruned bundle ``OUT/<base>_pruned`` and returns the step's results."""
+    pruned bundle ``OUT/<base>_pruned`` and returns the step's results.
+
+    With ``cfg.start_from`` the student is that pruned bundle instead (no sweep, no pruning):
+    one more distillation cycle on a finished student, whose earlier training time is added."""
+    from edgesplit.models.weights_io import sha256_file
     from edgesplit.partitioner.bundle import write_bundle
 
     teacher = load_trained(base)
+    extra_teachers = [load_trained(base, path) for path in cfg.extra_teachers]
     started = time.time()
+    before = count_params(teacher)
+    if cfg.start_from:
+        student, pruning, earlier = _continued_student(cfg.start_from, base, data)
+        curve, knee_index, steps = earlier.get("sweep", []), None, []
+        rate = earlier["removed_fraction"]
+    else:
+        student, pruning, curve, knee_index, rate, steps = _pruned_student(cfg, base, teacher, data, out, progress)
+        earlier = {}
+    teacher_hashes = [sha256_file(path) for path in cfg.extra_teachers]
+    if extra_teachers:  # a checkpoint distilled from other teachers is refused
+        pruning["extra_teachers"] = teacher_hashes
+    final = distill(student, teacher, data, cfg.distill, out / "checkpoints" / "prune-final", progress, context=pruning,
+                    desc="distil pruned", extra_teachers=extra_teachers)
+    epoch_seconds = final["seconds"] + sum(s.pop("seconds") for s in steps) + (earlier.get("train_seconds") or 0.0)
+    test_before = evaluate_exits(teacher, data.test_x, data.test_y)
+    test_after = evaluate_exits(student, data.test_x, data.test_y)
+    from edgesplit.partitioner.flops import block_macs
+
+    results = {
+        "params_before": before,
+        "params_after": count_params(student),
+        "removed_fraction": round(1 - count_params(student) / before, 4),
+        "acc_before": test_before[-1],
+        "acc_after": test_after[-1],
+        "test_accuracy_per_output_before": test_before,
+        "test_accuracy_per_output_after": test_after,
+        "macs_before": sum(block_macs(teacher)),
+        "macs_after": sum(block_macs(student)),
+        # how the student was pruned: this run's settings, or the earlier run's record
+        "importance": earlier.get("importance") if earlier else cfg.importance,
+        "global_pruning": earlier.get("global_pruning") if earlier else cfg.global_pruning,
+        "isomorphic": earlier.get("isomorphic") if earlier else cfg.isomorphic,
+        "sweep": curve,
+        "knee_removed": curve[knee_index]["removed"] if knee_index is not None else None,
+        "rate": rate,
+        "steps": steps,
+        "hints": final["hints"],
+        "distill": final["recipe"],
+        "history": final["history"],
+        "train_seconds": round(epoch_seconds, 1),  # the epochs' time, summed over interrupted runs
+        "seconds_this_run": round(time.time() - started, 1),
+    }
+    if extra_teachers:
+        results["extra_teachers"] = [{"weights": f"{Path(path).parent.name}/{Path(path).name}", "sha256": sha}
+                                     for path, sha in zip(cfg.extra_teachers, teacher_hashes)]
+    if earlier:
+        results["started_from"] = earlier["record"]
+    write_bundle(student, out / f"{base}_pruned", base=base,
+                 extra={"compression": {"pruning": {k: results[k] for k in (
+                     "params_before", "params_after", "removed_fraction", "acc_before", "acc_after",
+                     "importance", "global_pruning", "isomorphic", "hints", "train_seconds")}}})
+    return results
+
+
+def _pruned_student(cfg: PruneConfig, base: str, teacher, data: Splits, out: Path, progress: bool):
+    """Sweep, pick the rate, then prune iteratively with a short distillation after each step."""
     calibration = _calibration(data)
-
-    def val_accuracy(model) -> float:
-        return evaluate_exits(model, data.val_x, data.val_y)[-1]
-
-    curve = sweep(teacher, cfg.sweep_rates, val_accuracy, data.x, cfg.importance, cfg.global_pruning, calibration,
-                  isomorphic=cfg.isomorphic)
+    curve = sweep(teacher, cfg.sweep_rates, lambda m: _val_accuracy(m, data), data.x, cfg.importance,
+                  cfg.global_pruning, calibration, isomorphic=cfg.isomorphic)
     knee_index = knee([p["removed"] for p in curve], [p["accuracy"] for p in curve]) if len(curve) >= 3 else None
     rate = curve[knee_index]["removed"] if cfg.removed == "knee" else float(cfg.removed)
     if progress:
@@ -85,47 +142,37 @@ def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bo
             student = prune_to(student, relative, cfg.importance, cfg.global_pruning, calibration,
                                isomorphic=cfg.isomorphic)
             adapt_bn(student, data.x)
-        one_shot = val_accuracy(student) if saved is None else None
+        one_shot = _val_accuracy(student, data) if saved is None else None
         result = distill(student, teacher, data, finetune, checkpoint, progress, desc=f"prune step {i + 1}",
                          context=pruning)
         steps.append({"removed": round(1 - count_params(student) / before, 4), "params": count_params(student),
                       "val_after_adaptive_bn": one_shot, "val_after_finetune": result["history"][-1]["val_accuracy"],
                       "seconds": result["seconds"]})
-    final = distill(student, teacher, data, cfg.distill, out / "checkpoints" / "prune-final", progress, context=pruning,
-                    desc="distil pruned")
-    epoch_seconds = final["seconds"] + sum(s.pop("seconds") for s in steps)
-    test_before = evaluate_exits(teacher, data.test_x, data.test_y)
-    test_after = evaluate_exits(student, data.test_x, data.test_y)
-    from edgesplit.partitioner.flops import block_macs
+    return student, pruning, curve, knee_index, rate, steps
 
-    results = {
-        "params_before": before,
-        "params_after": count_params(student),
-        "removed_fraction": round(1 - count_params(student) / before, 4),
-        "acc_before": test_before[-1],
-        "acc_after": test_after[-1],
-        "test_accuracy_per_output_before": test_before,
-        "test_accuracy_per_output_after": test_after,
-        "macs_before": sum(block_macs(teacher)),
-        "macs_after": sum(block_macs(student)),
-        "importance": cfg.importance,
-        "global_pruning": cfg.global_pruning,
-        "isomorphic": cfg.isomorphic,
-        "sweep": curve,
-        "knee_removed": curve[knee_index]["removed"] if knee_index is not None else None,
-        "rate": rate,
-        "steps": steps,
-        "hints": final["hints"],
-        "distill": final["recipe"],
-        "history": final["history"],
-        "train_seconds": round(epoch_seconds, 1),  # the epochs' time, summed over interrupted runs
-        "seconds_this_run": round(time.time() - started, 1),
-    }
-    write_bundle(student, out / f"{base}_pruned", base=base,
-                 extra={"compression": {"pruning": {k: results[k] for k in (
-                     "params_before", "params_after", "removed_fraction", "acc_before", "acc_after",
-                     "importance", "hints", "train_seconds")}}})
-    return results
+
+def _continued_student(path: str, base: str, data: Splits):
+    """The student of a finished pruned bundle, what fingerprints it, and its record."""
+    from edgesplit.partitioner.bundle import load_bundle
+
+    bundle = load_bundle(path)
+    if bundle.manifest.get("model") != base:
+        raise ValueError(f"prune.start_from: {path} was not pruned from {base}")
+    earlier = dict((bundle.manifest.get("compression") or {}).get("pruning") or {})
+    if "removed_fraction" not in earlier:
+        raise ValueError(f"prune.start_from: {path} is not a pruned bundle (its manifest has no "
+                         "compression.pruning record)")
+    student = bundle.model
+    student.name = f"{base}_pruned"
+    sha = bundle.manifest["files"]["weights.safetensors"]
+    earlier["record"] = {"bundle": Path(path).name, "weights_sha256": sha, "params": count_params(student),
+                         "val_accuracy": _val_accuracy(student, data), "test_accuracy": earlier.get("acc_after"),
+                         "train_seconds": earlier.get("train_seconds")}
+    return student, {"start_from": sha}, earlier
+
+
+def _val_accuracy(model, data: Splits) -> float:
+    return evaluate_exits(model, data.val_x, data.val_y)[-1]
 
 
 def run(cfg: CompressConfig, steps: list[str] | None = None, progress: bool = True,
@@ -184,6 +231,8 @@ def _changed_keys(recorded, current: dict, defaults: dict) -> list[str]:
     def same(a, b) -> bool:
         if isinstance(a, str) and isinstance(b, str) and ("/" in a or "/" in b):
             return Path(a).name == Path(b).name
+        if isinstance(a, list) and isinstance(b, list):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
         return a == b
 
     return sorted(k for k in current

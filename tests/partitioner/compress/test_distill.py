@@ -91,3 +91,22 @@ def test_a_checkpoint_of_a_student_pruned_otherwise_is_refused(trained_model, ti
                 context={**made, "isomorphic": True})
     assert len(distill(again, trained_model, tiny_splits, recipe, tmp_path / "ck", progress=False,
                        context=made)["history"]) == 1  # the same context: resumed, already done
+
+
+def test_an_extra_teachers_logits_join_the_soft_targets(trained_model, tiny_splits):
+    import copy
+
+    biased = copy.deepcopy(trained_model)
+    classifier = biased.blocks[-1][-1]
+    with torch.no_grad():  # a teacher that says "class 0" whatever it sees
+        classifier.weight.zero_()
+        classifier.bias.zero_()
+        classifier.bias[0] = 20.0
+    recipe = DistillRecipe(epochs=1, max_lr=0.02, kd_weight=1.0, hint_weight=0.0)
+    shares = []
+    for extra in ([], [biased]):
+        student = prune_to(trained_model, 0.5)
+        distill(student, trained_model, tiny_splits, recipe, progress=False, extra_teachers=extra)
+        with torch.no_grad():
+            shares.append(float((student(tiny_splits.val_x).argmax(1) == 0).float().mean()))
+    assert shares[1] > shares[0] + 0.3, shares

@@ -87,6 +87,55 @@ def test_compress_runs_every_step_and_resumes(tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.json")} == stamps
 
 
+def test_a_second_cycle_continues_from_a_pruned_bundle_with_an_ensemble_teacher(tmp_path, capsys):
+    import torch
+
+    from edgesplit.models import load_trained
+    from edgesplit.models.weights_io import save_weights
+    from edgesplit.partitioner.compress.architecture import layer_shapes
+
+    head = TINY.split("[int8]")[0]
+    off = "[int8]\nenabled = false\n[bottleneck]\nenabled = false\n[exits]\nenabled = false\n[rate]\nenabled = false\n"
+    first = tmp_path / "first.toml"
+    first.write_text(head.replace('out = "out"', 'out = "first"') + off)
+    assert main(["compress", str(first), "--quiet"]) == 0
+    earlier = json.loads((tmp_path / "first" / "prune.json").read_text())
+    start = load_bundle(tmp_path / "first" / "resnet_fm_pruned")
+
+    other = load_trained("resnet_fm")
+    with torch.no_grad():
+        other.blocks[-1][-1].bias.add_(0.5)
+    (tmp_path / "nets").mkdir()
+    save_weights(other, tmp_path / "nets" / "other.safetensors")
+    second = tmp_path / "second.toml"
+    second.write_text(head.replace('out = "out"', 'out = "second"').replace(
+        "[prune.distill]", 'start_from = "first/resnet_fm_pruned"\nextra_teachers = ["nets/other.safetensors"]\n'
+        "[prune.distill]") + off)
+    assert main(["compress", str(second), "--quiet"]) == 0
+    result = json.loads((tmp_path / "second" / "prune.json").read_text())
+    bundle = load_bundle(tmp_path / "second" / "resnet_fm_pruned")
+    assert layer_shapes(bundle.model) == layer_shapes(start.model)  # the same student, not pruned anew
+    assert result["params_after"] == earlier["params_after"] and result["steps"] == []
+    record = result["started_from"]
+    assert record["bundle"] == "resnet_fm_pruned" and record["test_accuracy"] == earlier["acc_after"]
+    assert record["weights_sha256"] == start.manifest["files"]["weights.safetensors"]
+    assert [t["weights"] for t in result["extra_teachers"]] == ["nets/other.safetensors"]
+    assert result["importance"] == earlier["importance"] == "magnitude"
+    assert result["train_seconds"] > earlier["train_seconds"]  # both cycles' epochs counted
+    moved = [not torch.equal(a, b) for a, b in zip(bundle.model.parameters(), start.model.parameters())]
+    assert any(moved)  # trained further
+
+    # a bundle that was not pruned is refused with a reason
+    from edgesplit.partitioner.bundle import write_bundle
+
+    write_bundle(load_trained("resnet_fm"), tmp_path / "plain")
+    third = tmp_path / "third.toml"
+    third.write_text(second.read_text().replace("first/resnet_fm_pruned", "plain").replace('"second"', '"third"'))
+    capsys.readouterr()
+    assert main(["compress", str(third), "--quiet"]) == 2
+    assert "not a pruned bundle" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text, message", [
     ("[prune]\nremove = 0.9\n", "unknown key prune.remove"),
     ("[prune]\nremoved = \"lots\"\n", "prune.removed"),
@@ -99,6 +148,8 @@ def test_compress_runs_every_step_and_resumes(tmp_path, capsys):
     ("[exits]\nepochs = 0\n", "at least 1"),
     ("[prune]\nremoved = \"knee\"\nsweep_rates = [0.0, 0.5]\n", "three"),
     ("[prune\n", "not valid TOML"),
+    ("[prune]\nstart_from = \"nothing\"\n", "prune.start_from"),
+    ("[prune]\nextra_teachers = [\"missing.safetensors\"]\n", "prune.extra_teachers"),
 ])
 def test_bad_configurations_are_refused_with_the_key(tmp_path, capsys, text, message):
     config = tmp_path / "bad.toml"
