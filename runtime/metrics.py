@@ -90,6 +90,11 @@ class DeviceMetrics:
         self.sent_bytes = Counter(
             "edgesplit_device_sent_bytes_total", "Encoded tensor bytes offloaded.", registry=registry
         )
+        self.races = Counter(
+            "edgesplit_device_offload_races_total",
+            "Offloads past their deadline raced with the tail on the device, by which answered first.",
+            ["winner"], registry=registry,
+        )
         self.plan_epoch = Gauge(
             "edgesplit_device_plan_epoch", "Epoch of the plan in force on the device.", registry=registry
         )

@@ -251,6 +251,8 @@ class DeviceRunner:
         state = self._state
         answer = self._infer(request_id, x, *state)
         answer.cut = state[0].cut
+        if answer.raced and self.metrics:
+            self.metrics.races.labels(winner="edge" if answer.where == WHERE_EDGE else "device").inc()
         for observe in self.observers:
             observe(answer)  # the embedded controller learns from every answer
         if self.metrics:

@@ -316,14 +316,21 @@ def test_a_late_offload_races_the_device_and_the_device_answer_is_taken_when_it_
     running, gate, client = race_node
     # one failure would open this breaker; the late offload may go on for 30 s, so only the
     # gate decides when the node answers
+    from prometheus_client import CollectorRegistry
+
+    from edgesplit.runtime.metrics import DeviceMetrics
+
+    metrics = DeviceMetrics(CollectorRegistry())
     runner = DeviceRunner(device_model(), plan=Plan(cut=1, offload_deadline_s=0.05),
-                          client=FailoverClient([client], failure_threshold=1), race_limit_s=30)
+                          client=FailoverClient([client], failure_threshold=1), race_limit_s=30, metrics=metrics)
     x = torch.arange(4.0).reshape(1, 4)
     answer = runner.infer(x)  # the node holds the request past the deadline
     assert answer.where == WHERE_FALLBACK and answer.raced
     assert answer.offload_error.startswith("DEADLINE_EXCEEDED") and answer.attempted_bytes > 0
     assert torch.equal(answer.logits, x)  # the device's tail, not the node's (+1)
     assert answer.latency.transfer >= 0.05
+    races = metrics.registry.get_sample_value("edgesplit_device_offload_races_total", {"winner": "device"})
+    assert races == 1
     wait_until(gate.entered.is_set, 10, "the late request to reach the node")
     assert runner.offloads_racing == 1  # still out, not abandoned
     gate.release.set()
