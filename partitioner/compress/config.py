@@ -216,8 +216,7 @@ def parse(table: dict, root: Path = Path(".")) -> CompressConfig:
         if not Path(teacher).is_file():
             raise ValueError(f"prune.extra_teachers: no weights file {teacher}")
     if cfg.exits.backbone is not None:
-        backbone = Path(cfg.exits.backbone)
-        cfg.exits.backbone = str(backbone if backbone.is_absolute() else root / backbone)
+        cfg.exits.backbone = str(_relative_to(cfg.exits.backbone, root))
     if cfg.exits.head is not None and cfg.exits.head not in EXIT_HEADS:
         raise ValueError(f"exits.head must be one of {', '.join(EXIT_HEADS)}, not {cfg.exits.head!r}")
     bad = sorted(set(cfg.exits.confidence) - {"max_softmax", "entropy"})

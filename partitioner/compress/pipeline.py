@@ -61,7 +61,7 @@ def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bo
     before = count_params(teacher)
     if cfg.start_from:
         student, pruning, earlier = _continued_student(cfg.start_from, base, data)
-        curve, knee_index, steps = earlier.get("sweep", []), None, []
+        curve, knee_index, steps = [], None, []  # the earlier run's are in its own results
         rate = earlier["removed_fraction"]
     else:
         student, pruning, curve, knee_index, rate, steps = _pruned_student(cfg, base, teacher, data, out, progress)

@@ -312,7 +312,7 @@ class EmbeddedController:
         if self.offload_patience is None or not option.remote_s > 0:
             return None
         seconds = self.offload_patience * option.remote_s
-        if not (self.runner.race and self.runner.fallback == "complete"):
+        if not self.runner.races_late_offloads:
             # giving up forfeits the offload: wait as long again as completing here would take
             seconds += self.space.local_tail_seconds(option.cut, state.device_scale_at(option.cut))
         return max(self.min_offload_deadline_s, seconds) if math.isfinite(seconds) else None

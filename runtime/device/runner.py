@@ -353,8 +353,13 @@ class DeviceRunner:
         """Offloads made through the racing helper threads (see the module docstring) not yet ended."""
         return self._racing_count
 
+    @property
+    def races_late_offloads(self) -> bool:
+        """Whether a late offload under a plan with its own deadline is raced, not abandoned."""
+        return self.race and self.fallback == "complete"
+
     def _races(self, plan: Plan) -> bool:
-        return self.race and self.fallback == "complete" and plan.offload_deadline_s is not None
+        return self.races_late_offloads and plan.offload_deadline_s is not None
 
     def _offload_racing(self, name: str, encoded, deadline: float, request_id: int, h: torch.Tensor, cut: int):
         """Offload; past ``deadline``, run the tail here meanwhile and take whichever ends first.
