@@ -82,6 +82,7 @@ from .policy import LeastEnergy, Option, PlanSpace, Policy, State, active_policy
 log = logging.getLogger(__name__)
 
 DEADLINE_SLACK = 1.5  # a plan is remade when the offload deadline it wants is off by more than this factor
+SYSTEM_BATTERY_READ_S = 5.0  # the machine's battery is read (through psutil, from /sys) at most this often
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class EmbeddedController:
         self.policy = policy
         self.estimator = estimator or LinkEstimator()
         self.battery = battery
+        self._system_battery: tuple[float, BatteryReading] | None = None  # (read at, reading)
         self.every = every
         self.power = power
         self.clock = clock
@@ -181,7 +183,9 @@ class EmbeddedController:
     def battery_reading(self, at: float) -> BatteryReading:
         if self.battery is not None:
             return self.battery.reading(at)
-        return system_battery() or BatteryReading(1.0, False)
+        if self._system_battery is None or not 0 <= at - self._system_battery[0] < SYSTEM_BATTERY_READ_S:
+            self._system_battery = (at, system_battery() or BatteryReading(1.0, False))
+        return self._system_battery[1]
 
     def state(self, at: float | None = None) -> State:
         """What the controller knows now (the link, the battery, the device's learned time)."""

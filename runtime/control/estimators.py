@@ -37,9 +37,33 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 MIN_TRANSFER_S = 1e-4  # below this a request says nothing about the bandwidth
+
+
+# In float arithmetic: the statistics module's harmonic mean and quantiles add in exact
+# fractions, which made them most of the controller's per-request work (a weak device pays it
+# on every answer).
+def harmonic_mean(values: Sequence[float]) -> float:
+    """The harmonic mean of positive ``values`` (0.0 if any is 0)."""
+    if any(v <= 0 for v in values):
+        if any(v < 0 for v in values):
+            raise ValueError("harmonic mean of negative values")
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def first_decile(values: Iterable[float]) -> float:
+    """The 10th percentile of at least two ``values``, interpolated within them
+    (``statistics.quantiles(values, n=10, method="inclusive")[0]``)."""
+    data = sorted(values)
+    m = len(data) - 1
+    j, delta = divmod(m, 10)
+    if delta == 0:
+        return data[j]
+    return (data[j] * (10 - delta) + data[j + 1] * delta) / 10
 
 
 @dataclass(frozen=True)
@@ -149,7 +173,7 @@ class LinkEstimator:
         if len(self._overheads) < 3:
             return min(self._overheads)
         # inclusive: within the samples (the default extrapolates below the least, to negative RTTs)
-        return statistics.quantiles(self._overheads, n=10, method="inclusive")[0]
+        return first_decile(self._overheads)
 
     def _add_rate(self, rate: float, at: float) -> None:
         while self._rates and at - self._rates[0][0] > self.max_age_s:  # not where the link is now
@@ -196,7 +220,7 @@ class LinkEstimator:
         self._update()
 
     def _update(self) -> None:
-        self.bandwidth_mbit = statistics.harmonic_mean([r for _, r in self._rates]) / 1e6
+        self.bandwidth_mbit = harmonic_mean([r for _, r in self._rates]) / 1e6
 
     @property
     def unconfirmed(self) -> bool:

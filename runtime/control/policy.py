@@ -166,12 +166,14 @@ class PlanSpace:
     def options(self, state: State) -> list[Option]:
         link = Link(state.bandwidth_mbit, state.rtt_s)
         plain = self._plain
+        # Predictions only for the cuts that may be chosen (and the last, which predict() reads
+        # as the model's end): the controller asks for options every few requests on the device.
+        cuts = [c for c in self.cuts if c.index in self.allowed_cuts or c.index == self.last]
         out = []
         for setting in self.exit_settings:
             exits = [Exit(cut, rate, self.exit_seconds.get(cut, 0.0)) for cut, rate in setting.rates.items()]
             for codec in self.codecs:
-                for p in predict(self.cuts, self.device, self.edge, link, codec=codec, power=self.power,
-                                 exits=exits):
+                for p in predict(cuts, self.device, self.edge, link, codec=codec, power=self.power, exits=exits):
                     if p.cut not in self.allowed_cuts or (p.cut == self.last and codec != self.codecs[0]):
                         continue  # all on the device sends nothing: one codec is enough
                     if p.cut == 0 and CODEC_BYTES[codec] > INPUT_BYTES_PER_ELEMENT:

@@ -541,3 +541,33 @@ def test_without_patience_plans_carry_no_deadline_of_their_own(node, space):
         EmbeddedController(runner, space, LeastLatency(), offload_patience=0.5)
     with pytest.raises(ValueError, match="min_offload_deadline_s"):
         EmbeddedController(runner, space, LeastLatency(), min_offload_deadline_s=0.0)
+
+
+def test_the_machines_battery_is_read_at_most_once_per_read_interval(node, space, monkeypatch):
+    from edgesplit.runtime.control import controller as controller_module
+    from edgesplit.runtime.control.battery import BatteryReading
+
+    model, _ = node
+    reads = []
+
+    def system_battery():
+        reads.append(1)
+        return BatteryReading(0.5 - 0.1 * len(reads), True)
+
+    monkeypatch.setattr(controller_module, "system_battery", system_battery)
+    now = [100.0]
+    runner = DeviceRunner(model, plan=Plan(cut=model.num_blocks), client=None)
+    controller = EmbeddedController(runner, space, LeastLatency(), clock=lambda: now[0])
+    try:
+        assert controller.state().battery_level == pytest.approx(0.4)
+        for _ in range(20):
+            controller.decide()
+        now[0] += controller_module.SYSTEM_BATTERY_READ_S - 0.01
+        assert controller.state().battery_level == pytest.approx(0.4) and len(reads) == 1
+        now[0] += 0.02
+        assert controller.state().battery_level == pytest.approx(0.3) and len(reads) == 2
+        now[0] -= 60  # a clock that went back reads again rather than keeping a reading from the future
+        controller.state()
+        assert len(reads) == 3
+    finally:
+        controller.close()

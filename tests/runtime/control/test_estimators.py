@@ -162,3 +162,20 @@ def test_rates_older_than_max_age_leave_the_window():
     assert est.bandwidth_mbit == pytest.approx(1.6, rel=0.02) and est.unconfirmed
     with pytest.raises(ValueError, match="max_age_s"):
         LinkEstimator(max_age_s=0)
+
+
+def test_the_float_harmonic_mean_and_first_decile_agree_with_the_statistics_module():
+    import random
+    import statistics
+
+    from edgesplit.runtime.control.estimators import first_decile, harmonic_mean
+
+    rng = random.Random(1)
+    for n in range(2, 40):
+        values = [rng.uniform(0.01, 1e7) for _ in range(n)]
+        assert harmonic_mean(values) == pytest.approx(statistics.harmonic_mean(values), rel=1e-12)
+        assert first_decile(values) == pytest.approx(statistics.quantiles(values, n=10, method="inclusive")[0],
+                                                     rel=1e-12)
+    assert harmonic_mean([3.0, 0.0]) == 0.0
+    with pytest.raises(ValueError):
+        harmonic_mean([3.0, -1.0])

@@ -155,3 +155,12 @@ def test_an_offloads_predicted_time_is_the_same_whatever_share_of_inputs_leaves_
     sent = 4 * 32 * 16 * 16  # cut 1's fp32 tensor
     assert by_key[(1, "fp32", "off")].remote_s > sent * 8 / 0.5e6 + 0.003  # its bytes at 0.5 Mbit/s, and the queue
     assert by_key[(4, "fp32", "off")].remote_s == 0.0  # all on the device offloads nothing
+
+
+def test_options_are_predicted_only_for_the_allowed_cuts_and_equal_those_of_a_full_space():
+    full, some = space(), space(allowed_cuts=[1, 3])
+    st = State(2.0, 0.01)
+    allowed = [o for o in full.options(st) if o.cut in (1, 3)]
+    assert {o.cut for o in some.options(st)} == {1, 3}
+    key = lambda o: (o.cut, o.codec)  # noqa: E731
+    assert sorted(some.options(st), key=key) == sorted(allowed, key=key)
