@@ -30,7 +30,8 @@ interval, and a device following a cluster controller does not back off (its tel
 what that controller decides on).
 
 The device's time is only learned at the cuts it runs; elsewhere the profile is scaled by
-the ratio seen overall, which can be wrong for one cut (a quota splits some heads' work
+the ratio seen overall where it says slower (never faster: see
+:class:`~.estimators.DeviceTimeEstimator`), which can be wrong for one cut (a quota splits some heads' work
 across more scheduler periods than others). So the controller **explores**: when the plan
 in force stays, and another cut the device has not timed recently is predicted within
 ``explore_margin`` of it in the policy's objective (energy for a least-energy policy, else
@@ -197,9 +198,9 @@ class EmbeddedController:
         reading = self.battery_reading(at)
         est = self.estimator.estimate
         scales = self.device_times.scales() if self.learn_device_time else {}
-        overall = self.device_times.overall() if self.learn_device_time else 1.0
+        unseen = self.device_times.unseen_scale() if self.learn_device_time else 1.0
         return State(est.bandwidth_mbit, est.rtt_s, reading.level, reading.on_battery,
-                     device_scale=overall, device_scales=scales)
+                     device_scale=unseen, device_scales=scales)
 
     # -- observing -----------------------------------------------------------------------
     def observe(self, answer: Answer) -> None:

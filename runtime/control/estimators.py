@@ -241,9 +241,15 @@ class DeviceTimeEstimator:
     runs, so each answer gives one ratio of observed to predicted device time for the cut
     it ran. :meth:`scale` is the median of the last ``window`` ratios at that cut, or, for a
     cut with fewer than ``min_samples`` ratios or none among the last ``stale_after``
-    answers, the median over the last ``window`` answers at any cut (a device that runs
-    30 % slow at one cut most likely does at the next; and a slowdown that moved the plan
-    away from a cut must not keep it away once the device is back to speed). Ratios are
+    answers, :meth:`unseen_scale`: the median over the last ``window`` answers at any cut
+    where it says the device is slower than profiled (a device that runs 30 % slow at one cut
+    most likely does at the next; and a slowdown that moved the plan away from a cut must
+    not keep it away once the device is back to speed), the profile itself where it says
+    faster. A speed-up is not carried to cuts that were not seen: under a CPU quota a short
+    head's time is mostly how its work fell across the scheduler's periods (a MobileNetV2
+    head profiled at 233 ms ran in one 100 ms period, 0.4 of it, in a benchmark run), which
+    says nothing about a longer run, and carried over it sent a controller all on the device
+    at 1.1 Mbit/s on a predicted 266 ms that took 650-790. Exploring a cut measures it. Ratios are
     clamped to ``[low, high]`` so one stalled request cannot swing a plan (a cut seen again
     after going stale starts its window afresh), and answers
     predicted to take less than ``min_predicted_s`` are skipped: there the fixed cost of
@@ -292,7 +298,11 @@ class DeviceTimeEstimator:
 
     def scale(self, cut: int) -> float:
         """What to multiply the profile's device time at ``cut`` by."""
-        return statistics.median(self._by_cut[cut]) if self._learned(cut) else self.overall()
+        return statistics.median(self._by_cut[cut]) if self._learned(cut) else self.unseen_scale()
+
+    def unseen_scale(self) -> float:
+        """The scale of a cut without enough ratios of its own: the overall ratio, at least 1."""
+        return max(1.0, self.overall())
 
     def scales(self) -> dict[int, float]:
         """The learned ratio of every cut with enough recent answers of its own."""

@@ -179,3 +179,16 @@ def test_the_float_harmonic_mean_and_first_decile_agree_with_the_statistics_modu
     assert harmonic_mean([3.0, 0.0]) == 0.0
     with pytest.raises(ValueError):
         harmonic_mean([3.0, -1.0])
+
+
+def test_a_slowdown_is_carried_to_cuts_not_seen_but_a_speed_up_is_not():
+    from edgesplit.runtime.control.estimators import DeviceTimeEstimator
+
+    est = DeviceTimeEstimator(window=4, min_samples=2)
+    for _ in range(3):  # a short head that fits one scheduler period: 0.4 of its profile
+        est.observe(cut=5, observed_s=0.093, predicted_s=0.233)
+    assert est.scale(5) == pytest.approx(0.093 / 0.233) and est.overall() == pytest.approx(0.093 / 0.233)
+    assert est.scale(20) == 1.0 == est.unseen_scale()  # the whole model: its profile, not 0.4 of it
+    for _ in range(4):  # other work on the CPU: everything 1.5x slower
+        est.observe(cut=5, observed_s=1.5 * 0.233, predicted_s=0.233)
+    assert est.scale(20) == pytest.approx(1.5) == est.unseen_scale()
