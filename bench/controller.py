@@ -189,7 +189,44 @@ def analyse(name: str, samples, fits: dict[str, tuple[float, float]], live: dict
         # late offloads the adaptive runner raced with the device: answered by the edge / by the device
         "raced": {"edge": sum(bool(r.get("raced")) and r["where"] == "edge" for r in adaptive),
                   "device": sum(bool(r.get("raced")) and r["where"] != "edge" for r in adaptive)},
+        "paired_delta_ms": None if best_static_live is None else paired_deltas(
+            adaptive, live[best_static_live]["records"], ran, max(int(p.split(":")[0]) for p in plans),
+            live["adaptive"]["decisions"]),
     }
+
+
+def paired_deltas(adaptive: list[dict], static: list[dict], static_plan: str, last_cut: int,
+                  decisions: list[dict]) -> dict[str, dict]:
+    """Where the adaptive runner gained or lost against the fixed plan it took turns with.
+
+    Each adaptive request is compared with the mean of the fixed plan's requests just
+    before and after it (the same link and host, a second apart), and counted by what it
+    ran: ``same_plan`` (the fixed plan's own cut, offloaded, or all on the device when that
+    is the fixed plan), ``trial`` (an exploration), ``fallback`` (its offload failed or was
+    late and the device answered) or ``other_plan`` (the policy chose another plan). Each
+    category: ``n``, ``mean_ms`` (positive: slower than the fixed plan) and ``total_ms``."""
+    import bisect
+
+    cut = int(static_plan.split(":")[0])
+    trials = {d["epoch"] for d in decisions if d.get("explore")}
+    times = [r["t"] for r in static]
+    deltas: dict[str, list[float]] = {"same_plan": [], "other_plan": [], "trial": [], "fallback": []}
+    for r in adaptive:
+        i = bisect.bisect_left(times, r["t"])
+        near = [static[j]["ms"] for j in (i - 1, i) if 0 <= j < len(static)]
+        if not near:
+            continue
+        if r["epoch"] in trials:
+            kind = "trial"
+        elif r["where"] not in ("edge", "device") or (r["where"] == "device" and r["cut"] != last_cut):
+            kind = "fallback"
+        elif r["cut"] == cut and (r["where"] == "edge") == (cut < last_cut):
+            kind = "same_plan"
+        else:
+            kind = "other_plan"
+        deltas[kind].append(r["ms"] - statistics.fmean(near))
+    return {k: {"n": len(v), "mean_ms": statistics.fmean(v) if v else None, "total_ms": sum(v)}
+            for k, v in deltas.items()}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -197,7 +234,16 @@ def summarise(rows: list[dict]) -> dict:
              if r["oracle_ms"] <= (1 - GAIN_FLOOR) * r["best_static_ms"]]
     ratio = statistics.fmean(r["adaptive_ms"] / r["oracle_ms"] for r in rows)
     lost = sum(r["sent"] - r["answered"] for r in rows)
+    paired: dict[str, dict] = {}
+    for r in rows:
+        for kind, d in (r.get("paired_delta_ms") or {}).items():
+            total = paired.setdefault(kind, {"n": 0, "total_ms": 0.0})
+            total["n"] += d["n"]
+            total["total_ms"] += d["total_ms"]
+    for total in paired.values():
+        total["mean_ms"] = total["total_ms"] / total["n"] if total["n"] else None
     return {
+        "paired_delta_ms": paired,
         "traces": len(rows),
         "adaptive_over_oracle": ratio,
         "gain_captured": statistics.fmean(gains) if gains else None,
@@ -392,7 +438,16 @@ def render(result: dict) -> str:
     return "\n".join([table(headers, body), "",
                       f"adaptive / oracle: {s['adaptive_over_oracle']:.2f} (goal <= 1.10)",
                       f"gain captured: {gain} (goal >= 0.8)",
-                      f"lost: {s['lost']} (goal 0); traces: {s['traces']} (goal >= 10)"])
+                      f"lost: {s['lost']} (goal 0); traces: {s['traces']} (goal >= 10)",
+                      *_paired_lines(s.get("paired_delta_ms") or {})])
+
+
+def _paired_lines(paired: dict) -> list[str]:
+    """The summary's paired deltas as one line (nothing when the runs were not paired)."""
+    parts = [f"{kind.replace('_', ' ')} {d['n']} requests {d['mean_ms']:+.0f} ms" for kind, d in paired.items()
+             if d["n"]]
+    return ["adaptive against the paired fixed plan, by what it ran (mean per request): " + ", ".join(parts)] \
+        if parts else []
 
 
 def plot(result: dict, path: str) -> None:

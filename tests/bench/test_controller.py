@@ -12,6 +12,7 @@ from edgesplit.bench.controller import (
     analyse,
     best_static_plan,
     fit_table,
+    paired_deltas,
     pick,
     rate_at,
     render,
@@ -65,6 +66,10 @@ def test_the_live_best_static_run_anchors_the_oracle_at_its_level():
             "all_device": {"records": [rec(1, 372.0)], "sent": 1, "decisions": []},  # 20 % slower than the table
             "all_edge": {"records": [rec(1, 900.0)], "sent": 1, "decisions": []}}
     row = analyse("t", samples, TABLE, live, slo_ms=1000.0, model="m", best_static_live="all_device")
+    assert row["paired_delta_ms"]["same_plan"]["n"] == 4  # every adaptive request ran all on the device
+    assert summarise([row])["paired_delta_ms"]["same_plan"]["mean_ms"] == pytest.approx(
+        (310 + 300 + 260 + 255) / 4 - 372.0)
+    assert "paired fixed plan" in render({"traces": [row], "summary": summarise([row])})
     assert row["best_static_ms"] == 372.0 and row["best_static_table_ms"] == pytest.approx(310.0)
     assert row["oracle_table_ms"] == pytest.approx(280.0)
     assert row["oracle_ms"] == pytest.approx(280.0 * 1.2)
@@ -77,6 +82,24 @@ def test_the_live_best_static_run_anchors_the_oracle_at_its_level():
     assert edge["best_static_plan"] == "0:int8" and edge["best_static_plan_at_requests"] == "9:int8"
     assert edge["best_static_run_ms"] == 900.0 and edge["best_static_ms"] == pytest.approx(310.0 * level)
     assert edge["oracle_ms"] == pytest.approx(280.0 * level)
+
+
+def test_paired_deltas_compare_each_adaptive_request_with_its_fixed_neighbours_by_what_it_ran():
+    rec = lambda t, ms, cut, where, epoch=1: {"t": t, "ms": ms, "cut": cut, "epoch": epoch,  # noqa: E731
+                                              "where": where, "error": None}
+    static = [rec(0.0, 300.0, 8, "edge"), rec(2.0, 340.0, 8, "edge"), rec(4.0, 320.0, 8, "edge")]
+    adaptive = [rec(1.0, 310.0, 8, "edge"),  # the fixed plan's own: 10 ms faster than 300/340
+                rec(3.0, 400.0, 20, "device"),  # all on the device: another plan
+                rec(3.5, 330.0, 5, "edge", epoch=2),  # a trial
+                rec(3.8, 1330.0, 8, "device-fallback"),
+                rec(5.0, 320.0, 8, "edge")]  # after the last fixed request: compared with it alone
+    out = paired_deltas(adaptive, static, "8:int8", 20, [{"epoch": 2, "explore": True}])
+    assert out["same_plan"] == {"n": 2, "mean_ms": pytest.approx(-5.0), "total_ms": pytest.approx(-10.0)}
+    assert out["other_plan"]["n"] == 1 and out["other_plan"]["mean_ms"] == pytest.approx(70.0)
+    assert out["trial"]["mean_ms"] == pytest.approx(0.0) and out["fallback"]["mean_ms"] == pytest.approx(1000.0)
+    # a fixed plan all on the device: the adaptive runner on the device is the same plan
+    on_device = paired_deltas([rec(1.0, 310.0, 20, "device")], [rec(0.0, 300.0, 20, "device")], "20:int8", 20, [])
+    assert on_device["same_plan"]["n"] == 1 and on_device["other_plan"]["n"] == 0
 
 
 def test_the_widest_window_is_where_the_bandwidth_swings_most():
