@@ -203,11 +203,12 @@ def paired_deltas(adaptive: list[dict], static: list[dict], static_plan: str, la
     before and after it (the same link and host, a second apart), and counted by what it
     ran: ``same_plan`` (the fixed plan's own cut, offloaded, or all on the device when that
     is the fixed plan), ``trial`` (an exploration), ``fallback`` (its offload failed or was
-    late and the device answered) or ``other_plan`` (the policy chose another plan). Each
+    late and the device answered) or ``other_plan`` (the policy chose another plan, or an
+    early exit answered). Plans are told apart by their cut (the benchmark sends int8 only). Each
     category: ``n``, ``mean_ms`` (positive: slower than the fixed plan) and ``total_ms``."""
     import bisect
 
-    cut = int(static_plan.split(":")[0])
+    cut = static[0]["cut"] if static else int(static_plan.split(":")[0])  # what the paired run ran
     trials = {d["epoch"] for d in decisions if d.get("explore")}
     times = [r["t"] for r in static]
     deltas: dict[str, list[float]] = {"same_plan": [], "other_plan": [], "trial": [], "fallback": []}
@@ -218,7 +219,7 @@ def paired_deltas(adaptive: list[dict], static: list[dict], static_plan: str, la
             continue
         if r["epoch"] in trials:
             kind = "trial"
-        elif r["where"] not in ("edge", "device") or (r["where"] == "device" and r["cut"] != last_cut):
+        elif r["where"] not in ("edge", "device"):
             kind = "fallback"
         elif r["cut"] == cut and (r["where"] == "edge") == (cut < last_cut):
             kind = "same_plan"

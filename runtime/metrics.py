@@ -114,7 +114,9 @@ class DeviceMetrics:
         self.decisions = Counter("edgesplit_device_controller_decisions_total",
                                  "Plan changes made by the controller.", registry=registry)
         self.device_time_scale = Gauge("edgesplit_device_time_scale_ratio",
-                                       "Device time observed over the profile's prediction, at the cut in force.",
+                                       "What the controller scales the device profile by at the cut in force: "
+                                       "observed over predicted device time (at least 1 until the cut has "
+                                       "answers of its own).",
                                        registry=registry)
 
 

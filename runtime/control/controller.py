@@ -50,7 +50,7 @@ the predicted offload (sending, the edge's work, the answer), at least
 (:class:`~edgesplit.runtime.device.runner.DeviceRunner`, ``race``), so starting the tail
 early loses nothing but device work; a runner that does not race abandons the offload at
 the deadline, and then the deadline also includes what completing the request on the
-device would cost (the tail after the cut, at the learned device speed). A request caught
+device would cost (the tail after the cut, scaled as cuts not yet run are). A request caught
 by a link that collapses mid-flight (a trace's drop to 0.05 Mbit/s turned one 9 kB offload
 into 2 s) then completes locally by the deadline plus the tail instead of waiting the link
 out; its timeout enters the estimator as an upper bound on the rate. When the option in
@@ -101,7 +101,7 @@ class Decision:
     rtt_ms: float
     battery_level: float
     on_battery: bool
-    device_scale: float = 1.0  # learned device time over the profile's, at the chosen cut
+    device_scale: float = 1.0  # what the policy scaled the profile by at the chosen cut (DeviceTimeEstimator.scale)
     explore: bool = False  # a trial of a cut whose device time is not learned, not the policy's choice
     ends_trial: bool = False  # the policy's decision right after a trial (often back to the plan before it)
     offload_deadline_s: float | None = None  # the plan's own (None: the runner's)
@@ -184,6 +184,8 @@ class EmbeddedController:
     def battery_reading(self, at: float) -> BatteryReading:
         if self.battery is not None:
             return self.battery.reading(at)
+        # (a negative age: a clock set back, or a reading stored by the telemetry thread with a
+        # later timestamp than this caller's: read again, it only costs a read)
         if self._system_battery is None or not 0 <= at - self._system_battery[0] < SYSTEM_BATTERY_READ_S:
             self._system_battery = (at, system_battery() or BatteryReading(1.0, False))
         return self._system_battery[1]
@@ -319,7 +321,9 @@ class EmbeddedController:
         seconds = self.offload_patience * option.remote_s
         if not self.runner.races_late_offloads:
             # giving up forfeits the offload: wait as long again as completing here would take
-            seconds += self.space.local_tail_seconds(option.cut, state.device_scale_at(option.cut))
+            # (the tail is not the head: the head's learned ratio says little about it, the
+            # scale of cuts not run does)
+            seconds += self.space.local_tail_seconds(option.cut, state.device_scale)
         return max(self.min_offload_deadline_s, seconds) if math.isfinite(seconds) else None
 
     def _deadline_stale(self, plan: Plan, wanted: float | None) -> bool:

@@ -43,9 +43,10 @@ from dataclasses import dataclass
 MIN_TRANSFER_S = 1e-4  # below this a request says nothing about the bandwidth
 
 
-# In float arithmetic: the statistics module's harmonic mean and quantiles add in exact
-# fractions, which made them most of the controller's per-request work (a weak device pays it
-# on every answer).
+# In plain float arithmetic: the statistics module's harmonic mean adds in exact fractions and
+# its quantiles computes all nine deciles for the one wanted, which made them most of the
+# controller's per-answer work (a weak device pays it on every answer). They agree with it to
+# rounding (a few units in the last place).
 def harmonic_mean(values: Sequence[float]) -> float:
     """The harmonic mean of positive ``values`` (0.0 if any is 0)."""
     if any(v <= 0 for v in values):
@@ -56,8 +57,8 @@ def harmonic_mean(values: Sequence[float]) -> float:
 
 
 def first_decile(values: Iterable[float]) -> float:
-    """The 10th percentile of at least two ``values``, interpolated within them
-    (``statistics.quantiles(values, n=10, method="inclusive")[0]``)."""
+    """The 10th percentile of at least two ``values``, interpolated within them (as
+    ``statistics.quantiles(values, n=10, method="inclusive")[0]``, to rounding)."""
     data = sorted(values)
     m = len(data) - 1
     j, delta = divmod(m, 10)
@@ -261,7 +262,7 @@ class DeviceTimeEstimator:
         >>> est = DeviceTimeEstimator(window=4)
         >>> for s in (0.50, 0.48, 0.52):
         ...     est.observe(cut=20, observed_s=s, predicted_s=0.37)
-        >>> round(est.scale(20), 2), round(est.scale(8), 2)   # cut 8 not seen: the overall ratio
+        >>> round(est.scale(20), 2), round(est.scale(8), 2)   # cut 8 not seen: the overall ratio (at least 1)
         (1.35, 1.35)
     """
 

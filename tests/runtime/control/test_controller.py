@@ -524,6 +524,27 @@ def test_a_runner_that_does_not_race_gets_the_tail_added_to_its_deadline(trained
     assert abandoning > racing
 
 
+def test_a_fast_head_does_not_shorten_the_tail_a_non_racing_runners_deadline_allows(trained_model):
+    """The head at the cut ran at 0.4 of its profile (under a quota: it fit one scheduler
+    period); the tail after it is a different, longer run, timed by the scale of cuts not run."""
+    from edgesplit.runtime.control.estimators import DeviceTimeEstimator
+
+    space = PlanSpace.for_model(trained_model, device_quota=0.05, repeats=2, codecs=("int8",), allowed_cuts=[0])
+    learned = DeviceTimeEstimator(min_predicted_s=0.0)
+    for _ in range(3):
+        learned.observe(cut=0, observed_s=0.04, predicted_s=0.1)
+    assert learned.scales() == {0: pytest.approx(0.4)} and learned.unseen_scale() == 1.0
+    runner = DeviceRunner(trained_model, plan=Plan(cut=0, codec="int8"), client=None, race=False)
+    controller = EmbeddedController(runner, space, LeastLatency(), every=1000, device_times=learned,
+                                    estimator=LinkEstimator(initial_mbit=0.05, initial_rtt_s=0.001))
+    try:
+        plan = controller.decide()
+        assert plan is not None and plan.cut == 0
+        assert plan.offload_deadline_s == pytest.approx(2.0 * controller.current.remote_s + space.local_tail_seconds(0))
+    finally:
+        controller.close()
+
+
 def test_without_patience_plans_carry_no_deadline_of_their_own(node, space):
     model, running = node
     runner, client = runner_for(model, running, Plan(cut=model.num_blocks, codec="int8"))
