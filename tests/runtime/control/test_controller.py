@@ -503,22 +503,32 @@ def test_a_plan_whose_option_stays_is_remade_when_the_deadline_it_wants_moves(tr
         controller.close()
 
 
+def send_image_space(model) -> PlanSpace:
+    """A space whose only offloading plan sends the image (cut 0)."""
+    return PlanSpace.for_model(model, device_quota=0.05, repeats=2, codecs=("int8",), allowed_cuts=[0])
+
+
+def send_image_plan(model, space: PlanSpace, race: bool, **controller_kwargs) -> tuple[float, float]:
+    """The plan a controller makes in ``space`` over a 0.05 Mbit/s link: (its offload
+    deadline, the predicted offload)."""
+    runner = DeviceRunner(model, plan=Plan(cut=0, codec="int8"), client=None, race=race)
+    controller = EmbeddedController(runner, space, LeastLatency(), every=1000,
+                                    estimator=LinkEstimator(initial_mbit=0.05, initial_rtt_s=0.001),
+                                    **controller_kwargs)
+    try:
+        plan = controller.decide()
+        assert plan is not None and plan.cut == 0
+        return plan.offload_deadline_s, controller.current.remote_s
+    finally:
+        controller.close()
+
+
 def test_a_runner_that_does_not_race_gets_the_tail_added_to_its_deadline(trained_model):
     """Past the deadline a racing runner starts the tail and keeps the offload; one that does
     not race forfeits the offload, so it is given the tail's time on top."""
-    space = PlanSpace.for_model(trained_model, device_quota=0.05, repeats=2, codecs=("int8",), allowed_cuts=[0])
-    deadlines = {}
-    for race in (True, False):
-        runner = DeviceRunner(trained_model, plan=Plan(cut=0, codec="int8"), client=None, race=race)
-        controller = EmbeddedController(runner, space, LeastLatency(), every=1000, learn_device_time=False,
-                                        estimator=LinkEstimator(initial_mbit=0.05, initial_rtt_s=0.001))
-        try:
-            plan = controller.decide()
-            assert plan is not None and plan.cut == 0
-            deadlines[race] = (plan.offload_deadline_s, controller.current.remote_s)
-        finally:
-            controller.close()
-    (racing, remote), (abandoning, _) = deadlines[True], deadlines[False]
+    space = send_image_space(trained_model)
+    racing, remote = send_image_plan(trained_model, space, race=True, learn_device_time=False)
+    abandoning, _ = send_image_plan(trained_model, space, race=False, learn_device_time=False)
     assert racing == pytest.approx(2.0 * remote)  # above the floor at 0.05 Mbit/s
     assert abandoning == pytest.approx(racing + space.local_tail_seconds(0))
     assert abandoning > racing
@@ -529,20 +539,13 @@ def test_a_fast_head_does_not_shorten_the_tail_a_non_racing_runners_deadline_all
     period); the tail after it is a different, longer run, timed by the scale of cuts not run."""
     from edgesplit.runtime.control.estimators import DeviceTimeEstimator
 
-    space = PlanSpace.for_model(trained_model, device_quota=0.05, repeats=2, codecs=("int8",), allowed_cuts=[0])
     learned = DeviceTimeEstimator(min_predicted_s=0.0)
     for _ in range(3):
         learned.observe(cut=0, observed_s=0.04, predicted_s=0.1)
     assert learned.scales() == {0: pytest.approx(0.4)} and learned.unseen_scale() == 1.0
-    runner = DeviceRunner(trained_model, plan=Plan(cut=0, codec="int8"), client=None, race=False)
-    controller = EmbeddedController(runner, space, LeastLatency(), every=1000, device_times=learned,
-                                    estimator=LinkEstimator(initial_mbit=0.05, initial_rtt_s=0.001))
-    try:
-        plan = controller.decide()
-        assert plan is not None and plan.cut == 0
-        assert plan.offload_deadline_s == pytest.approx(2.0 * controller.current.remote_s + space.local_tail_seconds(0))
-    finally:
-        controller.close()
+    space = send_image_space(trained_model)
+    deadline, remote = send_image_plan(trained_model, space, race=False, device_times=learned)
+    assert deadline == pytest.approx(2.0 * remote + space.local_tail_seconds(0))
 
 
 def test_without_patience_plans_carry_no_deadline_of_their_own(node, space):
