@@ -22,7 +22,9 @@ replayed on the device's link with tbf, once per live run:
 First every candidate fixed plan is timed at a grid of bandwidths and its latency fitted as
 ``fixed + k / bandwidth`` (:func:`fit_table`); the **best static** plan is the one whose fit
 is least over the window's bandwidth, and the **oracle** (the best plan for each request's
-bandwidth, by the fits) is scaled to the level the live best static run measured.
+bandwidth, by the fits) is scaled to the level the live best static run measured. Each
+trace's ``paired_delta_ms`` (summed in the summary) says where the adaptive runner gained
+or lost against the fixed plan it took turns with (:func:`paired_deltas`).
 
 Run as root: ``edgesplit bench controller --json bench/results/controller.json`` (``--quick``:
 two traces of 10 s, about 2 minutes; ``--traces DIR``: any folder of ``<seconds> <Mbit/s>`` traces).
