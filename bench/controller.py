@@ -32,6 +32,7 @@ two traces of 10 s, about 2 minutes; ``--traces DIR``: any folder of ``<seconds>
 
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import statistics
@@ -192,13 +193,12 @@ def analyse(name: str, samples, fits: dict[str, tuple[float, float]], live: dict
         "raced": {"edge": sum(bool(r.get("raced")) and r["where"] == "edge" for r in adaptive),
                   "device": sum(bool(r.get("raced")) and r["where"] != "edge" for r in adaptive)},
         "paired_delta_ms": None if best_static_live is None else paired_deltas(
-            adaptive, live[best_static_live]["records"], ran, max(int(p.split(":")[0]) for p in plans),
+            adaptive, live[best_static_live]["records"], max(int(p.split(":")[0]) for p in plans),
             live["adaptive"]["decisions"]),
     }
 
 
-def paired_deltas(adaptive: list[dict], static: list[dict], static_plan: str, last_cut: int,
-                  decisions: list[dict]) -> dict[str, dict]:
+def paired_deltas(adaptive: list[dict], static: list[dict], last_cut: int, decisions: list[dict]) -> dict[str, dict]:
     """Where the adaptive runner gained or lost against the fixed plan it took turns with.
 
     Each adaptive request is compared with the mean of the fixed plan's requests just
@@ -208,9 +208,7 @@ def paired_deltas(adaptive: list[dict], static: list[dict], static_plan: str, la
     late and the device answered) or ``other_plan`` (the policy chose another plan, or an
     early exit answered). Plans are told apart by their cut (the benchmark sends int8 only). Each
     category: ``n``, ``mean_ms`` (positive: slower than the fixed plan) and ``total_ms``."""
-    import bisect
-
-    cut = static[0]["cut"] if static else int(static_plan.split(":")[0])  # what the paired run ran
+    cut = static[0]["cut"] if static else None  # what the paired run ran (no records: nothing to compare)
     trials = {d["epoch"] for d in decisions if d.get("explore")}
     times = [r["t"] for r in static]
     deltas: dict[str, list[float]] = {"same_plan": [], "other_plan": [], "trial": [], "fallback": []}

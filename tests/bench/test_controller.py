@@ -93,15 +93,15 @@ def test_paired_deltas_compare_each_adaptive_request_with_its_fixed_neighbours_b
                 rec(3.5, 330.0, 5, "edge", epoch=2),  # a trial
                 rec(3.8, 1330.0, 8, "device-fallback"),
                 rec(5.0, 320.0, 8, "edge")]  # after the last fixed request: compared with it alone
-    out = paired_deltas(adaptive, static, "8:int8", 20, [{"epoch": 2, "explore": True}])
+    out = paired_deltas(adaptive, static, 20, [{"epoch": 2, "explore": True}])
     # an early exit answered on the device before the cut: not a fallback
-    exited = paired_deltas([rec(1.0, 50.0, 8, "device")], static, "8:int8", 20, [])
+    exited = paired_deltas([rec(1.0, 50.0, 8, "device")], static, 20, [])
     assert exited["other_plan"]["n"] == 1 and exited["fallback"]["n"] == 0
     assert out["same_plan"] == {"n": 2, "mean_ms": pytest.approx(-5.0), "total_ms": pytest.approx(-10.0)}
     assert out["other_plan"]["n"] == 1 and out["other_plan"]["mean_ms"] == pytest.approx(70.0)
     assert out["trial"]["mean_ms"] == pytest.approx(0.0) and out["fallback"]["mean_ms"] == pytest.approx(1000.0)
     # a fixed plan all on the device: the adaptive runner on the device is the same plan
-    on_device = paired_deltas([rec(1.0, 310.0, 20, "device")], [rec(0.0, 300.0, 20, "device")], "20:int8", 20, [])
+    on_device = paired_deltas([rec(1.0, 310.0, 20, "device")], [rec(0.0, 300.0, 20, "device")], 20, [])
     assert on_device["same_plan"]["n"] == 1 and on_device["other_plan"]["n"] == 0
 
 
