@@ -5,6 +5,10 @@ bundles). Against the shipped, uncompressed ``resnet_fm`` (its final exit), on t
 Fashion-MNIST test set (the first 2,000 images with ``--quick``):
 
 - pruning: parameters before and after, the fraction removed, accuracy before and after;
+  and the student's accuracy on the training images it was distilled on and on the
+  validation split (``train_accuracy``, ``val_accuracy``; ``--quick``: the first 5,000
+  training images), which tells a student short of capacity (the two about equal) from
+  one that overfits;
 - int8: the int8 segment's weights against the same segment's float32 weights (safetensors
   bytes), the accuracy drop, and the median CPU latency of int8 over float32 at batch 1
   and 32 (below 1: int8 is faster), with the torch thread count recorded;
@@ -37,7 +41,9 @@ def _bundles_dir() -> Path:
     return WEIGHTS_DIR
 
 
-def pruning(x, y, reference: float, shipped) -> dict:
+def pruning(x, y, reference: float, shipped, fit=None, fit_limit: int | None = None) -> dict:
+    """The pruned bundle against the shipped model; with ``fit`` (the splits) also the
+    student's training and validation accuracy."""
     from edgesplit.partitioner.bundle import load_bundle
     from edgesplit.partitioner.compress.data import accuracy
     from edgesplit.partitioner.compress.prune import count_params
@@ -51,7 +57,10 @@ def pruning(x, y, reference: float, shipped) -> dict:
             "removed_fraction": round(1 - count_params(model) / count_params(shipped), 4),
             "acc_before": reference, "acc_after": after, "acc_drop_points": round(100 * (reference - after), 2),
             "macs_before": sum(block_macs(shipped)), "macs_after": sum(block_macs(model)),
-            "train_seconds": card.get("train_seconds")}
+            "train_seconds": card.get("train_seconds"),
+            **({"train_accuracy": accuracy(model, fit.x[:fit_limit], fit.y[:fit_limit]),
+                "train_images": len(fit.y[:fit_limit]),
+                "val_accuracy": accuracy(model, fit.val_x, fit.val_y)} if fit is not None else {})}
 
 
 def int8(x, y, reference: float, shipped, quick: bool) -> dict:
@@ -131,7 +140,8 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     shipped = load_trained("resnet_fm")
     reference = accuracy(shipped, x, y)
     result = {"machine": machine_info(), "test_images": len(y), "reference_accuracy": reference,
-              "pruning": pruning(x, y, reference, shipped), "int8": int8(x, y, reference, shipped, quick),
+              "pruning": pruning(x, y, reference, shipped, data, 5000 if quick else None),
+              "int8": int8(x, y, reference, shipped, quick),
               "bottleneck": bottleneck(x, y, reference, shipped), "exits": exits(x, y, reference)}
     curve_images = 1000 if quick else 2000  # the compress run's rate.json has all 10,000
     result["rate_curve"] = codec_curve(shipped, x[:curve_images], y[:curve_images], progress=progress)
@@ -182,6 +192,9 @@ def render(r: dict) -> str:
              "", table(["compression", "what", "acc %", "drop (pts)", "goal", ""], rows), "",
              f"int8 latency (ms, median, {q['torch_threads']} torch threads): " + ", ".join(
                  f"b{k}: fp32 {v['fp32_ms']:.2f} / int8 {v['int8_ms']:.2f}" for k, v in q["latency_ms"].items()),
+             *([f"pruned student, final output: {100 * p['train_accuracy']:.2f}% on {p['train_images']:,} of its "
+                f"training images, {100 * p['val_accuracy']:.2f}% on the validation split, "
+                f"{100 * p['acc_after']:.2f}% on the test images"] if "train_accuracy" in p else []),
              "", f"rate–accuracy ({r['rate_curve_images']:,} test images, where the shipped model scores "
              f"{100 * r.get('rate_curve_reference', r['reference_accuracy']):.2f}%; bytes per request "
              "raw/zlib, accuracy %):"]

@@ -13,7 +13,13 @@ client's cost. Each level is measured with batching on and off (a node started w
 - ``empty_call_ms``: the median round trip of ServerLive (an empty call) from a
   synchronous client, as a device runner calls;
 - ``overhead_ms``: the median of (round trip - edge compute) for ``resnet_fm.from.4`` at
-  concurrency 1, fp32, from the same synchronous client.
+  concurrency 1, fp32, from the same synchronous client;
+- ``overhead_floor``: the same two figures for the reference servers of
+  :mod:`edgesplit.bench.reference_server` (the same segment and per-request work with no
+  node around it: ``grpc.aio`` with one thread hand-off, ``grpc.aio`` inline, synchronous
+  ``grpc``), per kind ``empty_call_ms``, ``overhead_ms`` and ``excess_ms`` (their
+  difference): what Python gRPC itself costs on this machine, against which the node's
+  excess over its empty call is read.
 
 Each level runs ``repeats`` times (3; ``--quick``: once, 2 s instead of 5) and the run
 with the median rate is reported, its rates all listed in ``rps_runs``. A refused request
@@ -133,7 +139,7 @@ def run(quick: bool = False, progress: bool = True) -> dict:
     repeats = 1 if quick else 3
     ceiling, ceiling_detail = ceiling_ips(seconds=1.0 if quick else 3.0)
     levels, nodes = [], {}
-    empty_call = overhead = None
+    empty_call = overhead = floor = None
     steps = 2 * len(MODELS) * len(CONCURRENCY)
     bar = tqdm(total=steps, desc="load levels", disable=not progress, unit="level")
     for batching in (False, True):
@@ -159,6 +165,8 @@ def run(quick: bool = False, progress: bool = True) -> dict:
                     })
                     bar.update()
             nodes["batching" if batching else "no_batching"] = node_settings(node)
+        if not batching:
+            floor = overhead_floor(duration, repeats)
     bar.close()
     return {
         "machine": machine_info(),
@@ -170,9 +178,25 @@ def run(quick: bool = False, progress: bool = True) -> dict:
         "ceiling_detail": ceiling_detail,
         "empty_call_ms": empty_call,
         "overhead_ms": overhead,
+        "overhead_floor": floor,
         "nodes": nodes,
         "goals": goals(levels, ceiling, empty_call, overhead),
     }
+
+
+def overhead_floor(duration: float, repeats: int) -> dict:
+    """Empty call and overhead of each reference server, measured as the node's are (median of runs)."""
+    from edgesplit.bench.reference_server import KINDS, ReferenceServer
+
+    floor = {}
+    for kind in KINDS:
+        with ReferenceServer(kind) as server:
+            empty = sorted(load(server.address, MODELS[1], 1, duration, sync=True, live=True)["p50_ms"]
+                           for _ in range(repeats))[repeats // 2]
+            over = sorted(load(server.address, MODELS[1], 1, duration, sync=True)["overhead_p50_ms"]
+                          for _ in range(repeats))[repeats // 2]
+        floor[kind] = {"empty_call_ms": empty, "overhead_ms": over, "excess_ms": round(over - empty, 3)}
+    return floor
 
 
 def _level(levels: list[dict], model: str, batching: bool, concurrency: int) -> dict:
@@ -203,6 +227,10 @@ def render(result: dict) -> str:
                + ", ".join(f"{k} {v:g}" for k, v in result["ceiling_ips"].items()))
     out.append(f"empty call (ServerLive) {result['empty_call_ms']} ms; overhead of resnet_fm.from.4 at 1 client "
                f"(round trip - edge compute) {result['overhead_ms']} ms")
+    if result.get("overhead_floor"):
+        out.append("the same per reference server (no node around the work), overhead - empty call: " + "; ".join(
+            f"{kind} {f['overhead_ms']} - {f['empty_call_ms']} = {f['excess_ms']} ms"
+            for kind, f in result["overhead_floor"].items()))
     g = result["goals"]
     out.append("")
     out.append(f"goals: batched/unbatched at 32 clients {g['batched_over_unbatched_c32']}x (>= 2); "

@@ -25,7 +25,7 @@ def result(trained_model):
     x, y = data.test_x, data.test_y
     reference = accuracy(trained_model, x, y)
     r = {"machine": {}, "test_images": len(y), "reference_accuracy": reference,
-         "pruning": compress.pruning(x, y, reference, trained_model),
+         "pruning": compress.pruning(x, y, reference, trained_model, data, 60),
          "int8": compress.int8(x, y, reference, trained_model, quick=True),
          "bottleneck": compress.bottleneck(x, y, reference, trained_model),
          "exits": compress.exits(x, y, reference),
@@ -42,6 +42,7 @@ def test_every_contract_key_is_there_and_json_serialisable(result):
     p, q, b, e = result["pruning"], result["int8"], result["bottleneck"], result["exits"]
     assert p["removed_fraction"] == pytest.approx(1 - p["params_after"] / p["params_before"], abs=1e-4)
     assert p["params_before"] == 296398 and p["removed_fraction"] >= 0.9
+    assert p["train_images"] == 60 and 0.5 < p["train_accuracy"] <= 1 and 0.5 < p["val_accuracy"] <= 1
     assert q["size_ratio"] > 3.5 and q["latency_ratio_b1"] > 0 and q["latency_ratio_b32"] > 0
     assert b["image_bytes"] == 784 and b["bytes_sent"] < b["bytes_fp32"]
     assert b["bytes_fp32"] == 4 * 32 * 14 * 14 if b["cut"] == 7 else b["bytes_fp32"] > 0
@@ -52,5 +53,6 @@ def test_every_contract_key_is_there_and_json_serialisable(result):
 def test_render_and_plots(result, tmp_path):
     table = compress.render(result)
     assert "pruning + distillation" in table and "bottleneck+int8" in table and "cut  7" in table
+    assert "60 of its training images" in table
     compress.plot(result, str(tmp_path / "c.png"))
     assert (tmp_path / "c.png").stat().st_size > 0 and (tmp_path / "c_size.png").stat().st_size > 0

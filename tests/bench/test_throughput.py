@@ -30,3 +30,6 @@ def test_goals_are_ratios_of_the_measured_levels():
     result = {"levels": levels, "ceiling_ips": {"resnet_fm": 6400.0, "resnet_fm.from.4": 9000.0},
               "empty_call_ms": 0.5, "overhead_ms": 0.7, "goals": g, "nodes": {}}
     assert "refusal p50 ms" in render(result) and "(>= 2)" in render(result)
+    assert "reference server" not in render(result)
+    result["overhead_floor"] = {"sync": {"empty_call_ms": 0.5, "overhead_ms": 0.6, "excess_ms": 0.1}}
+    assert "sync 0.6 - 0.5 = 0.1 ms" in render(result)
