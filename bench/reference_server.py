@@ -85,8 +85,7 @@ def _servicer(kind: str, registry, pool: ThreadPoolExecutor):
         try:
             return fn(request)
         except InferError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT if exc.code == InferError.INVALID_ARGUMENT
-                          else grpc.StatusCode.NOT_FOUND, exc.message)
+            context.abort(grpc.StatusCode[exc.code], exc.message)  # InferError codes are gRPC's names
 
     if kind == "sync":
         class Sync(inference_pb2_grpc.GRPCInferenceServiceServicer):
@@ -107,8 +106,7 @@ def _servicer(kind: str, registry, pool: ThreadPoolExecutor):
                 return fn(request)
             return await asyncio.get_running_loop().run_in_executor(pool, fn, request)
         except InferError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT if exc.code == InferError.INVALID_ARGUMENT
-                                else grpc.StatusCode.NOT_FOUND, exc.message)
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
 
     class Async(inference_pb2_grpc.GRPCInferenceServiceServicer):
         async def ServerLive(self, request, context):
