@@ -42,7 +42,10 @@ from edgesplit.protos import telemetry_pb2
 
 TELEMETRY_TOPIC = b"telemetry"
 DECISION_PREFIX = b"decision/"
-MAX_MESSAGE_BYTES = 64 * 1024  # telemetry and decisions are small; anything bigger is refused by ZeroMQ
+# Telemetry and decisions are small. ZeroMQ refuses a bigger frame (and drops the connection
+# that sent it), but bounds frames, not messages: a multipart message of many such frames is
+# received whole before it can be refused. Only CURVE (authenticated peers) bounds that.
+MAX_MESSAGE_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,11 @@ class ControllerSockets:
             self.current[msg.device] = msg
             self._send(msg)
 
+    def forget(self, device: str) -> None:
+        """Stop repeating the decision for ``device`` (the controller forgot it)."""
+        with self._lock:
+            self.current.pop(device, None)
+
     def republish(self) -> None:
         """Send every current decision again (the heartbeat)."""
         with self._lock:
@@ -221,11 +229,21 @@ class DecisionSubscriber:
     def __init__(self, ctx: zmq.Context, endpoint: str, device: str, keys: CurveKeys | None = None) -> None:
         self.device = device
         self.topic = DECISION_PREFIX + device.encode()
-        self.sock = ctx.socket(zmq.SUB)
-        _secure(self.sock, keys, server=False)
-        self.sock.setsockopt(zmq.SUBSCRIBE, self.topic)
-        self.sock.connect(endpoint)
+        self._ctx, self._endpoint, self._keys = ctx, endpoint, keys
+        self.sock = self._connect()
         self.malformed = 0
+
+    def _connect(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.SUB)
+        _secure(sock, self._keys, server=False)
+        sock.setsockopt(zmq.SUBSCRIBE, self.topic)
+        sock.connect(self._endpoint)
+        return sock
+
+    def reconnect(self) -> None:
+        """Replace the socket with a fresh one (from the thread that receives)."""
+        self.sock.close()
+        self.sock = self._connect()
 
     def receive(self, timeout_s: float) -> telemetry_pb2.Decision | None:
         """The next valid decision for this device within ``timeout_s``, else None."""

@@ -9,12 +9,19 @@
   battery every ``interval_s``, applies the controller's decisions between requests, and
   when nothing is heard for ``silence_s`` hands the choice back to the embedded controller
   (the device keeps its last plan meanwhile). A decision the device cannot run (a cut
-  outside its model, an unknown codec) is counted and ignored.
+  outside its model, an unknown codec, a threshold that is not a number >= 0) is counted
+  and ignored: it neither changes the plan nor counts as hearing from a controller.
+
+Both sides keep bounded state: the controller at most ``max_devices`` devices and nodes
+(forgetting silent ones when a new one needs room) and the last ``HISTORY`` decisions per
+device; the device link the last ``HISTORY`` decisions it applied.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +36,11 @@ from .controller import EmbeddedController
 from .policy import Hysteresis, Option, PlanSpace, Policy, State
 
 log = logging.getLogger(__name__)
+
+HISTORY = 100  # decisions kept per device (controller) and applied decisions kept (device)
+MAX_BANDWIDTH_MBIT = 100_000.0  # telemetry beyond these is refused as malformed
+MAX_RTT_S = 60.0
+FORGET_AFTER_HEARTBEATS = 10  # a device silent this long may be forgotten when a new one needs room
 
 
 @dataclass
@@ -56,7 +68,7 @@ class DeviceView:
     policy: Policy
     current: Option | None = None
     epoch: int = 0
-    decisions: list[dict] = field(default_factory=list)
+    decisions: collections.deque[dict] = field(default_factory=lambda: collections.deque(maxlen=HISTORY))
 
 
 class Controller:
@@ -76,6 +88,7 @@ class Controller:
         self.nodes: dict[str, NodeView] = {}
         self._spaces: dict[str, PlanSpace] = {}
         self._last_beat = clock()
+        self._swept: dict[str, float] = {}  # when each full table was last swept for silent entries
 
     def step(self, timeout_s: float = 0.1) -> None:
         for msg in self.sockets.poll(timeout_s):
@@ -97,7 +110,7 @@ class Controller:
         if load.queue_depth < 0 or any(not 0 <= t < 3600 for t in load.segment_seconds.values()):
             self.sockets.malformed += 1
             return
-        if name not in self.nodes and len(self.nodes) >= self.max_devices:
+        if name not in self.nodes and len(self.nodes) >= self.max_devices and self._may_sweep("nodes"):
             now = self.clock()  # make room by forgetting nodes not heard from in 3 heartbeats
             self.nodes = {k: v for k, v in self.nodes.items() if now - v.heard_at <= 3 * self.heartbeat_s}
         if name not in self.nodes and (len(self.nodes) >= self.max_devices or not 0 < len(name) <= 128):
@@ -113,13 +126,18 @@ class Controller:
             return
         name = msg.source.removeprefix("device/")
         link = msg.link
-        if not (link.bandwidth_mbit > 0 and link.rtt_seconds >= 0):
+        battery = msg.battery if msg.HasField("battery") else telemetry_pb2.Battery(level=1.0)
+        # Comparisons written so that NaN fails them: an infinite bandwidth or a NaN battery
+        # would make every option's cost NaN and the choice arbitrary.
+        if not (0 < link.bandwidth_mbit <= MAX_BANDWIDTH_MBIT and 0 <= link.rtt_seconds <= MAX_RTT_S
+                and 0 <= battery.level <= 1):
             self.sockets.malformed += 1
             return
-        battery = msg.battery if msg.HasField("battery") else telemetry_pb2.Battery(level=1.0)
         state = State(link.bandwidth_mbit, link.rtt_seconds, battery.level, battery.on_battery, self.edge_wait_s())
         view = self.devices.get(name)
         if view is None:
+            if len(self.devices) >= self.max_devices and self._may_sweep("devices"):
+                self._forget_silent_devices()
             if len(self.devices) >= self.max_devices or not 0 < len(name) <= 128:
                 self.sockets.malformed += 1  # a flood of invented names must not grow the controller
                 return
@@ -139,6 +157,24 @@ class Controller:
         view.decisions.append({"epoch": view.epoch, "cut": option.cut, "codec": option.codec, "reason": reason})
         log.info("%s: plan %d: cut %d, codec %s (%s)", name, view.epoch, option.cut, option.codec, reason)
 
+    def _may_sweep(self, table: str) -> bool:
+        """At most one sweep of a full table per heartbeat: a flood of invented names must not
+        buy a scan of the table each."""
+        now = self.clock()
+        if now - self._swept.get(table, -math.inf) < self.heartbeat_s:
+            return False
+        self._swept[table] = now
+        return True
+
+    def _forget_silent_devices(self) -> None:
+        """Make room by forgetting devices not heard from in ``FORGET_AFTER_HEARTBEATS`` heartbeats
+        (a device that comes back is decided for afresh)."""
+        horizon = self.clock() - FORGET_AFTER_HEARTBEATS * self.heartbeat_s
+        for name in [k for k, v in self.devices.items() if v.heard_at < horizon]:
+            del self.devices[name]
+            self._spaces.pop(name, None)
+            self.sockets.forget(name)
+
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             self.step(0.1)
@@ -155,11 +191,14 @@ class DeviceLink:
         self.subscriber = subscriber
         self.interval_s = interval_s
         self.silence_s = silence_s
-        self.applied: list[telemetry_pb2.Decision] = []
+        self.applied: collections.deque[telemetry_pb2.Decision] = collections.deque(maxlen=HISTORY)
+        self.applied_count = 0
         self.rejected = 0
+        self.reconnects = 0
         self.fallbacks = 0
         self.following = False  # a controller is deciding for this device
         self._heard_at: float | None = None
+        self._last_key: tuple | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.errors: list[BaseException] = []
@@ -202,37 +241,56 @@ class DeviceLink:
             self.publisher.publish(self.telemetry())
 
     def _follow_loop(self) -> None:
+        quiet_since = reconnected_at = time.monotonic()
         while not self._stop.is_set():
             msg = self.subscriber.receive(timeout_s=0.1)
             now = time.monotonic()
-            if msg is not None:
-                self._heard_at = now
+            plan = self._plan_of(msg) if msg is not None else None
+            if plan is not None:
+                self._heard_at = quiet_since = now
                 resumed = not self.following
                 if resumed:
                     self.following = True
                     self.embedded.deciding = False
-                # On resuming, the decision is applied even if it is the one applied before the
-                # silence: the embedded controller may have changed the plan (or be trying a cut).
-                if resumed or not self.applied or (msg.epoch, msg.controller) != (self.applied[-1].epoch,
-                                                                                  self.applied[-1].controller):
-                    self._apply(msg)
-            elif self.following and self._heard_at is not None and now - self._heard_at > self.silence_s:
+                # Heartbeats repeat the decision in force; a new one differs in epoch, sender or
+                # content (a restarted controller counts its epochs from 1 again). On resuming,
+                # the decision is applied even if it is the one applied before the silence: the
+                # embedded controller may have changed the plan (or be trying a cut).
+                key = (msg.epoch, msg.controller, msg.cut, msg.codec, tuple(sorted(msg.thresholds.items())))
+                if resumed or key != self._last_key:
+                    self.runner.set_plan(plan)
+                    self.applied.append(msg)
+                    self.applied_count += 1
+                    self._last_key = key
+                continue
+            if self.following and self._heard_at is not None and now - self._heard_at > self.silence_s:
                 self.following = False
                 self.embedded.deciding = True  # the last plan stays until the embedded one decides
                 self.fallbacks += 1
                 log.warning("no decision for %.1f s: the embedded controller decides again", self.silence_s)
+            if now - quiet_since > self.silence_s and now - reconnected_at > self.silence_s:
+                # ZeroMQ reconnects a dropped connection by itself, but not one it closed for a
+                # protocol error (an oversized message): a fresh socket recovers from both.
+                self.subscriber.reconnect()
+                self.reconnects += 1
+                reconnected_at = now
 
-    def _apply(self, msg: telemetry_pb2.Decision) -> None:
+    def _plan_of(self, msg: telemetry_pb2.Decision):
+        """The runner's plan changed as ``msg`` decides, or None (counted) when it cannot run it."""
         model = self.runner.model
-        if not 0 <= msg.cut <= model.num_blocks or msg.codec not in codecs.CODECS:
-            self.rejected += 1
-            return
         thresholds = {c: float(msg.thresholds.get(c, NEVER)) for c in model.exit_cuts}
+        if (not 0 <= msg.cut <= model.num_blocks or msg.codec not in codecs.CODECS
+                or not all(t >= 0 for t in thresholds.values())):  # NaN fails too
+            self.rejected += 1
+            if self.rejected == 1 or self.rejected % 1000 == 0:  # a flood of them must not flood the log
+                log.warning("ignored %d decision(s) this device cannot run; the latest: cut %d, codec %.32r, "
+                            "thresholds %s", self.rejected, msg.cut, msg.codec,
+                            {c: t for c, t in thresholds.items() if not t >= 0})
+            return None
         # The decision carries no offload deadline: the runner's own applies, not one an
         # embedded controller set for another cut.
-        self.runner.set_plan(self.runner.plan.with_changes(cut=msg.cut, codec=msg.codec, thresholds=thresholds,
-                                                           offload_deadline_s=None))
-        self.applied.append(msg)
+        return self.runner.plan.with_changes(cut=msg.cut, codec=msg.codec, thresholds=thresholds,
+                                             offload_deadline_s=None)
 
     def close(self) -> None:
         self._stop.set()

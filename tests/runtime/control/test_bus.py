@@ -84,25 +84,52 @@ def test_curve_encrypts_and_refuses_a_client_without_the_servers_key(tmp_path):
 
 def test_the_controller_drops_nonsense_telemetry_and_bounds_the_devices_it_keeps():
     from edgesplit.runtime.control.policy import LeastLatency, PlanSpace
-    from edgesplit.runtime.control.remote import Controller
+    from edgesplit.runtime.control.remote import FORGET_AFTER_HEARTBEATS, HISTORY, Controller
 
     ctx = zmq.Context()
     hub = ControllerSockets(ctx, "inproc://tel", "inproc://dec")
     space = PlanSpace.uniform(blocks=2, device_block_s=0.01, edge_block_s=0.001, shapes=[(8,), (8,), (2,)])
-    controller = Controller(hub, lambda _: space, lambda _: LeastLatency(), max_devices=2)
+    now = [0.0]
+    controller = Controller(hub, lambda _: space, lambda _: LeastLatency(), max_devices=2, clock=lambda: now[0])
     try:
-        def telemetry(source, mbit, rtt=0.01):
-            return telemetry_pb2.Telemetry(source=source, link=telemetry_pb2.LinkObservation(
+        def telemetry(source, mbit, rtt=0.01, battery=None):
+            msg = telemetry_pb2.Telemetry(source=source, link=telemetry_pb2.LinkObservation(
                 bandwidth_mbit=mbit, rtt_seconds=rtt))
+            if battery is not None:
+                msg.battery.level, msg.battery.on_battery = battery, True
+            return msg
 
-        for msg in (telemetry("device/a", float("nan")), telemetry("device/a", 1.0, float("nan")),
-                    telemetry("device/a", -1.0), telemetry("device/" + "x" * 500, 1.0)):
+        nonsense = (telemetry("device/a", float("nan")), telemetry("device/a", 1.0, float("nan")),
+                    telemetry("device/a", -1.0), telemetry("device/" + "x" * 500, 1.0),
+                    # an infinite link made every option's energy NaN and the choice arbitrary
+                    telemetry("device/a", float("inf"), 0.0, battery=0.1), telemetry("device/a", 1e308),
+                    telemetry("device/a", 1.0, float("inf")), telemetry("device/a", 1.0, battery=float("nan")),
+                    telemetry("device/a", 1.0, battery=-7.0), telemetry("device/a", 1.0, battery=float("inf")))
+        for msg in nonsense:
             controller.handle(msg)
-        assert controller.devices == {} and hub.malformed == 4
+        assert controller.devices == {} and hub.malformed == len(nonsense) and hub.current == {}
+        hub.malformed = 0
         for name in ("a", "b", "c", "d"):
             controller.handle(telemetry(f"device/{name}", 5.0))
-        assert sorted(controller.devices) == ["a", "b"] and hub.malformed == 6
+        assert sorted(controller.devices) == ["a", "b"] and hub.malformed == 2
         assert set(hub.current) == {"a", "b"}  # each known device got its decision
+
+        # A flood of invented names once filled the table for good: silent devices now make room.
+        now[0] = FORGET_AFTER_HEARTBEATS * controller.heartbeat_s - 0.5
+        controller.handle(telemetry("device/b", 5.0))  # b is still talking
+        now[0] = FORGET_AFTER_HEARTBEATS * controller.heartbeat_s + 0.5  # a is silent for longer than that
+        controller.handle(telemetry("device/real", 5.0))
+        assert sorted(controller.devices) == ["b", "real"] and set(hub.current) == {"b", "real"}
+        assert hub.malformed == 2
+
+        # A device whose link flaps keeps a bounded history of decisions, not one per change.
+        for flap in range(HISTORY + 20):  # each way long enough for the hysteresis to let it through
+            for _ in range(6):
+                controller.handle(telemetry("device/real", 1000.0 if flap % 2 else 0.001,
+                                            0.0001 if flap % 2 else 5.0))
+        view = controller.devices["real"]
+        assert view.epoch > HISTORY and len(view.decisions) == HISTORY
+        assert view.decisions[-1]["epoch"] == view.epoch
     finally:
         hub.close()
         ctx.term()

@@ -2,6 +2,7 @@
 SIGKILL mid-run, the device keeps answering on its last plan, then its embedded controller
 takes the decisions back."""
 
+import contextlib
 import json
 import os
 import signal
@@ -111,8 +112,12 @@ def test_a_controller_heard_again_after_a_silence_has_its_decision_applied_again
         # what the embedded controller chose meanwhile, with an offload deadline of its own
         runner.set_plan(runner.plan.with_changes(cut=4, offload_deadline_s=0.3))
         hub.publish_decision(decision("cam1", 1, last, "int8"))  # the same decision, heard again
-        wait_until(lambda: link.following and runner.plan.cut == last, timeout=15,
-                   what="the controller's decision applied again")
+
+        def heard_again():  # repeated as the controller's heartbeat repeats it: the link may have
+            hub.republish()  # replaced its socket during the silence and missed the first one
+            return link.following and runner.plan.cut == last
+
+        wait_until(heard_again, timeout=15, what="the controller's decision applied again")
         assert not embedded.deciding and len(link.applied) == 2
         assert runner.plan.offload_deadline_s is None  # the decision carries none: the runner's own applies
     finally:
@@ -123,3 +128,106 @@ def test_a_controller_heard_again_after_a_silence_has_its_decision_applied_again
         client.close()
         hub.close()
         ctx.term()
+
+
+@contextlib.contextmanager
+def device_on_a_bus(node, silence_s: float = 0.5):
+    """A device runner whose DeviceLink follows a controller's sockets driven by the test."""
+    from edgesplit.runtime.control.bus import ControllerSockets, wait_for_subscribers
+
+    model, running = node
+    ctx = zmq.Context()
+    hub = ControllerSockets(ctx, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+    client = EdgeClient(running.address)
+    runner = DeviceRunner(model, plan=Plan(cut=4, codec="int8"), client=client, deadline_s=5.0)
+    embedded = EmbeddedController(runner, PlanSpace.for_model(model, repeats=2), LeastLatency(), every=10**9)
+    subscriber = DecisionSubscriber(ctx, hub.decision_endpoint, "cam1")
+    link = DeviceLink(embedded, TelemetryPublisher(ctx, hub.telemetry_endpoint, "device/cam1"), subscriber,
+                      interval_s=0.1, silence_s=silence_s)
+    try:
+        link.start()
+        wait_for_subscribers(hub, subscriber)
+        yield hub, link, runner, embedded
+    finally:
+        link.close()  # raises what the link's threads raised
+        link.publisher.close()
+        subscriber.close()
+        embedded.close()
+        client.close()
+        hub.close()
+        ctx.term()
+
+
+def delivered(hub, condition):
+    """A wait_until condition that repeats the decisions in force, as the controller's heartbeat does."""
+    def check():
+        hub.republish()
+        return condition()
+
+    return check
+
+
+def test_a_decision_the_device_cannot_run_changes_nothing_and_leaves_the_embedded_controller_deciding(node):
+    """A NaN threshold once killed the thread that follows decisions (no decision and no
+    fallback ever again), and decisions the device refused still silenced its embedded
+    controller: refused ones are now counted and ignored, as if nothing had been heard."""
+    from edgesplit.runtime.control.bus import decision
+
+    model = node[0]
+    with device_on_a_bus(node) as (hub, link, runner, embedded):
+        before = runner.plan
+        bad = [decision("cam1", 1, model.num_blocks, "int8", {4: float("nan")}),
+               decision("cam1", 2, model.num_blocks, "int8", {7: -0.5}),
+               decision("cam1", 3, 999, "int8"), decision("cam1", 4, model.num_blocks, "bogus")]
+        for i, msg in enumerate(bad, start=1):
+            hub.publish_decision(msg)
+            wait_until(delivered(hub, lambda i=i: link.rejected >= i), timeout=15, what=f"bad decision {i} refused")
+            assert not link.following and embedded.deciding and link.applied_count == 0
+            assert runner.plan == before and not link.errors
+        hub.publish_decision(decision("cam1", 5, model.num_blocks, "int8", {4: 0.5}))  # one it can run
+        wait_until(delivered(hub, lambda: link.following and runner.plan.cut == model.num_blocks), timeout=15,
+                   what="the runnable decision applied")
+        assert not embedded.deciding and runner.plan.thresholds[4] == 0.5 and link.applied_count == 1
+
+
+def test_a_restarted_controller_is_followed_though_it_counts_its_epochs_from_one_again(node):
+    from edgesplit.runtime.control.bus import decision
+
+    model = node[0]
+    with device_on_a_bus(node, silence_s=5.0) as (hub, link, runner, _embedded):
+        hub.publish_decision(decision("cam1", 1, model.num_blocks, "int8"))
+        wait_until(delivered(hub, lambda: runner.plan.cut == model.num_blocks), timeout=15, what="first decision")
+        hub.publish_decision(decision("cam1", 1, 7, "fp16"))  # the new controller's first decision
+        wait_until(delivered(hub, lambda: (runner.plan.cut, runner.plan.codec) == (7, "fp16")), timeout=15,
+                   what="the restarted controller's decision applied")
+        assert link.applied_count == 2  # its heartbeats (the same decision again) are not applied again
+
+
+def test_an_oversized_message_does_not_cut_the_device_off_from_its_controller(node):
+    """ZeroMQ closes a connection that carries a frame over the size limit and does not
+    reconnect it; the link now replaces its socket after a silence."""
+    from edgesplit.runtime.control.bus import DECISION_PREFIX, MAX_MESSAGE_BYTES, decision
+
+    model = node[0]
+    with device_on_a_bus(node, silence_s=0.5) as (hub, link, runner, _embedded):
+        hub.publish_decision(decision("cam1", 1, model.num_blocks, "int8"))
+        wait_until(delivered(hub, lambda: runner.plan.cut == model.num_blocks), timeout=15, what="first decision")
+        hub.decisions.send_multipart([DECISION_PREFIX + b"cam1", b"\0" * (MAX_MESSAGE_BYTES + 1)])
+        hub.publish_decision(decision("cam1", 2, 7, "fp16"))
+        wait_until(delivered(hub, lambda: (runner.plan.cut, runner.plan.codec) == (7, "fp16")), timeout=30,
+                   what="a decision after the oversized message")
+        assert link.reconnects >= 1
+
+
+def test_the_link_keeps_a_bounded_history_of_applied_decisions(node):
+    from edgesplit.runtime.control.bus import decision
+    from edgesplit.runtime.control.remote import HISTORY
+
+    model = node[0]
+    with device_on_a_bus(node, silence_s=5.0) as (hub, link, _runner, _embedded):
+        n = HISTORY + 30
+        for epoch in range(1, n + 1):
+            hub.publish_decision(decision("cam1", epoch, model.num_blocks if epoch % 2 else 7, "int8"))
+            wait_until(delivered(hub, lambda epoch=epoch: link.applied_count >= epoch), timeout=15,
+                       what=f"decision {epoch} applied")
+        assert link.applied_count == n and len(link.applied) == HISTORY and link.applied[-1].epoch == n
