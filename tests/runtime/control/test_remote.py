@@ -87,49 +87,6 @@ def test_killed_controller_leaves_the_last_plan_then_the_embedded_controller_dec
         ctx.term()
 
 
-def test_a_controller_heard_again_after_a_silence_has_its_decision_applied_again(node):
-    """While the cluster controller was silent the embedded one moved the plan (a decision or
-    a trial); when the controller is heard again with the same decision, that decision is
-    what the device runs, not whatever the embedded controller left."""
-    from edgesplit.runtime.control.bus import ControllerSockets, decision, wait_for_subscribers
-
-    model, running = node
-    ctx = zmq.Context()
-    hub = ControllerSockets(ctx, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
-    client = EdgeClient(running.address)
-    last = model.num_blocks
-    runner = DeviceRunner(model, plan=Plan(cut=4, codec="int8"), client=client, deadline_s=5.0)
-    embedded = EmbeddedController(runner, PlanSpace.for_model(model, repeats=2), LeastLatency(), every=10**9)
-    subscriber = DecisionSubscriber(ctx, hub.decision_endpoint, "cam1")
-    link = DeviceLink(embedded, TelemetryPublisher(ctx, hub.telemetry_endpoint, "device/cam1"), subscriber,
-                      interval_s=0.1, silence_s=0.5)
-    try:
-        link.start()
-        wait_for_subscribers(hub, subscriber)
-        hub.publish_decision(decision("cam1", 1, last, "int8"))
-        wait_until(lambda: link.following and runner.plan.cut == last, timeout=15, what="the decision applied")
-        wait_until(lambda: link.fallbacks == 1, timeout=15, what="the embedded controller deciding after 0.5 s")
-        # what the embedded controller chose meanwhile, with an offload deadline of its own
-        runner.set_plan(runner.plan.with_changes(cut=4, offload_deadline_s=0.3))
-        hub.publish_decision(decision("cam1", 1, last, "int8"))  # the same decision, heard again
-
-        def heard_again():  # repeated as the controller's heartbeat repeats it: the link may have
-            hub.republish()  # replaced its socket during the silence and missed the first one
-            return link.following and runner.plan.cut == last
-
-        wait_until(heard_again, timeout=15, what="the controller's decision applied again")
-        assert not embedded.deciding and len(link.applied) == 2
-        assert runner.plan.offload_deadline_s is None  # the decision carries none: the runner's own applies
-    finally:
-        link.close()
-        link.publisher.close()
-        subscriber.close()
-        embedded.close()
-        client.close()
-        hub.close()
-        ctx.term()
-
-
 @contextlib.contextmanager
 def device_on_a_bus(node, silence_s: float = 0.5):
     """A device runner whose DeviceLink follows a controller's sockets driven by the test."""
@@ -165,6 +122,28 @@ def delivered(hub, condition):
         return condition()
 
     return check
+
+
+def test_a_controller_heard_again_after_a_silence_has_its_decision_applied_again(node):
+    """While the cluster controller was silent the embedded one moved the plan (a decision or
+    a trial); when the controller is heard again with the same decision, that decision is
+    what the device runs, not whatever the embedded controller left."""
+    from edgesplit.runtime.control.bus import decision
+
+    last = node[0].num_blocks
+    with device_on_a_bus(node, silence_s=0.5) as (hub, link, runner, embedded):
+        hub.publish_decision(decision("cam1", 1, last, "int8"))
+        wait_until(delivered(hub, lambda: link.following and runner.plan.cut == last), timeout=15,
+                   what="the decision applied")
+        wait_until(lambda: link.fallbacks == 1, timeout=15, what="the embedded controller deciding after 0.5 s")
+        # what the embedded controller chose meanwhile, with an offload deadline of its own
+        runner.set_plan(runner.plan.with_changes(cut=4, offload_deadline_s=0.3))
+        hub.publish_decision(decision("cam1", 1, last, "int8"))  # the same decision, heard again
+        # (repeated as the heartbeat repeats it: the link may have replaced its socket in the silence)
+        wait_until(delivered(hub, lambda: link.following and runner.plan.cut == last), timeout=15,
+                   what="the controller's decision applied again")
+        assert not embedded.deciding and len(link.applied) == 2
+        assert runner.plan.offload_deadline_s is None  # the decision carries none: the runner's own applies
 
 
 def test_a_decision_the_device_cannot_run_changes_nothing_and_leaves_the_embedded_controller_deciding(node):
