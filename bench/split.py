@@ -157,7 +157,7 @@ def _measure_model(bed, name: str, config: dict, work: Path, progress: bool) -> 
     cuts = enumerate_cuts(load_bundle(bundle).graph)
     candidates = undominated_cuts(cuts, CODEC)
     graph_name = f"{name}.graph"
-    node = NodeProcess(model=name, host=bed.address("edge1"), port=EDGE_PORT, metrics_port=-1, threads=1,
+    node = NodeProcess(model=None, host=bed.address("edge1"), port=EDGE_PORT, metrics_port=-1, threads=1,
                        command_prefix=[*bed.exec_prefix("edge1"), "taskset", "-c", "1"],
                        extra_args=["--bundle", str(bundle), "--workers", "1"], log_path=work / f"{name}-edge.log",
                        startup_timeout=300)

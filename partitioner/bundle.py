@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save_file
 
 from edgesplit.models import build_model
 from edgesplit.models.split_model import SplitModel
@@ -130,18 +131,31 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{root} is not a bundle: no {MANIFEST}; make one with 'edgesplit plan MODEL --out DIR'")
     try:
         manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{manifest_path} is not valid JSON ({exc}); refusing to load") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path} holds a {type(manifest).__name__}, not a manifest object")
     if manifest.get("schema") != SCHEMA:
-        raise BundleError(f"{manifest_path}: schema {manifest.get('schema')!r}, this edgesplit reads {SCHEMA}")
+        raise BundleError(f"{manifest_path}: schema {manifest.get('schema')!r:.40}, this edgesplit reads {SCHEMA}")
     files = manifest.get("files") or {}
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise BundleError(f"{manifest_path}: 'files' must map file names to sha256 strings")
     if WEIGHTS not in files:
         raise BundleError(f"{manifest_path} lists no {WEIGHTS}")
+    if not isinstance(manifest.get("model"), str):
+        raise BundleError(f"{manifest_path}: 'model' must be a model's name, not {manifest.get('model')!r:.60}")
+    weights = b""
     for name, expected in files.items():
         file = root / name
         if Path(name).name != name or not file.is_file():
             raise BundleError(f"{root}: {name!r} listed in the manifest is missing or not a plain file name")
-        actual = sha256_file(file)
+        if name == WEIGHTS:
+            # Read once: what is hashed is what is loaded (reopening by name would load whatever
+            # replaced the file in between).
+            weights = file.read_bytes()
+            actual = hashlib.sha256(weights).hexdigest()
+        else:
+            actual = sha256_file(file)
         if actual != expected:
             raise BundleError(f"{file}: sha256 {actual} differs from {expected} in the manifest; refusing to load")
     try:
@@ -164,7 +178,10 @@ def load_bundle(path: str | Path) -> Bundle:
             raise BundleError(f"{manifest_path}: its architecture record does not rebuild {manifest['model']}: "
                               f"{exc}") from None
     model.name = str(manifest.get("name", model.name))
-    state = load_file(str(root / WEIGHTS))
+    try:
+        state = load_safetensors_bytes(weights)
+    except Exception as exc:  # safetensors raises its own error types on a malformed file
+        raise BundleError(f"{root / WEIGHTS} is not a readable safetensors file: {exc}") from None
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -65,6 +65,8 @@ class NodeSettings:
     def __post_init__(self) -> None:
         if not self.models and not self.nonn:
             raise ValueError("give at least one --model (or --nonn)")
+        if self.bundle and self.nonn:
+            raise ValueError("--bundle serves the bundle's own model: not with --nonn")
         if self.members and not self.nonn:
             raise ValueError("--member picks members of a NoNN bundle: give --nonn too")
         if any(m < 0 for m in self.members):
@@ -91,6 +93,9 @@ class NodeSettings:
         """Settings from a namespace made by :func:`configure_parser`."""
         names = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in vars(args).items() if k in names}
+        if getattr(args, "bundle", None) and (args.models or getattr(args, "nonn", None)):
+            # the bundle is served alone (a node with both served only the bundle and said otherwise)
+            raise ValueError("--bundle serves the bundle's own model: drop --model and --nonn, or run another node")
         values["models"] = tuple(args.models or (() if getattr(args, "nonn", None) else ("resnet_fm",)))
         values["members"] = tuple(sorted(set(getattr(args, "members", None) or ())))
         values["batching"] = not args.no_batching
@@ -128,8 +133,10 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--model", dest="models", action="append",
                    help="model from the zoo; repeat to serve several (default: resnet_fm)")
     p.add_argument("--weights", help="safetensors weights (default: the shipped ones)")
-    p.add_argument("--bundle", help="serve a bundle (edgesplit plan MODEL --out DIR): every cut of its traced "
-                   "graph as MODEL.from.K, one input per crossing tensor; hashes are verified first")
+    p.add_argument("--bundle", help="serve a bundle (edgesplit plan MODEL --out DIR): every cut K of its traced "
+                   "graph as MODEL.graph.from.K, one input per crossing tensor, and the chain's block segments "
+                   "as MODEL.from.K (what the device runner asks for); hashes are verified first. Not with "
+                   "--model or --nonn")
     p.add_argument("--nonn", help="serve the members of a NoNN bundle (a shipped name such as "
                    "nonn_resnet_fm_s8_enhanced, or a manifest path) as NAME.member.I; without --model, only them")
     p.add_argument("--member", dest="members", type=int, action="append",

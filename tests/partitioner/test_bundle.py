@@ -52,6 +52,47 @@ def test_tampered_weights_or_manifest_are_refused(bundle_dir, tmp_path):
         load_bundle(tmp_path)
 
 
+@pytest.mark.parametrize("change", [
+    lambda m: [m], lambda m: None, lambda m: {**m, "files": list(m["files"])},
+    lambda m: {**m, "files": {k: 7 for k in m["files"]}}, lambda m: {**m, "model": ["resnet_fm"]},
+])
+def test_a_manifest_of_the_wrong_shape_is_a_bundle_error_not_a_traceback(bundle_dir, tmp_path, change):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    (bad / MANIFEST).write_text(json.dumps(change(json.loads((bad / MANIFEST).read_text()))))
+    with pytest.raises(BundleError):
+        load_bundle(bad)
+
+
+def test_the_weights_loaded_are_the_bytes_that_were_hashed(bundle_dir, tmp_path, monkeypatch):
+    """The weights file was hashed, then reopened by name to load: a file swapped in between
+    was served under the manifest's hash."""
+    import shutil
+
+    from edgesplit.models import build_model
+    from edgesplit.models.weights_io import save_weights
+    from edgesplit.partitioner import bundle as bundle_module
+
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    swapped = []
+
+    def build_then_swap(name):  # runs between the hash check and the load: a concurrent writer
+        model = build_model(name)
+        save_weights(model, copy / WEIGHTS)  # untrained weights in place of the hashed ones
+        swapped.append(True)
+        return model
+
+    monkeypatch.setattr(bundle_module, "build_model", build_then_swap)
+    loaded = load_bundle(copy)
+    assert swapped
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), load_trained("resnet_fm")(x))
+
+
 def test_a_pruned_bundle_records_its_shapes_and_a_hostile_record_is_refused(trained_model, tmp_path):
     from edgesplit.partitioner.compress.prune import prune_to
 

@@ -25,7 +25,7 @@ def test_pruned_bundle_served_by_edge_node_matches_in_process(images):
     bundle = load_bundle(WEIGHTS_DIR / "resnet_fm_pruned")
     model = bundle.model
     assert sum(p.numel() for p in model.parameters()) < 0.1 * 296398
-    with NodeProcess(extra_args=["--bundle", str(bundle.path)]) as node:
+    with NodeProcess(model=None, extra_args=["--bundle", str(bundle.path)]) as node:
         client = EdgeClient(node.address)
         try:
             for cut in (4, 7):
@@ -58,7 +58,7 @@ def test_exits_bundle_answers_on_the_device_or_the_edge_as_calibrated(images):
     thresholds = {int(c): float(t) for c, t in info["thresholds"].items()}
     cut = max(model.exit_cuts) + 1
     runner_thresholds = {c: thresholds.get(c, 1.01) for c in model.exit_cuts}
-    with NodeProcess(extra_args=["--bundle", str(bundle.path)]) as node:
+    with NodeProcess(model=None, extra_args=["--bundle", str(bundle.path)]) as node:
         client = EdgeClient(node.address)
         try:
             runner = DeviceRunner(model, cut=cut, thresholds=runner_thresholds, client=client, deadline_s=10,

@@ -74,7 +74,7 @@ def test_edge_node_serves_a_bundle_and_refuses_a_tampered_one(tmp_path):
     head, _ = split(bundle.graph, cut.index)
     with torch.no_grad():
         crossing, expected = head(x), bundle.model(x)
-    with NodeProcess(extra_args=["--bundle", str(tmp_path / "b")]) as node:
+    with NodeProcess(model=None, extra_args=["--bundle", str(tmp_path / "b")]) as node:
         client = EdgeClient(node.address)
         try:
             tensors = {n: encode(t, "fp16") for n, t in zip(cut.crossing, crossing)}
@@ -86,6 +86,16 @@ def test_edge_node_serves_a_bundle_and_refuses_a_tampered_one(tmp_path):
     data[100] ^= 0xFF
     (tmp_path / "b" / WEIGHTS).write_bytes(bytes(data))
     assert node_main(["--bundle", str(tmp_path / "b"), "--port", "0", "--metrics-port", "-1"]) == 2
+
+
+@pytest.mark.parametrize("extra", [["--model", "resnet_fm"], ["--nonn", "nonn_resnet_fm_s4_enhanced"]])
+def test_a_bundle_is_served_alone_and_asking_for_more_is_refused(tmp_path, capsys, extra):
+    """With --model or --nonn beside --bundle, the node served the bundle only, and its
+    start-up line announced the NoNN members it did not serve."""
+    from edgesplit.runtime.node.server import main as node_main
+
+    assert node_main(["--bundle", str(tmp_path), "--port", "0", "--metrics-port", "-1", *extra]) == 2
+    assert "--bundle serves the bundle's own model" in capsys.readouterr().err
 
 
 def test_graph_profile_is_measured_on_the_node_and_fetched_over_the_control_service(served):
