@@ -119,10 +119,20 @@ class InferResult:
 class OffloadError(Exception):
     """An offload that did not produce an answer; ``reason`` is the status name (e.g. UNAVAILABLE)."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: str, message: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+        # With RESOURCE_EXHAUSTED from a node shedding load: the pushback it sent. None when
+        # the refusal came from elsewhere (gRPC's own message-size limit, on either side).
+        self.retry_after_s = retry_after_s
+
+    @property
+    def node_alive(self) -> bool:
+        """The node answered this call itself: it shed load (with its pushback) or refused the
+        request as malformed; not a sign that the node is failing."""
+        return self.reason == "INVALID_ARGUMENT" or (self.reason == "RESOURCE_EXHAUSTED"
+                                                     and self.retry_after_s is not None)
 
 
 @dataclass

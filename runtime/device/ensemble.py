@@ -6,7 +6,8 @@ members still outstanding then are cancelled and counted missing (``DEADLINE_EXC
 like members whose node refused or is down. The aggregator classifies with the answers it
 has (replicas of a part averaged, lost parts at their training mean). If no member
 answered, the device runs its own fallback student locally and classifies with it alone.
-Every call returns exactly one :class:`EnsembleAnswer`, which says who answered.
+Every call returns exactly one :class:`EnsembleAnswer`, which says who answered (images it
+cannot classify raise ValueError before anything is sent).
 
 Example::
 
@@ -34,13 +35,12 @@ from edgesplit.runtime.metrics import EnsembleMetrics
 
 from .breaker import CircuitBreaker
 
+MAX_BATCH = 64  # rows per call: an edge-node's default max_batch
+
 log = logging.getLogger("edgesplit.device.ensemble")
 # A member's answer further above the teacher's training mean than this many standard
 # deviations (of that filter's pooled activation) is taken as garbage, not as evidence.
 ANSWER_BOUND_STDS = 50.0
-# Outcomes that show the member is alive (full, or the call was cancelled on our side): they
-# count as a success for its breaker, which also hands back a half-open breaker's probe.
-NOT_A_FAILURE = frozenset({"RESOURCE_EXHAUSTED", "CANCELLED"})
 
 
 def answer_bounds(ensemble) -> list[torch.Tensor]:
@@ -105,7 +105,7 @@ class EnsembleClient:
     def __init__(self, ensemble, clients: Sequence[AsyncOffloader], deadline_s: float = 0.5,
                  input_codec: str = "int8", fallback_member: int | None = 0,
                  metrics: EnsembleMetrics | None = None, breaker_failures: int = 2,
-                 breaker_reset_s: float = 0.5) -> None:
+                 breaker_reset_s: float = 0.5, max_batch: int = MAX_BATCH) -> None:
         if len(clients) != ensemble.members:
             raise ValueError(f"{ensemble.name} has {ensemble.members} members; got {len(clients)} clients")
         if not deadline_s > 0:
@@ -118,6 +118,7 @@ class EnsembleClient:
         self.ensemble, self.clients, self.deadline_s = ensemble, list(clients), deadline_s
         self.input_codec, self.fallback_member = input_codec, fallback_member
         self.metrics = metrics
+        self.max_batch = max_batch
         self._ids = itertools.count()
         self._bounds = answer_bounds(ensemble)
         self.breakers = [CircuitBreaker(breaker_failures, breaker_reset_s) for _ in range(ensemble.members)]
@@ -148,7 +149,14 @@ class EnsembleClient:
         return problems
 
     def classify(self, images: torch.Tensor, request_id: str = "") -> EnsembleAnswer:
-        """Logits for normalised images [N, 1, 28, 28], from whichever members answer in time."""
+        """Logits for normalised images [N, 1, 28, 28], from whichever members answer in time.
+
+        ValueError, before anything is sent, for images this ensemble cannot classify (another
+        shape, more than ``max_batch`` rows, values that are not finite): the caller's mistake,
+        which must neither reach the members (whose refusals would count against them) nor
+        end in an error from deep inside the codec or the fallback student.
+        """
+        self._check_images(images)
         started = time.perf_counter()
         request_id = request_id or f"nonn-{next(self._ids)}"
         encoded = codec.encode(images, self.input_codec)
@@ -157,9 +165,12 @@ class EnsembleClient:
         missing: dict[int, str] = {}
         settled: set[int] = set()  # members whose breaker has heard how their call ended
 
-        def settle(member: int, reason: str | None) -> None:
+        def settle(member: int, error: OffloadError | None) -> None:
+            # Success for the breaker (which also hands back a half-open breaker's probe) when
+            # the member answered, shed load with its pushback, refused our request as
+            # malformed (the request's fault, not the member's), or we cancelled the call.
             settled.add(member)
-            if reason is None or reason in NOT_A_FAILURE:
+            if error is None or error.node_alive or error.reason == "CANCELLED":
                 self.breakers[member].success()
             else:
                 self.breakers[member].failure()
@@ -174,12 +185,12 @@ class EnsembleClient:
                                               timeout=self.deadline_s, request_id=f"{request_id}.{i}")
                 except OffloadError as exc:
                     missing[i] = exc.reason
-                    settle(i, exc.reason)
+                    settle(i, exc)
                     continue
                 except Exception:  # noqa: BLE001 - a broken client (closed channel...) is a missing member
                     log.exception("member %d of %s: the request could not be sent", i, self.ensemble.name)
                     missing[i] = "CLIENT_ERROR"
-                    settle(i, "CLIENT_ERROR")
+                    settle(i, OffloadError("CLIENT_ERROR", "the request could not be sent"))
                     continue
                 pending[i] = call
                 call.add_done_callback(lambda _p: finished.release())
@@ -192,7 +203,7 @@ class EnsembleClient:
             for i, call in pending.items():
                 if not call.done():
                     missing[i] = "DEADLINE_EXCEEDED"
-                    settle(i, "DEADLINE_EXCEEDED")
+                    settle(i, OffloadError("DEADLINE_EXCEEDED", "no answer within the deadline"))
                     continue
                 try:
                     answers[i] = self._checked(i, call.result(), len(images))
@@ -200,22 +211,32 @@ class EnsembleClient:
                     settle(i, None)
                 except OffloadError as exc:
                     missing[i] = exc.reason
-                    settle(i, exc.reason)
+                    settle(i, exc)
                 except Exception:  # noqa: BLE001 - a broken client must not cost the request its answer
                     log.exception("member %d of %s: the answer could not be read", i, self.ensemble.name)
                     missing[i] = "CLIENT_ERROR"
-                    settle(i, "CLIENT_ERROR")
+                    settle(i, OffloadError("CLIENT_ERROR", "the answer could not be read"))
             logits = self._classify(answers, images)
         finally:
             for i, call in pending.items():  # whatever happened above, nothing is left running
                 if not call.done():
                     call.cancel()
                 if i not in settled:  # an unexpected error above: the slot a breaker lent goes back
-                    settle(i, "CLIENT_ERROR")
+                    settle(i, OffloadError("CLIENT_ERROR", "unexpected error"))
         answer = EnsembleAnswer(logits, tuple(sorted(answers)), dict(sorted(missing.items())),
                                 time.perf_counter() - started, len(encoded.data) * len(pending), received)
         self._record(answer)
         return answer
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        shape = tuple(self.ensemble.manifest.get("input_shape") or (1, 28, 28))
+        if not isinstance(images, torch.Tensor) or images.dim() != 1 + len(shape) or tuple(images.shape[1:]) != shape:
+            got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"{self.ensemble.name} classifies images [N, {', '.join(map(str, shape))}], not {got}")
+        if not 1 <= len(images) <= self.max_batch:
+            raise ValueError(f"{len(images)} images: send 1 to {self.max_batch} per call (the nodes' batch limit)")
+        if not images.is_floating_point() or not torch.isfinite(images).all():
+            raise ValueError("images must be finite floating-point values (normalised as in training)")
 
     def _checked(self, member: int, result: OffloadResult, rows: int) -> torch.Tensor:
         """A member's answer if it is plausible, else OffloadError(INVALID_ANSWER).

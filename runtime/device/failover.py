@@ -5,7 +5,9 @@ This is the device side's only circuit-breaking layer. A call goes to the prefer
 it through, as long as the deadline leaves time:
 
 - UNAVAILABLE (node down, connection refused or reset): count a failure, try the next node;
-- RESOURCE_EXHAUSTED (node full): try the next node, no failure counted (it is alive);
+- RESOURCE_EXHAUSTED (node full): try the next node, no failure counted (it is alive) when
+  the refusal carries the node's pushback; without it (gRPC's own message-size limit) a
+  failure is counted;
 - DEADLINE_EXCEEDED: count a failure and give up: the time is spent, a retry cannot help;
 - anything else (INVALID_ARGUMENT, NOT_FOUND, ...): give up at once: every node would say so.
 
@@ -114,7 +116,9 @@ class FailoverClient:
                                                wait_for_ready=wait_for_ready or probe)
             except OffloadError as exc:
                 last = exc
-                if exc.reason in COUNTS_AS_FAILURE:
+                # RESOURCE_EXHAUSTED without the node's pushback is gRPC's own message-size
+                # refusal (an answer too large, say): nothing shows the node is working.
+                if exc.reason in COUNTS_AS_FAILURE or (exc.reason == "RESOURCE_EXHAUSTED" and not exc.node_alive):
                     breaker.failure()
                 else:
                     breaker.success()  # it answered: alive, just full or refusing

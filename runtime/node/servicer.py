@@ -30,6 +30,7 @@ from edgesplit.runtime.transport.auth import TokenAuthInterceptor
 from edgesplit.runtime.transport.oip import (
     DEFAULT_LIMITS,
     DEFAULT_MAX_MESSAGE_BYTES,
+    PUSHBACK_KEY,
     RequestLimits,
     build_infer_response,
     parse_infer_request,
@@ -38,7 +39,6 @@ from edgesplit.runtime.transport.oip import (
 from .dataplane import DataPlane
 from .registry import shown
 
-PUSHBACK_KEY = "grpc-retry-pushback-ms"  # trailing metadata: milliseconds before a retry is worth it
 SERVER_NAME = "edgesplit"
 SERVER_VERSION = "0.2.0"
 # Protocol extensions this server implements beyond the core (docs/protocol.md).

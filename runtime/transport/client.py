@@ -25,7 +25,7 @@ from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2_gr
 from edgesplit.runtime import codec
 from edgesplit.runtime.inference import OffloadError, OffloadResult
 
-from .oip import DEFAULT_MAX_MESSAGE_BYTES, build_infer_request, parse_infer_response
+from .oip import DEFAULT_MAX_MESSAGE_BYTES, PUSHBACK_KEY, build_infer_request, parse_infer_response
 
 __all__ = ["CHANNEL_OPTIONS", "EdgeClient", "OffloadError", "OffloadResult", "PendingOffload", "fetch_graph_profile"]
 
@@ -158,7 +158,15 @@ def _request(model_name: str, tensors: codec.EncodedTensor | Mapping[str, codec.
 
 
 def _offload_error(exc: grpc.RpcError) -> OffloadError:
-    return OffloadError(exc.code().name, exc.details() or "")
+    retry_after = None
+    trailing = getattr(exc, "trailing_metadata", None)
+    for key, value in (trailing() if callable(trailing) else None) or ():
+        if key == PUSHBACK_KEY:
+            try:
+                retry_after = max(0.0, int(value)) / 1000
+            except (TypeError, ValueError):
+                pass  # a malformed pushback is no pushback
+    return OffloadError(exc.code().name, exc.details() or "", retry_after)
 
 
 def _offload_result(response, round_trip: float, sent: int) -> OffloadResult:

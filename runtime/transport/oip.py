@@ -33,6 +33,8 @@ _TYPED_FIELD = {
     "INT32": "int_contents", "UINT8": "uint_contents",
 }
 
+PUSHBACK_KEY = "grpc-retry-pushback-ms"  # trailing metadata of a refusal: milliseconds before a retry is worth it
+
 
 DEFAULT_MAX_MESSAGE_BYTES = 32 * 1024 * 1024  # gRPC message limit of nodes and clients
 

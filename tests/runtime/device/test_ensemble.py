@@ -284,7 +284,43 @@ def test_a_probe_that_finds_the_member_full_does_not_lock_it_out(tiny_nonn, memb
         client.classify(x)
     assert client.breakers[1].state == CircuitBreaker.OPEN
     now[0] += 1.5
-    client.clients[1] = Refuses(OffloadError("RESOURCE_EXHAUSTED", "full"))  # the probe: alive but full
+    # the probe: alive but full (the node's refusal carries its pushback)
+    client.clients[1] = Refuses(OffloadError("RESOURCE_EXHAUSTED", "full", retry_after_s=0.01))
     assert client.classify(x).missing == {1: "RESOURCE_EXHAUSTED"}
     client.clients[1] = real  # back to normal: asked at once, not locked out
     assert client.classify(x).missing == {}
+
+
+@pytest.mark.parametrize("error, opens", [
+    # gRPC's own refusal of an answer over the message-size limit: no pushback, nothing shows the
+    # member works (it was counted as "full but alive" and asked forever at full cost)
+    (("RESOURCE_EXHAUSTED", "received message larger than max"), True),
+    # the member refused the request as malformed: the request's fault, not the member's
+    (("INVALID_ARGUMENT", "batch size 65 is outside 1..64"), False),
+])
+def test_which_refusals_count_against_a_member(tiny_nonn, member_nodes, clients_for, error, opens):
+    from edgesplit.runtime.device.breaker import CircuitBreaker
+    from edgesplit.runtime.inference import OffloadError
+
+    clients = clients_for(member_nodes)
+    clients[3] = Refuses(OffloadError(*error))
+    client = EnsembleClient(tiny_nonn, clients, deadline_s=10, input_codec="fp32")
+    x = torch.zeros(1, 1, 28, 28)
+    for _ in range(3):
+        client.classify(x)
+    assert client.breakers[3].state == (CircuitBreaker.OPEN if opens else CircuitBreaker.CLOSED)
+
+
+@pytest.mark.parametrize("images", [
+    torch.zeros(65, 1, 28, 28), torch.zeros(1, 3, 28, 28), torch.zeros(0, 1, 28, 28), torch.zeros(1, 28, 28),
+    torch.full((1, 1, 28, 28), float("nan")), torch.zeros(1, 1, 28, 28, dtype=torch.int64),
+])
+def test_images_it_cannot_classify_are_refused_before_anything_is_sent(tiny_nonn, images):
+    """They once reached the members (whose refusals opened every breaker) or raised from
+    deep inside the codec or the fallback student."""
+    members = [NeverAnswers() for _ in range(tiny_nonn.members)]
+    client = EnsembleClient(tiny_nonn, members, deadline_s=0.2, input_codec="int8")
+    with pytest.raises(ValueError, match="images"):
+        client.classify(images)
+    assert all(m.calls == 0 for m in members)
+    assert all(b.state == "closed" for b in client.breakers)

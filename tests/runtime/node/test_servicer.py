@@ -15,6 +15,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2, inference_pb2_grpc
+from edgesplit.runtime import codec
+from edgesplit.runtime.inference import OffloadError
+from edgesplit.runtime.transport.client import EdgeClient
 from tests.helpers import gated_model, infer_request, start_in_thread, stop_in_thread, wait_until
 
 SC = grpc.StatusCode
@@ -201,6 +204,14 @@ def test_full_node_answers_resource_exhausted_and_recovers():
         assert err.value.code() == SC.RESOURCE_EXHAUSTED and "limit" in err.value.details()
         pushback = dict(err.value.trailing_metadata())["grpc-retry-pushback-ms"]
         assert 1 <= int(pushback) <= 3000
+        client = EdgeClient(running.address)  # the device's client reads the pushback too
+        try:
+            with pytest.raises(OffloadError) as refused:
+                client.infer("slow", codec.encode(torch.ones(1, 4), "fp32"), timeout=5)
+        finally:
+            client.close()
+        assert refused.value.reason == "RESOURCE_EXHAUSTED" and refused.value.node_alive
+        assert 0.001 <= refused.value.retry_after_s <= 3.0
         gate.release.set()
         first.join(10)
         assert len(results) == 1
