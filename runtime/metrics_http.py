@@ -42,7 +42,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.timeout = self.server.idle_timeout_s
         super().setup()
         if self.server.tls is not None:  # handshake here, off the accept loop, under the timeout
-            self.connection = self.server.tls.wrap_socket(self.connection, server_side=True)
+            # Wrapping detaches the accepted socket: the server must hold the TLS one before the
+            # handshake starts, or a client trickling its handshake (or its request) could not
+            # be cut off at the connection deadline.
+            wrapped = self.server.tls.wrap_socket(self.connection, server_side=True, do_handshake_on_connect=False)
+            self.server.track(self.request, wrapped)
+            wrapped.do_handshake()
+            self.connection = wrapped
             self.rfile = self.connection.makefile("rb", self.rbufsize)
             self.wfile = self.connection.makefile("wb")
 
@@ -82,7 +88,8 @@ class _Server(http.server.ThreadingHTTPServer):
         self.max_connection_s = max_connection_s
         self.tls = tls
         self._slots = threading.BoundedSemaphore(max_connections)
-        self._open: dict[socket.socket, float] = {}  # connection -> when it must be closed
+        # accepted socket -> [when it must be closed, the socket to shut down then (the TLS one once wrapped)]
+        self._open: dict[socket.socket, list] = {}
         self._open_lock = threading.Lock()
         super().__init__(address, _Handler)
 
@@ -90,19 +97,27 @@ class _Server(http.server.ThreadingHTTPServer):
         """Shut down connections that have outlived ``max_connection_s`` (their threads then end)."""
         now = time.monotonic()
         with self._open_lock:
-            late = [s for s, deadline in self._open.items() if deadline <= now]
+            late = [target for deadline, target in self._open.values() if deadline <= now]
         for sock in late:
             try:
-                sock.shutdown(socket.SHUT_RDWR)
+                # the plain socket's shutdown, also on a TLS socket (whose own shutdown would
+                # first tear down its TLS state under the thread still using it)
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
             except OSError:
                 pass
+
+    def track(self, request, sock: socket.socket) -> None:
+        """From now on, shut down ``sock`` when ``request``'s connection outlives its deadline."""
+        with self._open_lock:
+            if request in self._open:
+                self._open[request][1] = sock
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):  # too many open connections: refuse this one
             self.shutdown_request(request)
             return
         with self._open_lock:
-            self._open[request] = time.monotonic() + self.max_connection_s
+            self._open[request] = [time.monotonic() + self.max_connection_s, request]
         try:
             super().process_request(request, client_address)
         except BaseException:

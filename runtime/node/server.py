@@ -38,6 +38,10 @@ from .settings import NodeSettings, configure_parser
 log = logging.getLogger("edgesplit.node")
 
 
+class PortError(Exception):
+    """A port the node was told to listen on cannot be bound (taken, or a bad address)."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edge-node", description="Serve a model's segments over gRPC.")
     return configure_parser(p)
@@ -140,22 +144,35 @@ async def serve(settings: NodeSettings, security: Security | None = None) -> int
     executor = ProcessWorkers(registry, workers, threads, MAX_INPUT_ELEMENTS) if settings.worker_processes else None
     plane = DataPlane(registry, metrics, max_inflight=settings.max_inflight, workers=workers, executor=executor)
     security = security or load_security(settings)
-    node = await start_node_server(
-        plane, settings.host, settings.port, node_name=settings.name, weights_sha256=sha,
-        intra_op_threads=threads, credentials=security.credentials, token=security.token,
-    )
-    health_server, health_port = None, -1
-    if settings.health_port >= 0:
-        health_server, health_port = await start_health_server(node.health, settings.health_host,
-                                                               settings.health_port)
     http = None
     metrics_port = -1
-    if settings.metrics_port >= 0:
+    if settings.metrics_port >= 0:  # before gRPC: a port already taken fails here, with nothing to undo
         tls = {}
         if settings.metrics_tls:
             tls = {"certfile": settings.tls_cert, "keyfile": settings.tls_key, "client_cafile": settings.tls_ca}
-        http = MetricsServer(prom, settings.metrics_port, settings.metrics_host, **tls)
+        try:
+            http = MetricsServer(prom, settings.metrics_port, settings.metrics_host, **tls)
+        except OSError as exc:
+            if executor:
+                executor.close()
+            where = f"{settings.metrics_host}:{settings.metrics_port}"
+            raise PortError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
         metrics_port = http.port
+    try:
+        node = await start_node_server(
+            plane, settings.host, settings.port, node_name=settings.name, weights_sha256=sha,
+            intra_op_threads=threads, credentials=security.credentials, token=security.token,
+        )
+        health_server, health_port = None, -1
+        if settings.health_port >= 0:
+            health_server, health_port = await start_health_server(node.health, settings.health_host,
+                                                                   settings.health_port)
+    except (OSError, RuntimeError) as exc:  # gRPC raises RuntimeError when it cannot bind
+        if http:
+            http.close()
+        if executor:
+            executor.close()
+        raise PortError(f"cannot listen on {settings.host}:{settings.port} or the health port: {exc}") from None
     auth = "bearer token required" if security.token else "no token"
     served = list(settings.models)
     if settings.nonn:
@@ -229,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
 
             CurveKeys.load(settings.curve_dir, settings.name.replace(":", "_"), server="controller")
         return asyncio.run(serve(settings, security))
-    except (FileNotFoundError, KeyError, ValueError) as exc:
+    except (FileNotFoundError, KeyError, ValueError, PortError) as exc:
         print(f"edge-node: {exc}", file=sys.stderr)
         return 2
 

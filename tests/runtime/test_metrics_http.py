@@ -83,3 +83,39 @@ def test_connections_over_the_limit_are_closed_and_the_server_recovers(server):
             return False
 
     wait_until(scrape_works, 10, "scrapes to work again")
+
+
+def test_a_tls_client_trickling_its_request_is_cut_off_at_the_connection_deadline(tmp_path):
+    """Wrapping the socket for TLS detached the one the server held, so the deadline's shutdown
+    silently failed: 16 trickling clients locked scrapes out for as long as they liked."""
+    import ssl
+
+    from edgesplit.runtime.transport import tls
+
+    files = tls.make_cluster_certs(tmp_path, ["node=127.0.0.1"])
+    cert, key = files["hosts"]["node"]["cert"], files["hosts"]["node"]["key"]
+    s = MetricsServer(CollectorRegistry(), port=0, idle_timeout_s=0.5, max_connections=4, max_connection_s=1.5,
+                      certfile=cert, keyfile=key)
+    context = ssl.create_default_context(cafile=str(files["ca"]))
+    sock = context.wrap_socket(socket.create_connection(("127.0.0.1", s.port), timeout=10),
+                               server_hostname="127.0.0.1")
+    started = time.monotonic()
+    closed = False
+    try:
+        for ch in b"GET /metrics HTTP/1.1\r\nHost: x\r\n" * 4:  # one byte every 0.2 s: never idle 0.5 s
+            try:
+                sock.sendall(bytes([ch]))
+                sock.settimeout(0.2)
+                if sock.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            except (OSError, ssl.SSLError):
+                closed = True
+                break
+    finally:
+        sock.close()
+        s.close()
+    assert closed, "the trickling TLS connection was never closed"
+    assert time.monotonic() - started < 10

@@ -121,3 +121,19 @@ def test_short_grace_cancels_in_flight_work_without_tracebacks(slow_node_args):
         log = node.log_path.read_text()
         assert "Traceback" not in log and "CancelledError" not in log, log
         channel.close()
+
+
+@pytest.mark.parametrize("flag", ["--metrics-port", "--port"])
+def test_a_port_already_taken_is_a_one_line_error_not_a_traceback(flag, capsys):
+    """A taken metrics port raised OSError after gRPC had started (a traceback, then another
+    from the gRPC server never stopped); a taken gRPC port raised RuntimeError."""
+    from edgesplit.runtime.node.server import main as node_main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = {"--port": "0", "--metrics-port": "0", flag: str(port)}
+        code = node_main([a for k, v in args.items() for a in (k, v)] + ["--worker-threads"])
+    err = capsys.readouterr().err
+    assert code == 2 and str(port) in err and "Traceback" not in err
