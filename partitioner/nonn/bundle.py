@@ -34,6 +34,7 @@ from .students import Aggregator, Student, StudentBank
 
 FORMAT = "edgesplit-nonn/1"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+MAX_WEIGHTS_BYTES = 256 << 20  # a NoNN bundle's weights (the shipped ones are a few MB)
 INPUT_SHAPE = (1, 28, 28)
 
 
@@ -119,6 +120,18 @@ def _manifest_path(name_or_path: str | Path) -> Path:
     )
 
 
+def _same_shapes(build, state: dict[str, torch.Tensor], what: str) -> None:
+    """ValueError unless the module ``build`` makes (built on the meta device: no memory) has
+    exactly the tensors of ``state``, shape for shape."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items()}
+    if expected != got:
+        wrong = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
+        raise ValueError(f"{what}: the manifest's architecture does not match the weights "
+                         f"({', '.join(wrong[:3])}{' ...' if len(wrong) > 3 else ''})")
+
+
 def shipped_ensembles() -> list[str]:
     """Names of the NoNN ensembles committed with edgesplit."""
     return sorted(p.stem for p in WEIGHTS_DIR.glob("*.json"))
@@ -136,9 +149,15 @@ def load_ensemble(name_or_path: str | Path, members: list[int] | None = None) ->
         raise NonnBundleError(f"{path}: unreadable manifest: {exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise NonnBundleError(f"{path}: not a NoNN manifest (format {FORMAT!r} expected)")
-    weights = path.parent / str(manifest.get("weights", ""))
+    name = str(manifest.get("weights", ""))
+    if not name or Path(name).name != name or name in {".", ".."}:
+        raise NonnBundleError(f"{path}: weights must be a file name beside the manifest, not {name!r:.80}")
+    weights = path.parent / name
     if not weights.is_file():
         raise NonnBundleError(f"{path}: weights file {weights.name!r} is missing")
+    if weights.stat().st_size > MAX_WEIGHTS_BYTES:  # checked before reading the file whole
+        raise NonnBundleError(f"{weights}: {weights.stat().st_size:,} bytes, over the {MAX_WEIGHTS_BYTES:,} a "
+                              "NoNN bundle may have")
     raw = weights.read_bytes()  # hashed and parsed from the same bytes: nothing can change in between
     actual = hashlib.sha256(raw).hexdigest()
     if actual != manifest.get("sha256"):
@@ -160,11 +179,18 @@ def load_ensemble(name_or_path: str | Path, members: list[int] | None = None) ->
     students: list[Student | None] = [None] * partition.members
     try:
         for i in wanted:
-            student = Student(len(partition.member_filters(i)), widths)
             prefix = f"member.{i}."
-            student.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+            own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            # The manifest's widths are checked against the (verified) weights on the meta
+            # device first: a manifest naming huge widths must not allocate gigabytes.
+            _same_shapes(lambda i=i: Student(len(partition.member_filters(i)), widths), own, f"member {i}")
+            student = Student(len(partition.member_filters(i)), widths)
+            student.load_state_dict(own)
             students[i] = student.eval()
-        aggregator = Aggregator(partition, state["aggregator.filter_mean"], num_classes)
+        mean = state["aggregator.filter_mean"]
+        own = {k[len("aggregator."):]: v for k, v in state.items() if k.startswith("aggregator.")}
+        _same_shapes(lambda: Aggregator(partition, mean, num_classes), own, "the aggregator")
+        aggregator = Aggregator(partition, mean, num_classes)
         aggregator.load_state_dict({k[len("aggregator."):]: v for k, v in state.items()
                                     if k.startswith("aggregator.")})
     except (KeyError, RuntimeError, ValueError) as exc:

@@ -62,6 +62,30 @@ def test_tampered_or_malformed_bundles_are_refused(tiny_nonn, tmp_path):
         load_ensemble("no_such_ensemble")
 
 
+@pytest.mark.parametrize("change, words", [
+    # widths and classes were built (gigabytes: 5.3 GB peak for these) before the weights
+    # were found not to fit
+    (lambda d: {**d, "student": {**d["student"], "widths": [8, 16, 12000]}}, "does not match the weights"),
+    (lambda d: {**d, "num_classes": 20_000_000}, "does not match the weights"),
+    # the weights file could be named anywhere and was read whole before its hash was checked
+    (lambda d: {**d, "weights": "../elsewhere.safetensors"}, "file name beside the manifest"),
+])
+def test_a_manifest_cannot_make_the_loader_allocate_what_the_weights_do_not_hold(tiny_nonn, tmp_path, change,
+                                                                                   words):
+    import resource
+
+    manifest = tiny_nonn.manifest_path
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(manifest.with_suffix(suffix), tmp_path / f"b{suffix}")
+    path = tmp_path / "b.json"
+    data = {**json.loads(path.read_text()), "weights": "b.safetensors"}
+    path.write_text(json.dumps(change(data)))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    with pytest.raises(NonnBundleError, match=words):
+        load_ensemble(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak < 512 * 1024
+
+
 def test_loading_some_members_builds_only_those(tiny_nonn):
     one = load_ensemble(tiny_nonn.manifest_path, members=[2])
     assert one.students[2] is not None and one.students[0] is None
