@@ -198,6 +198,9 @@ def _compress(args: argparse.Namespace) -> int:
     from edgesplit.partitioner.compress.pipeline import run, summary
     from edgesplit.runtime.rate import run_rate
 
+    if args.threads is not None and args.threads < 0:
+        print(f"edgesplit compress: --threads must be >= 0 (0: torch's default), not {args.threads}", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -207,6 +207,7 @@ def parse(table: dict, root: Path = Path(".")) -> CompressConfig:
             raise ValueError(f"{name} must be at least 1, not {value}")
     if not cfg.exits.cuts:
         raise ValueError("exits.cuts must name at least one cut")
+    _check_values(cfg)
     if cfg.prune.start_from is not None:
         cfg.prune.start_from = str(_relative_to(cfg.prune.start_from, root))
         if not (Path(cfg.prune.start_from) / "manifest.json").is_file():
@@ -223,6 +224,40 @@ def parse(table: dict, root: Path = Path(".")) -> CompressConfig:
     if bad:
         raise ValueError(f"exits.confidence lists {bad}; use max_softmax and/or entropy")
     return cfg
+
+
+def _check_values(cfg: CompressConfig) -> None:
+    """Values of the right type that would still fail deep inside a run, or quietly do
+    something other than asked (a negative limit slices from the end, a temperature of 0
+    trains on NaN): refused here, with the key's name."""
+    from edgesplit.models import MODELS, build_model
+
+    if cfg.compress.base not in MODELS:
+        raise ValueError(f"compress.base: no model {cfg.compress.base!r:.60} in the zoo ({', '.join(sorted(MODELS))})")
+    blocks = build_model(cfg.compress.base).num_blocks
+    d = cfg.prune.distill
+    positive = {"prune.distill.batch_size": d.batch_size, "bottleneck.batch_size": cfg.bottleneck.batch_size,
+                "exits.batch_size": cfg.exits.batch_size, "int8.calibration_images": cfg.int8.calibration_images,
+                "compress.validation": cfg.compress.validation, "prune.distill.n_hints": d.n_hints,
+                "compress.train_limit": cfg.compress.train_limit, "compress.test_limit": cfg.compress.test_limit,
+                "rate.test_images": cfg.rate.test_images}
+    for name, value in positive.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (or left out), not {value}")
+    for name, value in (("prune.distill.temperature", d.temperature), ("bottleneck.temperature",
+                        cfg.bottleneck.temperature), ("exits.temperature", cfg.exits.temperature),
+                        ("prune.distill.max_lr", d.max_lr), ("bottleneck.max_lr", cfg.bottleneck.max_lr),
+                        ("exits.max_lr", cfg.exits.max_lr)):
+        if not value > 0:
+            raise ValueError(f"{name} must be > 0, not {value}")
+    if isinstance(d.hints, str) and d.hints != "cluster":
+        raise ValueError(f"prune.distill.hints must be \"cluster\" or a list of cuts, not {d.hints!r:.40}")
+    cuts = {"prune.distill.hints": [] if isinstance(d.hints, str) else d.hints,
+            "bottleneck.candidates": [c[0] for c in cfg.bottleneck.candidates], "exits.cuts": cfg.exits.cuts}
+    for name, values in cuts.items():
+        for cut in values:
+            if not 1 <= cut < blocks:
+                raise ValueError(f"{name}: cut {cut} is not inside {cfg.compress.base} (cuts 1..{blocks - 1})")
 
 
 def load_config(path: str | Path) -> CompressConfig:

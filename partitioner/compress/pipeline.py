@@ -183,7 +183,10 @@ def run(cfg: CompressConfig, steps: list[str] | None = None, progress: bool = Tr
     the runtime's codecs, so ``edgesplit compress`` passes
     :func:`edgesplit.runtime.rate.run_rate`."""
     out = cfg.out_dir
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where the folder should be, or no permission
+        raise ValueError(f"compress.out: cannot use {out} as the output folder: {exc.strerror or exc}") from None
     general = cfg.compress
     data = load_splits(general.validation, general.train_limit, general.test_limit)
     wanted = steps or [s for s in STEPS if getattr(cfg, s).enabled]
@@ -196,7 +199,13 @@ def run(cfg: CompressConfig, steps: list[str] | None = None, progress: bool = Tr
             continue
         done = out / f"{step}.json"
         if done.exists():
-            results[step] = json.loads(done.read_text())
+            try:
+                results[step] = json.loads(done.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{done} is not valid JSON ({exc}): a step cut off while writing it? "
+                                 "Delete it to redo the step") from None
+            if not isinstance(results[step], dict):
+                raise ValueError(f"{done} is not a step's results; delete it to redo the step")
             settings = getattr(cfg, step)
             changed = _changed_keys(results[step].get("config"), asdict(settings), asdict(type(settings)()))
             if changed:  # said even when quiet: the results no longer match the configuration

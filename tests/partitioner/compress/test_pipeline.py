@@ -150,12 +150,39 @@ def test_a_second_cycle_continues_from_a_pruned_bundle_with_an_ensemble_teacher(
     ("[prune\n", "not valid TOML"),
     ("[prune]\nstart_from = \"nothing\"\n", "prune.start_from"),
     ("[prune]\nextra_teachers = [\"missing.safetensors\"]\n", "prune.extra_teachers"),
+    # these once failed deep inside the run with a traceback, or ran and did something else
+    ("[compress]\nbase = \"resnet_nope\"\n", "compress.base"),
+    ("[prune.distill]\nhints = [99]\n", "prune.distill.hints: cut 99"),
+    ("[prune.distill]\nhints = [0]\n", "prune.distill.hints: cut 0"),
+    ("[prune.distill]\nhints = \"47\"\n", "\"cluster\" or a list of cuts"),  # was read as cuts [4, 7]
+    ("[bottleneck]\ncandidates = [[99, 4, 2]]\n", "bottleneck.candidates: cut 99"),
+    ("[prune.distill]\nbatch_size = 0\n", "prune.distill.batch_size must be at least 1"),
+    ("[prune.distill]\ntemperature = 0.0\n", "prune.distill.temperature must be > 0"),  # trained on NaN
+    ("[int8]\ncalibration_images = 0\n", "int8.calibration_images"),  # calibrated on nothing
+    ("[compress]\ntrain_limit = -1\n", "compress.train_limit"),  # sliced from the end: 59,799 images
+    ("[rate]\ntest_images = -5\n", "rate.test_images"),
 ])
 def test_bad_configurations_are_refused_with_the_key(tmp_path, capsys, text, message):
     config = tmp_path / "bad.toml"
     config.write_text(text)
     assert main(["compress", str(config), "--quiet"]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_unusable_output_folder_or_a_truncated_result_is_reported_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    config = tmp_path / "c.toml"
+    config.write_text("[compress]\nout = \"afile\"\n")
+    assert main(["compress", str(config), "--quiet"]) == 2
+    assert "compress.out" in capsys.readouterr().err
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "prune.json").write_text('{"params_before": 1')  # cut off while written
+    config.write_text("[compress]\nout = \"out\"\ntrain_limit = 200\ntest_limit = 100\nvalidation = 50\n")
+    assert main(["compress", str(config), "--quiet", "--steps", "prune"]) == 2
+    err = capsys.readouterr().err
+    assert "prune.json is not valid JSON" in err and "Delete it" in err
+    assert main(["compress", str(config), "--threads", "-1"]) == 2
+    assert "--threads must be >= 0" in capsys.readouterr().err
 
 
 def test_a_missing_configuration_is_reported(tmp_path, capsys):
