@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping
 
 import grpc
+import torch
 
 from edgesplit.protos import edgesplit_pb2, edgesplit_pb2_grpc, inference_pb2_grpc
 from edgesplit.runtime import codec
@@ -177,6 +178,8 @@ def _offload_result(response, round_trip: float, sent: int) -> OffloadResult:
             raise ValueError(f"expected one output, got {len(outputs)}")
         out = outputs[0]
         logits = codec.decode(out.data, out.datatype, out.shape)
+        if not bool(torch.isfinite(logits).all()):  # e.g. an input that overflowed inside the model
+            raise ValueError("the answer holds NaN or infinite values")
         edge = float(params.get("edge_compute_seconds") or 0.0)
         batch = int(params.get("edge_batch_size") or 1)
         if not (math.isfinite(edge) and edge >= 0 and batch >= 1):

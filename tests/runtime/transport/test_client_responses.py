@@ -30,6 +30,9 @@ def test_a_well_formed_response_is_read():
 @pytest.mark.parametrize("bad", [
     {"compute": "soon"}, {"compute": float("nan")}, {"compute": -1.0}, {"batch": -2}, {"batch": "many"},
     {"data": b"\x00" * 5}, {"shape": (1, -3), "data": b""},
+    # an input that overflowed inside the model (an INT8 scale of 3e38) was answered OK with NaN logits
+    {"data": np.array([[0.0, np.nan, 1.0]], np.float32).tobytes()},
+    {"data": np.array([[0.0, np.inf, 1.0]], np.float32).tobytes()},
 ])
 def test_malformed_responses_become_internal_offload_errors(bad):
     with pytest.raises(OffloadError) as err:
