@@ -178,14 +178,14 @@ def _offload_result(response, round_trip: float, sent: int) -> OffloadResult:
             raise ValueError(f"expected one output, got {len(outputs)}")
         out = outputs[0]
         logits = codec.decode(out.data, out.datatype, out.shape)
-        if not bool(torch.isfinite(logits).all()):  # e.g. an input that overflowed inside the model
-            raise ValueError("the answer holds NaN or infinite values")
         edge = float(params.get("edge_compute_seconds") or 0.0)
         batch = int(params.get("edge_batch_size") or 1)
         if not (math.isfinite(edge) and edge >= 0 and batch >= 1):
             raise ValueError(f"implausible parameters edge_compute_seconds={edge}, edge_batch_size={batch}")
     except (TypeError, ValueError, OverflowError, codec.CodecError) as exc:
         raise OffloadError("INTERNAL", f"node answered a malformed response: {exc}") from None
+    if not bool(torch.isfinite(logits).all()):  # e.g. an input that overflowed inside the model
+        raise OffloadError("INVALID_ANSWER", "node answered NaN or infinite values")
     return OffloadResult(logits, edge, round_trip, sent, batch)
 
 

@@ -30,14 +30,20 @@ def test_a_well_formed_response_is_read():
 @pytest.mark.parametrize("bad", [
     {"compute": "soon"}, {"compute": float("nan")}, {"compute": -1.0}, {"batch": -2}, {"batch": "many"},
     {"data": b"\x00" * 5}, {"shape": (1, -3), "data": b""},
-    # an input that overflowed inside the model (an INT8 scale of 3e38) was answered OK with NaN logits
-    {"data": np.array([[0.0, np.nan, 1.0]], np.float32).tobytes()},
-    {"data": np.array([[0.0, np.inf, 1.0]], np.float32).tobytes()},
 ])
 def test_malformed_responses_become_internal_offload_errors(bad):
     with pytest.raises(OffloadError) as err:
         _offload_result(response(**bad), 0.01, 10)
     assert err.value.reason == "INTERNAL"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_an_answer_that_is_not_finite_is_refused(value):
+    """An input that overflowed inside the model (an INT8 scale of 3e38) was answered OK with
+    NaN logits, and the device used them."""
+    with pytest.raises(OffloadError) as err:
+        _offload_result(response(data=np.array([[0.0, value, 1.0]], np.float32).tobytes()), 0.01, 10)
+    assert err.value.reason == "INVALID_ANSWER"
 
 
 def test_a_cancelled_offload_reports_cancelled():
