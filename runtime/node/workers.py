@@ -252,6 +252,12 @@ class _Worker:
         """Send a batch and read its outcome; a worker found dead before it took the batch is
         replaced and the batch sent again, one that dies with it fails the batch."""
         for _attempt in range(2):
+            if self.conn is not None and not self.process.is_alive():
+                # Died while idle (killed, out of memory): the batch is not sent to a corpse.
+                # Checked before sending because a write to its pipe can still succeed, after
+                # which the batch would fail as though the worker had died running it.
+                log.error("worker process %d is gone; replacing it", self.process.pid)
+                self._replace()
             if self.conn is None:
                 break
             try:
