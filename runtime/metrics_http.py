@@ -47,7 +47,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             # be cut off at the connection deadline.
             wrapped = self.server.tls.wrap_socket(self.connection, server_side=True, do_handshake_on_connect=False)
             self.server.track(self.request, wrapped)
-            wrapped.do_handshake()
+            try:
+                wrapped.do_handshake()
+            except BaseException:
+                wrapped.close()  # the accepted socket is detached: closing it would not free this one
+                raise
             self.connection = wrapped
             self.rfile = self.connection.makefile("rb", self.rbufsize)
             self.wfile = self.connection.makefile("wb")

@@ -8,6 +8,7 @@ it through, as long as the deadline leaves time:
 - RESOURCE_EXHAUSTED (node full): try the next node, no failure counted (it is alive) when
   the refusal carries the node's pushback; without it (gRPC's own message-size limit) a
   failure is counted;
+- INVALID_ANSWER (the node answered NaN or infinite logits): count a failure, try the next;
 - DEADLINE_EXCEEDED: count a failure and give up: the time is spent, a retry cannot help;
 - anything else (INVALID_ARGUMENT, NOT_FOUND, ...): give up at once: every node would say so.
 
@@ -33,8 +34,10 @@ from edgesplit.runtime.inference import OffloadError, OffloadResult
 
 from .breaker import CircuitBreaker
 
-RETRY_ELSEWHERE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED"})
-COUNTS_AS_FAILURE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN"})
+# INVALID_ANSWER: the node answered NaN or infinite logits (corrupted weights, say): a
+# failure of that node, and another one may answer properly.
+RETRY_ELSEWHERE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INVALID_ANSWER"})
+COUNTS_AS_FAILURE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "INVALID_ANSWER"})
 # Below this, a further attempt cannot finish in time; fail fast and complete locally.
 MIN_ATTEMPT_SECONDS = 0.005
 

@@ -158,21 +158,26 @@ async def serve(settings: NodeSettings, security: Security | None = None) -> int
             where = f"{settings.metrics_host}:{settings.metrics_port}"
             raise PortError(f"cannot serve metrics on {where}: {exc.strerror or exc}") from None
         metrics_port = http.port
+    node = None
+    health_server, health_port = None, -1
+    where = f"{settings.host}:{settings.port}"
     try:
         node = await start_node_server(
             plane, settings.host, settings.port, node_name=settings.name, weights_sha256=sha,
             intra_op_threads=threads, credentials=security.credentials, token=security.token,
         )
-        health_server, health_port = None, -1
         if settings.health_port >= 0:
+            where = f"health port {settings.health_host}:{settings.health_port}"
             health_server, health_port = await start_health_server(node.health, settings.health_host,
                                                                    settings.health_port)
     except (OSError, RuntimeError) as exc:  # gRPC raises RuntimeError when it cannot bind
+        if node is not None:  # the data port is up: stop it, or it serves on without workers
+            await node.stop(0)
         if http:
             http.close()
         if executor:
             executor.close()
-        raise PortError(f"cannot listen on {settings.host}:{settings.port} or the health port: {exc}") from None
+        raise PortError(f"cannot listen on {where}: {exc}") from None
     auth = "bearer token required" if security.token else "no token"
     served = list(settings.models)
     if settings.nonn:

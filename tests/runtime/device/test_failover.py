@@ -90,6 +90,30 @@ def test_spent_deadline_is_not_retried(slow_nodes):
     client.close()
 
 
+class AnswersNaN(torch.nn.Module):
+    def forward(self, x):
+        return x * float("nan")
+
+
+def test_a_node_answering_nan_counts_as_failing_and_the_next_node_answers(slow_nodes):
+    """A node with corrupted weights answers NaN to everything: it was taken as healthy (its
+    breaker never opened) and the healthy node was never tried."""
+    from edgesplit.models.split_model import SplitModel
+
+    good = slow_nodes[1]
+    broken, thread = start_in_thread(SplitModel("slow", [("nan", AnswersNaN())], {}, (4,), 4))
+    client = FailoverClient([EdgeClient(broken.address), EdgeClient(good.address)],
+                            breakers=[CircuitBreaker(1, 60.0), CircuitBreaker(1, 60.0)])
+    try:
+        result = client.infer("slow", X, timeout=10)
+        assert torch.equal(result.logits, torch.ones(1, 4))  # the good node's identity answer
+        assert client.attempts == {broken.address: 1, good.address: 1}
+        assert client.breakers[0].state == CircuitBreaker.OPEN  # counted as a failure
+    finally:
+        client.close()
+        stop_in_thread(broken, thread)
+
+
 def test_bad_request_is_not_retried(slow_nodes):
     a, b = slow_nodes
     client = FailoverClient([EdgeClient(a.address), EdgeClient(b.address)])

@@ -123,7 +123,7 @@ def test_short_grace_cancels_in_flight_work_without_tracebacks(slow_node_args):
         channel.close()
 
 
-@pytest.mark.parametrize("flag", ["--metrics-port", "--port"])
+@pytest.mark.parametrize("flag", ["--metrics-port", "--port", "--health-port"])
 def test_a_port_already_taken_is_a_one_line_error_not_a_traceback(flag, capsys):
     """A taken metrics port raised OSError after gRPC had started (a traceback, then another
     from the gRPC server never stopped); a taken gRPC port raised RuntimeError."""
@@ -133,7 +133,7 @@ def test_a_port_already_taken_is_a_one_line_error_not_a_traceback(flag, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        args = {"--port": "0", "--metrics-port": "0", flag: str(port)}
+        args = {"--port": "0", "--metrics-port": "0", flag: str(port)}  # a taken health port: after gRPC started
         code = node_main([a for k, v in args.items() for a in (k, v)] + ["--worker-threads"])
     err = capsys.readouterr().err
     assert code == 2 and str(port) in err and "Traceback" not in err
