@@ -11,9 +11,10 @@ Both take a batch (a served model and its requests) and return a future of its
 - :class:`ProcessWorkers`: one process per worker, forked from the node after its models
   are loaded and before any gRPC object exists, so each has its own interpreter lock and
   a copy-on-write copy of the weights. Batches travel over a pipe as a JSON header plus raw
-  tensor bytes (no pickle). A worker that dies fails its batch (UNAVAILABLE) and is
-  replaced. A batch that would run alone on an idle node runs on a thread of the node
-  instead, which saves the pipe crossings when latency matters and contention is nil.
+  tensor bytes (no pickle). A worker that dies is replaced and its batch sent once more to
+  the fresh one; a batch whose second worker dies too fails (UNAVAILABLE). A batch that
+  would run alone on an idle node runs on a thread of the node instead, which saves the
+  pipe crossings when latency matters and contention is nil.
   ``edge-node`` uses these by default.
 
 Worker threads and processes run at a lower CPU priority than the event loop, so that on
@@ -249,8 +250,11 @@ class _Worker:
         return BatchOutcome(answers, outcome.rows, outcome.compute_seconds)  # type: ignore[arg-type]
 
     def _exchange(self, message: bytes) -> BatchOutcome:
-        """Send a batch and read its outcome; a worker found dead before it took the batch is
-        replaced and the batch sent again, one that dies with it fails the batch."""
+        """Send a batch and read its outcome. A worker that is dead, or dies before answering,
+        is replaced and the batch sent once more to the fresh one: whether it died of this
+        batch cannot be told from here (a worker killed while idle can still take the write,
+        and the node only sees the reset when it reads). If the fresh worker dies too, the
+        batch fails (UNAVAILABLE): a batch that kills workers costs two of them, no more."""
         for _attempt in range(2):
             if self.conn is not None and not self.process.is_alive():
                 # Died while idle (killed, out of memory): the batch is not sent to a corpse.
@@ -272,7 +276,6 @@ class _Worker:
                 log.error("worker process %d died during a batch (%s); replacing it", self.process.pid,
                           type(exc).__name__)
                 self._replace()
-                break
         error = InferError(InferError.UNAVAILABLE, "the worker process running this batch died; retry")
         return BatchOutcome([error], 0, 0.0)
 

@@ -119,6 +119,38 @@ def test_a_worker_that_dies_during_a_batch_fails_that_batch_alone_and_is_replace
         workers.close()
 
 
+class DiesOnce(nn.Module):
+    """The first worker process that runs it dies (as one killed by the OOM killer would);
+    every later one answers."""
+
+    def __init__(self, parent: int, flag) -> None:
+        super().__init__()
+        self.parent, self.flag = parent, str(flag)
+
+    def forward(self, x):
+        if os.getpid() != self.parent and not os.path.exists(self.flag):
+            Path(self.flag).touch()
+            os._exit(3)
+        return x
+
+
+def test_a_batch_whose_worker_died_of_something_else_is_answered_by_the_replacement(tmp_path):
+    """CI failed twice on a worker killed while idle: the node's write to it still went
+    through, the death showed only when reading, and the batch was failed as if it had
+    killed the worker. A batch is now sent once more to the fresh worker."""
+    model = SplitModel("flaky", [("die", DiesOnce(os.getpid(), tmp_path / "died")), ("id", nn.Identity())], {},
+                       (4,), 4)
+    registry = registry_of(model)
+    workers = ProcessWorkers(registry, workers=1, threads=1, max_elements=1 << 20)
+    try:
+        before = workers.pids
+        out = workers.submit(registry.get("flaky"), [req(torch.ones(1, 4), model="flaky")]).result(30)
+        assert isinstance(out.answers[0], InferResult) and (tmp_path / "died").exists()
+        assert workers.pids != before
+    finally:
+        workers.close()
+
+
 def test_typed_values_out_of_range_are_refused_not_wrapped(pool):
     workers, registry = pool
     bad = InferRequest("tiny", [InferInput("input", "INT8", (1, 4), b"", {"scale": 1.0, "zero_point": 0},
