@@ -119,6 +119,7 @@ class EnsembleClient:
         self.input_codec, self.fallback_member = input_codec, fallback_member
         self.metrics = metrics
         self.max_batch = max_batch
+        self._image_shape = tuple(ensemble.manifest.get("input_shape") or (1, 28, 28))
         self._ids = itertools.count()
         self._bounds = answer_bounds(ensemble)
         self.breakers = [CircuitBreaker(breaker_failures, breaker_reset_s) for _ in range(ensemble.members)]
@@ -229,7 +230,7 @@ class EnsembleClient:
         return answer
 
     def _check_images(self, images: torch.Tensor) -> None:
-        shape = tuple(self.ensemble.manifest.get("input_shape") or (1, 28, 28))
+        shape = self._image_shape
         if not isinstance(images, torch.Tensor) or images.dim() != 1 + len(shape) or tuple(images.shape[1:]) != shape:
             got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(f"{self.ensemble.name} classifies images [N, {', '.join(map(str, shape))}], not {got}")

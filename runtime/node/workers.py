@@ -256,12 +256,6 @@ class _Worker:
         and the node only sees the reset when it reads). If the fresh worker dies too, the
         batch fails (UNAVAILABLE): a batch that kills workers costs two of them, no more."""
         for _attempt in range(2):
-            if self.conn is not None and not self.process.is_alive():
-                # Died while idle (killed, out of memory): the batch is not sent to a corpse.
-                # Checked before sending because a write to its pipe can still succeed, after
-                # which the batch would fail as though the worker had died running it.
-                log.error("worker process %d is gone; replacing it", self.process.pid)
-                self._replace()
             if self.conn is None:
                 break
             try:
