@@ -130,7 +130,7 @@ class Device:
         runner = self.runner(Plan(cut=self.model.num_blocks, codec="int8"))
         controller = EmbeddedController(runner, self.space, Hysteresis(LeastLatency(), margin=0.1, hold=2),
                                         estimator=LinkEstimator(initial_mbit=1.0, initial_rtt_s=0.01),
-                                        every=2, probe_interval_s=1.0)
+                                        every=2, probe_interval_s=1.0, history=None)  # the run's whole log
         controller.decide()
         controller.start_probing()
         return runner, controller

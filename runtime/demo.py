@@ -243,7 +243,7 @@ def run_demo(
             def announce() -> None:
                 """Print the controller's decisions made since the last call."""
                 if controller is not None:
-                    for d in controller.decisions[len(decisions):]:
+                    for d in controller.decisions_since(len(decisions)):
                         decisions.append(d)
                         trial = " (a trial: timing a cut the device has not run lately)" if d.explore else ""
                         deadline = ("" if d.offload_deadline_s is None

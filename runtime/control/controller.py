@@ -61,6 +61,7 @@ any other). A plan set by a cluster controller has none: the runner's own deadli
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import threading
@@ -82,6 +83,7 @@ from .policy import LeastEnergy, Option, PlanSpace, Policy, State, active_policy
 
 log = logging.getLogger(__name__)
 
+DECISION_HISTORY = 1000  # decisions an embedded controller keeps (None in the constructor: all)
 DEADLINE_SLACK = 1.5  # a plan is remade when the offload deadline it wants is off by more than this factor
 SYSTEM_BATTERY_READ_S = 5.0  # the machine's battery is read (through psutil, from /sys) at most this often
 
@@ -123,7 +125,8 @@ class EmbeddedController:
                  probe_interval_s: float = 2.0, max_probe_interval_s: float | None = None,
                  device_times: DeviceTimeEstimator | None = None, learn_device_time: bool = True,
                  explore_margin: float = 0.25, explore_every: int = 24,
-                 offload_patience: float | None = 2.0, min_offload_deadline_s: float = 0.2) -> None:
+                 offload_patience: float | None = 2.0, min_offload_deadline_s: float = 0.2,
+                 history: int | None = DECISION_HISTORY) -> None:
         self.runner = runner
         self.space = space
         self.policy = policy
@@ -160,7 +163,12 @@ class EmbeddedController:
         self._explored_at = -explore_every  # self._seen when the last trial began
         self._barren: dict[int, int] = {}  # cut -> self._seen when a trial there taught nothing
         self._confirming = False  # the next probe comes at the base interval (see start_probing)
-        self.decisions: list[Decision] = []
+        if history is not None and history < 1:
+            raise ValueError(f"history must be at least 1 decision (or None: keep every one), not {history}")
+        # The latest ``history`` decisions (a device runs for months: an unbounded log grows
+        # with every plan change); ``decision_count`` counts them all.
+        self.decisions: collections.deque[Decision] = collections.deque(maxlen=history)
+        self.decision_count = 0
         self.current: Option | None = None
         self.deciding = True  # False while a cluster controller decides for this device (remote.DeviceLink)
         self._seen = 0
@@ -266,6 +274,13 @@ class EmbeddedController:
         if metrics:
             metrics.device_time_scale.set(self.device_times.scale(answer.cut))
 
+    def decisions_since(self, count: int) -> list[Decision]:
+        """The decisions made after the first ``count`` (those the history still holds), oldest first."""
+        with self._lock:
+            kept = list(self.decisions)
+            first = self.decision_count - len(kept)  # the number of the oldest decision kept
+        return kept[max(0, count - first):]
+
     def decide(self) -> Plan | None:
         """Decide now (also done every ``every`` answers); the new plan, or None if unchanged."""
         with self._lock:
@@ -298,6 +313,7 @@ class EmbeddedController:
                             state.battery_level, state.on_battery, state.device_scale_at(new.cut), explore,
                             ends_trial and not explore, new.offload_deadline_s)
         self.decisions.append(decision)
+        self.decision_count += 1
         metrics = self.runner.metrics
         if metrics:
             metrics.decisions.inc()

@@ -82,6 +82,31 @@ def test_plans_change_under_load_and_every_answer_carries_its_plans_epoch(node, 
         client.close()
 
 
+def test_the_decision_log_keeps_only_the_latest_history_and_counts_them_all(node, space):
+    model, running = node
+    runner, client = runner_for(model, running)
+    controller = EmbeddedController(runner, space, LeastLatency(), every=1000, history=3)
+    try:
+        epochs = []
+        for flip in range(8):  # a hopeless link, then a perfect one: every decide() changes the plan
+            est = controller.estimator
+            est.bandwidth_mbit, est.rtt_s = (0.001, 5.0) if flip % 2 == 0 else (1000.0, 0.0001)
+            plan = controller.decide()
+            if plan is not None:
+                epochs.append(plan.epoch)
+        assert len(epochs) >= 6, "the plan must have changed on most flips"
+        assert controller.decision_count == len(epochs)
+        assert [d.epoch for d in controller.decisions] == epochs[-3:]
+        assert [d.epoch for d in controller.decisions_since(len(epochs) - 1)] == epochs[-1:]
+        assert [d.epoch for d in controller.decisions_since(0)] == epochs[-3:]  # older ones are gone
+        assert controller.decisions_since(len(epochs)) == []
+        with pytest.raises(ValueError, match="history"):
+            EmbeddedController(runner, space, LeastLatency(), history=0)
+    finally:
+        controller.close()
+        client.close()
+
+
 def test_a_low_battery_moves_the_plan_to_less_device_energy(node, space):
     model, running = node
     runner, client = runner_for(model, running, Plan(cut=model.num_blocks, codec="fp32"))
