@@ -11,6 +11,7 @@ test set after the step's choices were made on the validation split.
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
 import sys
@@ -187,6 +188,40 @@ def run(cfg: CompressConfig, steps: list[str] | None = None, progress: bool = Tr
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:  # a file where the folder should be, or no permission
         raise ValueError(f"compress.out: cannot use {out} as the output folder: {exc.strerror or exc}") from None
+    lock = _lock_out(out)
+    try:
+        return _run_steps(cfg, out, steps, progress, runners)
+    finally:
+        lock.close()  # releases the lock (the kernel releases it too if the process is killed)
+
+
+LOCK_FILE = ".compress.lock"
+
+
+def _lock_out(out: Path):
+    """An exclusive lock on the output folder: two runs writing the same checkpoints and
+    bundles would corrupt each other's work. Held until the returned file is closed."""
+    path = out / LOCK_FILE
+    try:
+        handle = open(path, "a+")
+    except OSError as exc:
+        raise ValueError(f"compress.out: cannot lock {out} ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise ValueError(f"another 'edgesplit compress' run (pid {holder}) is writing to {out}; "
+                         "wait for it to finish or set another compress.out") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
+def _run_steps(cfg: CompressConfig, out: Path, steps: list[str] | None, progress: bool, runners: dict | None) -> dict:
     general = cfg.compress
     data = load_splits(general.validation, general.train_limit, general.test_limit)
     wanted = steps or [s for s in STEPS if getattr(cfg, s).enabled]

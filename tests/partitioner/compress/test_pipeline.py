@@ -4,6 +4,8 @@ plots, resumption, and clear errors for bad configurations."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -183,6 +185,29 @@ def test_an_unusable_output_folder_or_a_truncated_result_is_reported_not_a_trace
     assert "prune.json is not valid JSON" in err and "Delete it" in err
     assert main(["compress", str(config), "--threads", "-1"]) == 2
     assert "--threads must be >= 0" in capsys.readouterr().err
+
+
+def test_a_second_run_on_the_same_output_folder_is_refused_until_the_first_is_gone(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "prune.json").write_text('{"params_before": 1')  # reached only past the lock
+    config = tmp_path / "c.toml"
+    config.write_text("[compress]\nout = \"out\"\ntrain_limit = 200\ntest_limit = 100\nvalidation = 50\n")
+    holder = subprocess.Popen(  # a run in another process, holding the folder's lock like a real one
+        [sys.executable, "-c", "import sys\nfrom pathlib import Path\n"
+         "from edgesplit.partitioner.compress.pipeline import _lock_out\n"
+         "lock = _lock_out(Path(sys.argv[1]))\nprint('locked', flush=True)\nsys.stdin.read()", str(out)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        assert main(["compress", str(config), "--quiet", "--steps", "prune"]) == 2
+        err = capsys.readouterr().err
+        assert f"another 'edgesplit compress' run (pid {holder.pid}) is writing to" in err
+    finally:
+        holder.kill()  # killed, not closed: the kernel must release its lock
+        holder.wait(timeout=30)
+    assert main(["compress", str(config), "--quiet", "--steps", "prune"]) == 2
+    assert "prune.json is not valid JSON" in capsys.readouterr().err
 
 
 def test_a_missing_configuration_is_reported(tmp_path, capsys):
