@@ -39,6 +39,12 @@ def _host_port(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0..65535, got {text!r}")
+    return int(text)
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``edgesplit linksim`` to ``parser`` (a subcommand's, say)."""
     p = parser
@@ -107,7 +113,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--control-port",
-        type=int,
+        type=_port,
         default=0,
         metavar="PORT",
         help="port of the control endpoint on 127.0.0.1 (default 0: ephemeral)",

@@ -74,6 +74,8 @@ async def _request(emu: LinkEmulator, reader: asyncio.StreamReader) -> tuple[int
                 fields = json.loads(body or b"{}")
             except json.JSONDecodeError as e:
                 return 400, {"error": f"body is not JSON: {e}"}
+            except RecursionError:
+                return 400, {"error": "body is JSON nested too deeply"}
             if not isinstance(fields, dict):
                 return 400, {"error": "body must be a JSON object of settings"}
             try:

@@ -47,6 +47,7 @@ one-way delay, then cut and restored)::
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import sys
 from collections.abc import Sequence
@@ -57,6 +58,8 @@ from .link import Link
 from .pipes import Connection, rst_close
 from .settings import LinkSettings, number
 from .traces import validate_schedule, validate_trace
+
+MIN_PERIOD_S = 0.01  # shortest schedule period or trace length (each repeats)
 
 __all__ = ["LinkEmulator"]
 
@@ -258,6 +261,8 @@ class LinkEmulator:
         plan = validate_schedule(steps)
         if period is not None:
             period = number("schedule period", period)
+            if period < MIN_PERIOD_S:
+                raise ValueError(f"the schedule period must be at least {MIN_PERIOD_S} s, not {period}")
             if period <= plan[-1][0]:
                 raise ValueError(
                     f"the schedule period ({period} s) must be longer than the time of "
@@ -270,6 +275,8 @@ class LinkEmulator:
         samples: Sequence[tuple[float, float]],
     ) -> tuple[str, list[tuple[float, dict]], float | None]:
         plan, period = validate_trace(samples)
+        if len(plan) > 1 and period < MIN_PERIOD_S:
+            raise ValueError(f"a trace must last at least {MIN_PERIOD_S} s (it repeats), not {period} s")
         return ("trace", plan, period if len(plan) > 1 else None)
 
     def _start_plan(self, plan: tuple[str, list[tuple[float, dict]], float | None]) -> None:
@@ -283,9 +290,9 @@ class LinkEmulator:
         origin = self._loop.time()
         while True:
             for t, fields in steps:
-                wait = origin + t - self._loop.time()
-                if wait > 0:
-                    await asyncio.sleep(wait)
+                # Always yield, even when behind: steps closer together than the loop can
+                # keep up with must not starve the connections, the control port or signals.
+                await asyncio.sleep(max(0.0, origin + t - self._loop.time()))
                 if "_trace_rate" in fields:
                     self._apply_trace_rate(fields["_trace_rate"])
                 else:
@@ -293,6 +300,9 @@ class LinkEmulator:
             if period is None:
                 return
             origin += period
+            behind = self._loop.time() - origin
+            if behind > period:  # fell more than a period behind: skip the periods missed
+                origin += period * math.floor(behind / period)
 
     def _apply_trace_rate(self, rate: float) -> None:
         if rate == 0:

@@ -15,8 +15,8 @@ requests were too fast (3,136 bytes at 2 Mbit/s: 22.1 ms measured against 32.7 m
 Times are the event loop's (``loop.time()``) and computed, not measured: a piece's
 departure is the previous departure plus its own transmission time, so a timer that wakes
 late makes no gap and loses no rate. Pumps stamp pieces up to ``BACKLOG_SECONDS`` ahead of
-the wire (which is what lets them wake late); a change of rate therefore applies to the
-pieces that arrive after it, within about ``BACKLOG_SECONDS`` plus one piece.
+the wire (which is what lets them wake late); a change of rate applies to the rest of the
+piece on the wire at once and to the pieces stamped after it, so within ``BACKLOG_SECONDS``.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class Link:
         self._lock = asyncio.Lock()  # pieces from all connections, first come first served
         self.busy_until: float | None = None  # when the last piece put on the wire has left
 
-    def transmit(self, now: float, n: int, rate: float) -> float:
+    def transmit(self, now: float, n: float, rate: float) -> float:
         """Put ``n`` bytes on the wire at ``rate`` bytes per second behind what is on it
         already (or at ``now`` if it is idle); return when their last byte has left.
 
@@ -75,12 +75,21 @@ class Link:
         self.busy_until = start + n / rate
         return self.busy_until
 
-    async def send(self, n: int) -> float:
-        """Wait until the link takes ``n`` more bytes; return the loop time at which their
-        last byte has been sent (now when the rate is unlimited): the earliest they may be
-        delivered, before the delay. While the link is blocked (an outage or a rate of 0)
-        this waits for the settings to change."""
+    async def send(self, n: int) -> tuple[int, float]:
+        """Put the next piece of at most ``n`` bytes on the wire, sized for the rate in force
+        when it starts (:func:`piece_bytes`); return how many bytes it took and the loop time
+        at which their last byte has been sent (now when the rate is unlimited): the earliest
+        they may be delivered, before the delay. While the link is blocked (an outage or a
+        rate of 0) this waits for the settings to change.
+
+        A piece is stamped only once its end is within ``BACKLOG_SECONDS``; until then a
+        change of rate re-times what is left of it: the bytes sent at the old rate count,
+        the rest goes at the new one. So a piece that started on a fast link and meets a
+        deep dip (a trace sample of 0.0006 Mbit/s) leaves when the link recovers, not when
+        the dip's rate would have let it out many seconds later."""
         async with self._lock:
+            taken = None  # the piece's size, fixed when it starts
+            left = 0.0  # bytes of the piece not yet sent
             while True:
                 s = self._settings()
                 if s.blocked:
@@ -89,8 +98,17 @@ class Link:
                 now = self._clock()
                 if s.rate_mbps is None:
                     self.busy_until = None
-                    return now
-                ahead = (self.busy_until or now) - now - BACKLOG_SECONDS
-                if ahead < TIMER_RESOLUTION:
-                    return self.transmit(now, n, s.rate_mbps * MBPS)
-                await self._wait_changed(ahead)
+                    return (n if taken is None else taken), now
+                rate = s.rate_mbps * MBPS
+                if taken is None:
+                    taken = min(n, piece_bytes(rate))
+                    left = float(taken)
+                begin = now if self.busy_until is None else max(now, self.busy_until)
+                finish = begin + left / rate
+                if finish - now - BACKLOG_SECONDS < TIMER_RESOLUTION:
+                    return taken, self.transmit(now, left, rate)
+                await self._wait_changed(finish - now - BACKLOG_SECONDS)
+                now = self._clock()
+                if now > begin:  # this much of the piece went out at ``rate`` meanwhile
+                    left -= (now - begin) * rate  # below 0 if the wait overslept: the end is past
+                    self.busy_until = now

@@ -24,7 +24,7 @@ def load_trace(path: str | Path) -> list[tuple[float, float]]:
     """
     path = Path(path)
     samples: list[tuple[float, float]] = []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:  # a byte-order mark (common from editors) is skipped
         for lineno, line in enumerate(f, 1):
             text = line.strip()
             if not text or text.startswith("#"):
@@ -65,9 +65,11 @@ def load_schedule(
     """
     path = Path(path)
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a schedule: JSON nested too deeply") from None
     if not isinstance(data, list) or not data:
         raise ValueError(f"{path}: a schedule is a non-empty JSON list of steps")
     steps: list[tuple[float, LinkSettings]] = []

@@ -295,6 +295,13 @@ def test_control_endpoint_reads_and_updates(echo_port, link_factory) -> None:
     assert link.settings.loss == 0
     assert _http(link.control_port, "GET", "/nothing")[0] == 404
     assert _http(link.control_port, "DELETE", "/settings")[0] == 405
+    conn = http.client.HTTPConnection("127.0.0.1", link.control_port, timeout=5)
+    try:
+        conn.request("PUT", "/settings", body=b"[" * 50_000)  # deeper than the JSON parser recurses
+        resp = conn.getresponse()
+        assert resp.status == 400 and "nested too deeply" in json.loads(resp.read())["error"]
+    finally:
+        conn.close()
 
 
 def test_async_api() -> None:
@@ -350,6 +357,24 @@ def test_load_trace_rejects_malformed_lines(tmp_path, text, message) -> None:
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_trace(path)
+
+
+def test_load_trace_skips_a_byte_order_mark(tmp_path) -> None:
+    path = tmp_path / "bom.txt"
+    path.write_text("\ufeff0 1.5\n1 2\n", encoding="utf-8")
+    assert load_trace(path) == [(0.0, 1.5), (1.0, 2.0)]
+
+
+def test_a_trace_denser_than_the_loop_can_follow_does_not_freeze_the_emulator(echo_port, link_factory) -> None:
+    # 5,000 samples 5 us apart, repeating: the replay is always behind. It must still yield,
+    # so connections and the control endpoint are served (it used to spin without yielding).
+    samples = [(i * 5e-6, 1.0 + i % 7) for i in range(5000)]
+    link = link_factory(echo_port, LinkSettings(delay_ms=1), trace=samples)
+    _wait_for(lambda: link.settings.rate_mbps is not None and link.settings.rate_mbps > 1.0)
+    with _connect(link.port) as s:
+        assert _rtt(s, b"x" * 100) < 5.0
+    status, state = _http(link.control_port, "GET", "/settings")
+    assert status == 200 and state["schedule"] == "trace"
 
 
 def test_schedule_applies_settings_at_their_times(echo_port, link_factory) -> None:
@@ -462,6 +487,23 @@ def test_cli_rejects_bad_arguments(tmp_path, capsys) -> None:
     assert "bad.txt:1" in capsys.readouterr().err
     assert main(["--target", "127.0.0.1:1", "--period", "5"]) == 2
     assert "--period applies to --schedule" in capsys.readouterr().err
+    for port in ("70000", "-1"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--target", "127.0.0.1:1", "--control-port", port])
+        assert exc.value.code == 2
+        assert "expected a port number 0..65535" in capsys.readouterr().err
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000)
+    assert main(["--target", "127.0.0.1:1", "--schedule", str(deep)]) == 2
+    assert "nested too deeply" in capsys.readouterr().err
+    one = tmp_path / "one.json"
+    one.write_text('[{"t": 0, "rate_mbps": 1}]')
+    assert main(["--target", "127.0.0.1:1", "--schedule", str(one), "--period", "1e-9"]) == 2
+    assert "period must be at least 0.01 s" in capsys.readouterr().err
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("0 1\n0.000001 2\n")
+    assert main(["--target", "127.0.0.1:1", "--trace", str(tiny)]) == 2
+    assert "must last at least 0.01 s" in capsys.readouterr().err
 
 
 def test_cli_mounts_as_a_subcommand(tmp_path, capsys) -> None:

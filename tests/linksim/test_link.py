@@ -36,11 +36,26 @@ class _Clock:
         self.settings = settings
         self.waits: list[float | None] = []
 
+        self.changes: list[tuple[float, LinkSettings]] = []  # (when, settings): applied as time passes
+
     async def wait_changed(self, timeout: float | None) -> None:
         self.waits.append(timeout)
+        if self.changes and (timeout is None or self.changes[0][0] <= self.now + timeout):
+            self.now, self.settings = self.changes.pop(0)
+            return
         if timeout is None or timeout < 0.0005:
             raise AssertionError(f"pointless wait: {timeout!r}")
         self.now += timeout
+
+
+async def _sent(link: Link, n: int) -> float:
+    """When the last byte of ``n`` bytes has left, sent piece by piece as a pump does."""
+    left, sent = n, 0.0
+    while left:
+        taken, sent = await link.send(left)
+        assert 0 < taken <= left
+        left -= taken
+    return sent
 
 
 def _link(settings: LinkSettings) -> tuple[Link, _Clock]:
@@ -55,7 +70,11 @@ def test_a_message_on_an_idle_link_takes_bytes_over_rate() -> None:
         step = piece_bytes(rate)
         n = 3136
         start = clock.now
-        sent = [await link.send(min(step, n - off)) for off in range(0, n, step)]
+        sent = []
+        for off in range(0, n, step):
+            taken, at = await link.send(n - off)
+            assert taken == min(step, n - off)  # pieces sized for the rate
+            sent.append(at)
         # the last byte leaves B / rate after the first was sent: no free burst
         assert sent[-1] - start == pytest.approx(n / rate)
         # and each piece no earlier than its own last byte
@@ -63,7 +82,37 @@ def test_a_message_on_an_idle_link_takes_bytes_over_rate() -> None:
         # a long idle time earns no credit: the next message takes as long again
         clock.now += 10.0
         start = clock.now
-        assert await link.send(1000) - start == pytest.approx(1000 / rate)
+        assert await _sent(link, 1000) - start == pytest.approx(1000 / rate)
+
+    asyncio.run(scenario())
+
+
+def test_a_rate_change_re_times_the_piece_on_the_wire() -> None:
+    async def scenario() -> None:
+        slow = LinkSettings(rate_mbps=0.1)  # 12.5 kB/s: 512-byte pieces of 41 ms
+        rate = 0.1 * MBPS
+        link, clock = _link(slow)
+        start = clock.now
+        # A deep dip (a trace's 0.000624 Mbit/s) 1 ms into the piece, for half a second: the
+        # piece leaves when the link recovers, not 6.4 s later at the dip's rate.
+        dip = LinkSettings(rate_mbps=0.000624)
+        clock.changes = [(start + 0.001, dip), (start + 0.501, slow)]
+        taken, sent = await link.send(100_000)
+        assert taken == 512
+        left = 512 - 0.001 * rate - 0.5 * 0.000624 * MBPS  # what the first 1 ms and the dip sent
+        assert sent == pytest.approx(start + 0.501 + left / rate)
+        # an outage (rate 0) in the middle of the next piece: the bytes sent before it count,
+        # the rest goes when it ends
+        begun = link.busy_until  # the next piece starts when this one has left
+        clock.changes = [(begun + 0.02, LinkSettings(rate_mbps=0)), (begun + 1.02, slow)]
+        taken, sent = await link.send(100_000)
+        assert sent == pytest.approx(begun + 1.02 + (512 - 0.02 * rate) / rate)
+        # a rise mid-piece speeds up its rest
+        begun = link.busy_until
+        clock.changes = [(begun + 0.01, LinkSettings(rate_mbps=1.0))]
+        taken, sent = await link.send(100_000)
+        assert taken == 512
+        assert sent == pytest.approx(begun + 0.01 + (512 - 0.01 * rate) / (1.0 * MBPS))
 
     asyncio.run(scenario())
 
@@ -76,8 +125,8 @@ def test_bulk_transfer_keeps_the_rate_and_stamps_ahead_a_bounded_time() -> None:
         start = clock.now
         last = start
         for _ in range(200):  # 250 KB, 1 s at 2 Mbit/s
-            sent = await link.send(step)
-            assert sent > last
+            taken, sent = await link.send(step)
+            assert taken == step and sent > last
             assert sent - clock.now <= BACKLOG_SECONDS + TIMER_RESOLUTION + step / rate
             last = sent
             clock.now += 0.0013  # the pump wakes late: no gap, no rate lost
@@ -91,10 +140,10 @@ def test_unlimited_rate_sends_at_once_and_forgets_the_backlog() -> None:
         link, clock = _link(LinkSettings(rate_mbps=1))
         await link.send(100_000)
         clock.settings = LinkSettings()
-        assert await link.send(1_000_000) == clock.now
+        assert await link.send(1_000_000) == (1_000_000, clock.now)  # all of it, at once
         clock.settings = LinkSettings(rate_mbps=1)
         start = clock.now
-        assert await link.send(1250) - start == pytest.approx(0.01)
+        assert await _sent(link, 1250) - start == pytest.approx(0.01)
 
     asyncio.run(scenario())
 
@@ -209,3 +258,13 @@ def test_connections_share_the_link(stamp_port) -> None:
     got = statistics.median(times)
     expected = 2 * size / rate
     assert _within(got, expected), f"{got * 1e3:.2f} ms, expected {expected * 1e3:.2f} ms"
+
+
+def test_a_connection_may_keep_twice_the_rate_delay_product_in_flight() -> None:
+    from edgesplit.linksim.pipes import MAX_QUEUE_LIMIT, QUEUE_LIMIT, queue_limit
+
+    # 100 Mbit/s over a 1 s delay: 12.5 MB in flight at the rate, so 8 MB would cap it at 64 Mbit/s
+    assert queue_limit(LinkSettings(rate_mbps=100, delay_ms=1000)) == 25_000_000
+    assert queue_limit(LinkSettings(rate_mbps=2, delay_ms=25)) == QUEUE_LIMIT
+    assert queue_limit(LinkSettings()) == QUEUE_LIMIT  # unlimited rate: bytes wait out the delay only
+    assert queue_limit(LinkSettings(rate_mbps=10_000, delay_ms=10_000)) == MAX_QUEUE_LIMIT
