@@ -1,17 +1,20 @@
 """Save and load model weights as safetensors with a sha256 side file; never pickle.
 
 The card (``<name>.json`` beside the weights) records the file's sha256; loading checks it
-and refuses weights that differ.
+and refuses weights that differ, and weights without a card or a card without a hash.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import stat
 from pathlib import Path
 
+import safetensors
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 
 from .split_model import SplitModel
 
@@ -35,16 +38,65 @@ def card_path(weights: str | Path) -> Path:
     return Path(weights).with_suffix(".json")
 
 
+MAX_JSON_BYTES = 16 * 1024 * 1024  # a card or manifest larger than this is refused unread
+
+
+def read_json_file(path: str | Path, what: str = "file", max_bytes: int = MAX_JSON_BYTES):
+    """The JSON value in ``path``, a regular file of at most ``max_bytes``; ValueError
+    (naming ``what``) for anything else: a FIFO that would block, ``/dev/zero`` that would
+    fill memory, a directory, text that is not JSON or nests deeper than the parser goes."""
+    path = Path(path)
+    try:
+        info = path.stat()
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{what} {path} is not a regular file")
+    if info.st_size > max_bytes:
+        raise ValueError(f"{what} {path}: {info.st_size:,} bytes, over the {max_bytes:,} allowed")
+    try:
+        with open(path, "rb") as f:
+            data = f.read(max_bytes + 1)
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(data) > max_bytes:  # grew since the stat
+        raise ValueError(f"{what} {path}: over the {max_bytes:,} bytes allowed")
+    try:
+        return json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{what} {path} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"{what} {path} is not valid JSON (nested too deeply)") from None
+
+
 def load_weights(model: SplitModel, path: str | Path, verify: bool = True) -> None:
-    """Load safetensors weights into ``model``, checking the sha256 recorded in the card."""
+    """Load safetensors weights into ``model``, checking the sha256 recorded in the card.
+
+    With ``verify`` (the default) the card (``<name>.json`` beside the weights) must exist
+    and record the sha256 of the bytes loaded: the file is read once, hashed, and loaded from
+    those bytes, so what is checked is what is loaded. Weights without a card, or a card
+    without a hash, are refused (ValueError)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no weights at {path}; train them with 'edgesplit train {model.name}'")
-    card = card_path(path)
-    if verify and card.exists():
-        expected = json.loads(card.read_text()).get("sha256")
-        actual = sha256_file(path)
-        if expected and expected != actual:
+    if not path.is_file():
+        raise ValueError(f"weights {path} are not a regular file")
+    data = path.read_bytes()
+    if verify:
+        card = card_path(path)
+        if not card.exists():
+            raise ValueError(f"{path}: no card {card.name} beside it recording its sha256; refusing unverified "
+                             "weights ('edgesplit train' writes one)")
+        record = read_json_file(card, "weights card")
+        expected = record.get("sha256") if isinstance(record, dict) else None
+        if not isinstance(expected, str) or len(expected) != 64:
+            raise ValueError(f"{card} records no sha256 of {path.name}; refusing to load unverified weights")
+        actual = hashlib.sha256(data).hexdigest()
+        if expected.lower() != actual:
             raise ValueError(f"{path}: sha256 {actual} differs from {expected} recorded in {card}; refusing to load")
-    state = load_file(str(path))
-    model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()})
+    try:
+        state = safetensors_load(data)
+        model.load_state_dict({k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()})
+    except (RuntimeError, safetensors.SafetensorError) as exc:  # another model's weights, or not safetensors
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{path}: not weights of {model.name} ({first})") from None

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from edgesplit.models import build_model
 from edgesplit.models.split_model import SplitModel
-from edgesplit.models.weights_io import sha256_file
+from edgesplit.models.weights_io import read_json_file, sha256_file
 
 from .cuts import GraphCut, enumerate_cuts
 from .graph import ModelGraph, trace
@@ -130,12 +130,12 @@ def load_bundle(path: str | Path) -> Bundle:
     if not manifest_path.exists():
         raise BundleError(f"{root} is not a bundle: no {MANIFEST}; make one with 'edgesplit plan MODEL --out DIR'")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{manifest_path} is not valid JSON ({exc}); refusing to load") from None
+        manifest = read_json_file(manifest_path, "manifest")  # a regular file of bounded size only
+    except ValueError as exc:
+        raise BundleError(f"{exc}; refusing to load") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{manifest_path} holds a {type(manifest).__name__}, not a manifest object")
-    if manifest.get("schema") != SCHEMA:
+    if type(manifest.get("schema")) is not int or manifest["schema"] != SCHEMA:  # true == 1 in Python
         raise BundleError(f"{manifest_path}: schema {manifest.get('schema')!r:.40}, this edgesplit reads {SCHEMA}")
     files = manifest.get("files") or {}
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
@@ -167,17 +167,24 @@ def load_bundle(path: str | Path) -> Bundle:
         from .compress.exits import with_exits
 
         try:
-            cuts = [int(c) for c in manifest.get("exit_cuts", model.exit_cuts)]
+            cuts = manifest.get("exit_cuts", model.exit_cuts)
+            if not isinstance(cuts, list) or not all(type(c) is int for c in cuts):
+                raise ValueError(f"exit_cuts must be a list of cut indices, not {cuts!r:.60}")
+            if not isinstance(manifest["architecture"], dict):
+                raise ValueError("the architecture record must be an object of layer shapes")
             head = manifest.get("exit_head")
             if head is not None and not isinstance(head, str):
                 raise ValueError(f"exit_head must be a name, not {head!r:.60}")
             if cuts != model.exit_cuts or head is not None:
                 model = with_exits(model, cuts, head)
             rebuild(model, manifest["architecture"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise BundleError(f"{manifest_path}: its architecture record does not rebuild {manifest['model']}: "
                               f"{exc}") from None
-    model.name = str(manifest.get("name", model.name))
+    name = manifest.get("name", model.name)
+    if not isinstance(name, str) or not 0 < len(name) <= 200:
+        raise BundleError(f"{manifest_path}: 'name' must be a model name of 1 to 200 characters, not {name!r:.60}")
+    model.name = name
     try:
         state = load_safetensors_bytes(weights)
     except Exception as exc:  # safetensors raises its own error types on a malformed file

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load, save_file
 
-from edgesplit.models.weights_io import sha256_file
+from edgesplit.models.weights_io import read_json_file, sha256_file
 from edgesplit.partitioner.flops import macs_of
 
 from . import stats
@@ -144,9 +144,9 @@ def load_ensemble(name_or_path: str | Path, members: list[int] | None = None) ->
     """
     path = _manifest_path(name_or_path)
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise NonnBundleError(f"{path}: unreadable manifest: {exc}") from None
+        manifest = read_json_file(path, "NoNN manifest")  # a regular file of bounded size only
+    except ValueError as exc:
+        raise NonnBundleError(str(exc)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise NonnBundleError(f"{path}: not a NoNN manifest (format {FORMAT!r} expected)")
     name = str(manifest.get("weights", ""))

@@ -328,7 +328,10 @@ def serve(model_name: str, device_quota: float, telemetry: str, decisions: str, 
     from edgesplit.models import load_trained
 
     from .bus import CurveKeys
+    from .endpoint import check_endpoint
 
+    check_endpoint(telemetry, "--telemetry", bind=True)  # before the model loads: a typo fails at once
+    check_endpoint(decisions, "--decisions", bind=True)
     keys = CurveKeys.load(curve_dir, "controller") if curve_dir else None
     model = load_trained(model_name)
     space = PlanSpace.for_model(model, device_quota=device_quota)

@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import re
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+from edgesplit.runtime.control.endpoint import check_endpoint
 
 if TYPE_CHECKING:  # the registry imports torch; the command line should not have to
     from .registry import BatchingConfig
@@ -82,8 +83,17 @@ class NodeSettings:
             raise ValueError(f"--grace must be >= 0, not {self.grace}")
         if not self.telemetry_interval > 0:
             raise ValueError(f"--telemetry-interval must be > 0 seconds, not {self.telemetry_interval}")
-        if self.telemetry is not None and not re.fullmatch(r"(tcp|ipc)://\S+", self.telemetry):
-            raise ValueError(f"--telemetry must be a ZeroMQ endpoint like tcp://10.0.0.1:5555, not {self.telemetry!r}")
+        if self.telemetry is not None:
+            check_endpoint(self.telemetry, "--telemetry")
+        for flag, port, lowest in (("--port", self.port, 0), ("--metrics-port", self.metrics_port, -1),
+                                   ("--health-port", self.health_port, -1)):
+            if not lowest <= port <= 65535:  # the OS takes a port modulo 65536: 70000 would serve on 4464
+                off = ", -1 disables it" if lowest < 0 else ""
+                raise ValueError(f"{flag} must be 0..65535 (0 picks a free one{off}), not {port}")
+        if self.port_file:  # found unwritable only once serving, the node would stop at once
+            folder = os.path.dirname(os.path.abspath(self.port_file))
+            if os.path.isdir(self.port_file) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+                raise ValueError(f"--port-file {self.port_file}: cannot write a file there")
         if self.curve_dir and not self.telemetry:
             raise ValueError("--curve-dir secures the telemetry bus: give --telemetry too")
         self.batching_config()  # validates preferred/max batch and delay

@@ -68,9 +68,16 @@ def read_token(path: str | os.PathLike | None = None, env: dict | None = None) -
     env = os.environ if env is None else env
     if path is not None:
         try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise FileNotFoundError(f"token file {path} not found") from None
+            if not Path(path).is_file():  # a directory, a FIFO that would block, /dev/zero
+                if not Path(path).exists():
+                    raise FileNotFoundError(f"token file {path} not found")
+                raise ValueError(f"token file {path} is not a regular file")
+            with open(path, encoding="utf-8") as f:
+                text = f.read(64 * 1024)  # a token is one short line
+        except UnicodeDecodeError:
+            raise ValueError(f"token file {path} is not text") from None
+        except PermissionError:
+            raise ValueError(f"token file {path} cannot be read (permission denied)") from None
         token = text.strip().splitlines()[0].strip() if text.strip() else ""
         if not token:
             raise ValueError(f"token file {path} is empty; put the token on its first line")

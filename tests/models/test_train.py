@@ -43,6 +43,31 @@ def test_trained_weights_load_and_tampering_is_refused(tiny_run):
         load_trained("resnet_fm", out / "resnet_fm.safetensors")
 
 
+def test_weights_without_a_card_or_a_hash_are_refused_and_another_models_are_an_error(tiny_run, tmp_path):
+    import os
+    import shutil
+
+    out, _ = tiny_run
+    weights = tmp_path / "resnet_fm.safetensors"
+    shutil.copy(out / "resnet_fm.safetensors", weights)
+    with pytest.raises(ValueError, match="no card resnet_fm.json"):
+        load_trained("resnet_fm", weights)
+    card = tmp_path / "resnet_fm.json"
+    for text in ('{"exits": []}', "[]", '{"sha256": 7}', "not json"):
+        card.write_text(text)
+        with pytest.raises(ValueError, match="sha256|not valid JSON"):
+            load_trained("resnet_fm", weights)
+    card.unlink()
+    os.symlink("/dev/zero", card)
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_trained("resnet_fm", weights)
+    card.unlink()
+    card.write_text(json.dumps({"sha256": sha256_file(weights)}))  # (another test flips a byte of the run's)
+    assert not load_trained("resnet_fm", weights).training  # with its card it loads
+    with pytest.raises(ValueError, match="not weights of mobilenet_v2"):
+        load_trained("mobilenet_v2", weights)
+
+
 def test_wrong_number_of_exit_weights_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="exit weights"):
         train("resnet_fm", Recipe(epochs=1, exit_weights=[1.0]), out_dir=tmp_path, progress=False)

@@ -55,6 +55,8 @@ def test_tampered_weights_or_manifest_are_refused(bundle_dir, tmp_path):
 @pytest.mark.parametrize("change", [
     lambda m: [m], lambda m: None, lambda m: {**m, "files": list(m["files"])},
     lambda m: {**m, "files": {k: 7 for k in m["files"]}}, lambda m: {**m, "model": ["resnet_fm"]},
+    lambda m: {**m, "schema": True}, lambda m: {**m, "name": ""}, lambda m: {**m, "name": {"a": 1}},
+    lambda m: {**m, "name": "x" * 5000},
 ])
 def test_a_manifest_of_the_wrong_shape_is_a_bundle_error_not_a_traceback(bundle_dir, tmp_path, change):
     import shutil
@@ -63,6 +65,30 @@ def test_a_manifest_of_the_wrong_shape_is_a_bundle_error_not_a_traceback(bundle_
     shutil.copytree(bundle_dir, bad)
     (bad / MANIFEST).write_text(json.dumps(change(json.loads((bad / MANIFEST).read_text()))))
     with pytest.raises(BundleError):
+        load_bundle(bad)
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory", "deep", "huge"])
+def test_a_manifest_that_is_not_a_small_regular_json_file_is_refused_unread(bundle_dir, tmp_path, kind):
+    import os
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    manifest = bad / MANIFEST
+    manifest.unlink()
+    if kind == "dev-zero":  # read whole, it filled memory until the node died
+        manifest.symlink_to("/dev/zero")
+    elif kind == "fifo":  # read, it blocked the node for good
+        os.mkfifo(manifest)
+    elif kind == "directory":
+        manifest.mkdir()
+    elif kind == "deep":
+        manifest.write_text("[" * 200_000)
+    else:
+        with open(manifest, "wb") as f:
+            f.truncate(64 * 1024 * 1024)  # sparse: 64 MiB of zeros, nothing written
+    with pytest.raises(BundleError, match="refusing to load"):
         load_bundle(bad)
 
 
@@ -110,7 +136,13 @@ def test_a_pruned_bundle_records_its_shapes_and_a_hostile_record_is_refused(trai
     with pytest.raises(BundleError, match="architecture record"):
         load_bundle(tmp_path / "p")
     hostile["architecture"] = manifest["architecture"]
-    hostile["exit_cuts"] = [99]
+    for cuts in ([99], [4.9], "4", [True]):  # 4.9 was taken as cut 4
+        hostile["exit_cuts"] = cuts
+        (tmp_path / "p" / MANIFEST).write_text(json.dumps(hostile))
+        with pytest.raises(BundleError, match="architecture record"):
+            load_bundle(tmp_path / "p")
+    hostile["exit_cuts"] = manifest["exit_cuts"]
+    hostile["architecture"] = [manifest["architecture"]]  # a list: it was an AttributeError traceback
     (tmp_path / "p" / MANIFEST).write_text(json.dumps(hostile))
     with pytest.raises(BundleError, match="architecture record"):
         load_bundle(tmp_path / "p")

@@ -108,7 +108,8 @@ def test_a_second_cycle_continues_from_a_pruned_bundle_with_an_ensemble_teacher(
     with torch.no_grad():
         other.blocks[-1][-1].bias.add_(0.5)
     (tmp_path / "nets").mkdir()
-    save_weights(other, tmp_path / "nets" / "other.safetensors")
+    sha = save_weights(other, tmp_path / "nets" / "other.safetensors")
+    (tmp_path / "nets" / "other.json").write_text(json.dumps({"sha256": sha}))  # its card
     second = tmp_path / "second.toml"
     second.write_text(head.replace('out = "out"', 'out = "second"').replace(
         "[prune.distill]", 'start_from = "first/resnet_fm_pruned"\nextra_teachers = ["nets/other.safetensors"]\n'

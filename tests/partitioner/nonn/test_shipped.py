@@ -43,3 +43,15 @@ def test_shipped_ensemble_is_trained(name):
     accuracy = float((logits.argmax(1) == torch.from_numpy(labels).long()).float().mean())
     assert accuracy > 0.88, f"{name}: {accuracy:.3f} on the shipped sample"
     assert ensemble.manifest["training_seconds"] > 0 and ensemble.manifest["test_accuracy"] > 0.88
+
+
+def test_a_manifest_that_is_not_a_small_regular_file_is_refused_unread(tmp_path):
+    import os
+
+    from edgesplit.partitioner.nonn.bundle import NonnBundleError
+
+    os.symlink("/dev/zero", tmp_path / "zero.json")  # read whole, it filled the node's memory
+    os.mkfifo(tmp_path / "fifo.json")  # read, it blocked the node for good
+    for name in ("zero.json", "fifo.json"):
+        with pytest.raises(NonnBundleError, match="not a regular file"):
+            load_ensemble(tmp_path / name)

@@ -87,22 +87,58 @@ def test_a_loaded_edge_moves_the_device_back_onto_itself_and_nonsense_load_is_dr
 
 
 def test_telemetry_flags_are_checked_before_anything_starts():
-    with pytest.raises(ValueError, match="ZeroMQ endpoint"):
-        NodeSettings(telemetry="controller:5555")
+    for endpoint in ("controller:5555", "tcp://no-port-given"):
+        with pytest.raises(ValueError, match="ZeroMQ endpoint"):
+            NodeSettings(telemetry=endpoint)
     with pytest.raises(ValueError, match="give --telemetry"):
         NodeSettings(curve_dir="/keys")
     with pytest.raises(ValueError, match="telemetry-interval"):
         NodeSettings(telemetry="tcp://127.0.0.1:5555", telemetry_interval=0)
     assert NodeSettings(telemetry="tcp://127.0.0.1:5555").telemetry_interval == 1.0
+    with pytest.raises(ValueError, match="port 99999 .* must be 1..65535"):  # ZeroMQ took it modulo 65536
+        NodeSettings(telemetry="tcp://127.0.0.1:99999")
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("port", 70000, "--port"), ("port", -5, "--port"), ("metrics_port", 70000, "--metrics-port"),
+    ("health_port", 99999, "--health-port"), ("health_port", -2, "--health-port"),
+])
+def test_ports_out_of_range_are_refused_not_wrapped(field, value, flag):
+    # the OS took 70000 modulo 65536: the node served on 4464 and wrote that to its port file
+    with pytest.raises(ValueError, match=f"{flag} must be 0..65535"):
+        NodeSettings(**{field: value})
+
+
+def test_an_unwritable_port_file_is_refused_before_serving(tmp_path):
+    with pytest.raises(ValueError, match="--port-file"):
+        NodeSettings(port_file=str(tmp_path / "no-such-folder" / "p.json"))
+    with pytest.raises(ValueError, match="--port-file"):
+        NodeSettings(port_file=str(tmp_path))
+    assert NodeSettings(port_file=str(tmp_path / "p.json")).port_file
+
+
+def test_controller_endpoints_are_checked_before_the_model_loads():
+    from edgesplit.runtime.control.endpoint import check_endpoint
+    from edgesplit.runtime.control.remote import serve
+
+    with pytest.raises(ValueError, match="--telemetry: port 99999"):
+        serve("resnet_fm", 0.05, "tcp://127.0.0.1:99999", "tcp://127.0.0.1:*")
+    with pytest.raises(ValueError, match="--decisions must be a ZeroMQ endpoint"):
+        serve("resnet_fm", 0.05, "tcp://127.0.0.1:*", "garbage")
+    assert check_endpoint("tcp://*:*", "--x", bind=True) == "tcp://*:*"
+    assert check_endpoint("ipc:///tmp/bus", "--x") == "ipc:///tmp/bus"
+    with pytest.raises(ValueError, match="port \\* .* must be 1..65535"):
+        check_endpoint("tcp://10.0.0.1:*", "--telemetry")  # a device connects: no wildcard
 
 
 def test_a_telemetry_endpoint_zeromq_cannot_use_leaves_the_node_serving(tmp_path):
     log = tmp_path / "node.log"
-    with NodeProcess(model="resnet_fm", extra_args=["--telemetry", "tcp://no-port-given"], log_path=log) as node:
+    # well formed (a missing port is refused at start), but ZeroMQ refuses the host
+    with NodeProcess(model="resnet_fm", extra_args=["--telemetry", "tcp://%:5555"], log_path=log) as node:
         client = EdgeClient(node.address)
         try:
             result = client.infer("resnet_fm", codec.encode(torch.zeros(1, 1, 28, 28), "fp32"), 5.0, "t2")
             assert result.logits.shape == (1, 10)
         finally:
             client.close()
-    assert "telemetry to tcp://no-port-given disabled" in log.read_text()
+    assert "telemetry to tcp://%:5555 disabled" in log.read_text()
