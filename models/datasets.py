@@ -1,7 +1,8 @@
 """Fashion-MNIST from gzip IDX files, with a small shipped sample so nothing is downloaded.
 
-Where the files come from, in order: the ``root`` argument, ``$EDGESPLIT_DATA``, then
-Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``).
+Where the files come from: the ``root`` argument alone when one is given (a wrong folder is
+an error, never a quiet fall-back); otherwise ``$EDGESPLIT_DATA``, then Debian's
+``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``), in that order.
 
 Example::
 
@@ -62,14 +63,32 @@ def read_idx(path: str | Path) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=header_end).reshape(dims).copy()
 
 
+def _holds_dataset(folder: Path) -> bool:
+    return (folder / "t10k-images-idx3-ubyte.gz").exists() or (folder / "t10k-images-idx3-ubyte").exists()
+
+
 def find_data_dir(root: str | Path | None = None) -> Path:
-    """Return the folder holding the Fashion-MNIST IDX files, or raise with how to get them."""
-    candidates = [Path(root)] if root else []
+    """Return the folder holding the Fashion-MNIST IDX files, or raise with how to get them.
+
+    An explicit ``root`` is the only folder tried: training on another dataset than the one
+    asked for would go unnoticed."""
+    if root:
+        folder = Path(root)
+        if _holds_dataset(folder):
+            return folder
+        why = "does not exist" if not folder.exists() else "is not a folder" if not folder.is_dir() else (
+            "does not hold t10k-images-idx3-ubyte[.gz]")
+        raise DatasetNotFoundError(
+            f"Fashion-MNIST data folder {folder} {why}; it needs train-images-idx3-ubyte.gz, "
+            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
+            "(leave the folder out to use $EDGESPLIT_DATA or the Debian package dataset-fashion-mnist)"
+        )
+    candidates = []
     if os.environ.get("EDGESPLIT_DATA"):
         candidates.append(Path(os.environ["EDGESPLIT_DATA"]))
     candidates.append(DEBIAN_DIR)
     for folder in candidates:
-        if (folder / "t10k-images-idx3-ubyte.gz").exists() or (folder / "t10k-images-idx3-ubyte").exists():
+        if _holds_dataset(folder):
             return folder
     looked = ", ".join(str(c) for c in candidates)
     raise DatasetNotFoundError(

@@ -12,6 +12,8 @@ Example (about half an hour on 2 CPU cores)::
 from __future__ import annotations
 
 import json
+import math
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -42,6 +44,32 @@ class Recipe:
     augment: bool = True
     seed: int = 0
     train_limit: int | None = None  # use only the first N training images (tests)
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """Raise ValueError for settings no training can run with (before any data is loaded)."""
+    if recipe.epochs < 1:
+        raise ValueError(f"epochs must be at least 1, not {recipe.epochs}")
+    if recipe.batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, not {recipe.batch_size}")
+    if recipe.train_limit is not None and recipe.train_limit < 1:
+        raise ValueError(f"train limit must be at least 1 image (or None for all), not {recipe.train_limit}")
+    if not math.isfinite(recipe.max_lr) or recipe.max_lr <= 0:
+        raise ValueError(f"learning rate must be a finite number above 0, not {recipe.max_lr}")
+
+
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` if needed and prove it writable, so a bad folder fails before training, not after."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except FileExistsError:
+        raise ValueError(f"cannot write weights to {out}: it exists and is not a folder") from None
+    except OSError as exc:
+        raise ValueError(f"cannot write weights to {out}: {exc.strerror or exc}") from None
+    return out
 
 
 def nesterov_sgd(parameters, lr: float, momentum: float, weight_decay: float) -> torch.optim.SGD:
@@ -80,6 +108,7 @@ def train(
     ``count_macs`` (for example :func:`edgesplit.partitioner.flops.mac_summary`) fills the
     card's MAC counts."""
     recipe = recipe or Recipe()
+    check_recipe(recipe)
     torch.manual_seed(recipe.seed)
     model = build_model(name)
     n_heads = len(model.exit_cuts) + 1
@@ -87,6 +116,7 @@ def train(
         raise ValueError(f"{name} has {n_heads} outputs; give that many exit weights, not {recipe.exit_weights}")
     train_x, train_y = load_fashion_mnist("train", data_root)
     test_x, test_y = load_fashion_mnist("test", data_root)
+    out_dir = prepare_out_dir(out_dir)  # after the data (no empty folder left by a wrong one), before training
     if recipe.train_limit:
         train_x, train_y = train_x[: recipe.train_limit], train_y[: recipe.train_limit]
     x, y = to_tensor(train_x), torch.from_numpy(train_y).long()
@@ -121,8 +151,7 @@ def train(
             tqdm.write(f"epoch {epoch + 1}: test accuracy per exit {[f'{a:.4f}' for a in accs]}")
 
     model = model.to(memory_format=torch.contiguous_format).eval()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)  # (again, should it have been removed while training)
     weights = out_dir / f"{name}.safetensors"
     sha = save_weights(model, weights)
     card = make_card(model, recipe, history, sha, time.time() - started, len(y),

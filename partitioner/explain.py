@@ -17,6 +17,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -53,11 +54,15 @@ def _exits(model, graph, rates: list[float], quota: float, repeats: int) -> list
     return exits
 
 
-def _load_matching(path: str, host: Profile) -> Profile:
-    profile = Profile.load(path)
-    if profile.node_names != host.node_names:
+def _load_matching(path: str, node_names: list[str]) -> Profile:
+    """The profile at ``path`` if it times every node of the graph (``node_names``) at batch 1; else ValueError."""
+    profile = Profile.load(path)  # checks one finite, non-negative time per node and batch
+    if profile.node_names != node_names:
         raise ValueError(f"{path} was taken on another graph ({len(profile.node_names)} nodes, "
-                         f"this one has {len(host.node_names)}); profile the same model")
+                         f"this one has {len(node_names)}); profile the same model")
+    if 1 not in profile.seconds:
+        raise ValueError(f"{path} has no batch-1 timings (batches {sorted(profile.seconds)}); "
+                         "profile with --batches 1")
     return profile
 
 
@@ -73,13 +78,21 @@ def plan_rows(model_name: str, bandwidth_mbit: float, device: str = "pi4", rtt_m
     """
     if device not in DEVICE_QUOTAS:
         raise ValueError(f"unknown device class {device!r}; choose one of {sorted(DEVICE_QUOTAS)}")
+    if not math.isfinite(bandwidth_mbit) or bandwidth_mbit <= 0:
+        raise ValueError(f"bandwidth must be a finite number of Mbit/s above 0, not {bandwidth_mbit}")
+    if not math.isfinite(rtt_ms) or rtt_ms < 0:
+        raise ValueError(f"round-trip time must be a finite number of ms >= 0, not {rtt_ms}")
     model, x = _example(model_name)
     graph = trace(model, (x,))
     cuts = enumerate_cuts(graph)
+    names = [n.name for n in graph.nodes]
+    # Profiles given are checked before this host's is measured: a wrong file fails at once.
+    measured = _load_matching(device_profile, names) if device_profile else None
+    edge = _load_matching(edge_profile, names) if edge_profile else None
     host = profile_graph(graph, (x,), repeats=repeats, warmup=2, model_name=model_name)
     quota = DEVICE_QUOTAS[device]
-    if device_profile:
-        mine = _load_matching(device_profile, host)
+    if measured is not None:
+        mine = measured
         quota = mine.cpu_quota or 1.0
         device_source = (f"{device_profile}: measured on {mine.host}"
                          + (f" under a {mine.cpu_quota:g}-core quota" if mine.cpu_quota else ""))
@@ -87,7 +100,7 @@ def plan_rows(model_name: str, bandwidth_mbit: float, device: str = "pi4", rtt_m
         mine = dataclasses.replace(host, seconds={b: [t / quota for t in v] for b, v in host.seconds.items()},
                                    cpu_quota=quota)
         device_source = f"this host ({host.host}) / {quota} (predicted, not measured on a {device})"
-    edge = _load_matching(edge_profile, host) if edge_profile else host
+    edge = edge if edge is not None else host
     link = Link(bandwidth_mbit, rtt_ms / 1000)
     exits = _exits(model, graph, exit_rates, quota, repeats) if exit_rates else []
     preds = predict(cuts, mine, edge, link, codec=codec, power=POWER[device], exits=exits)

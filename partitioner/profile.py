@@ -21,12 +21,13 @@ Example::
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -74,12 +75,55 @@ class Profile:
 
     @classmethod
     def from_json(cls, text: str, source: str = "profile") -> Profile:
-        """A profile from its JSON (a file's contents, or a node's GraphProfile answer)."""
-        data = json.loads(text)
+        """A profile from its JSON (a file's contents, or a node's GraphProfile answer).
+
+        Raises ValueError, naming ``source``, unless it is a profile of this schema with one
+        finite, non-negative time per node for every batch size."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source}: not valid JSON ({exc})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: a JSON {type(data).__name__}, not a profile object")
         if data.get("schema") != SCHEMA:
             raise ValueError(f"{source}: profile schema {data.get('schema')!r}, expected {SCHEMA}; profile again")
-        data["seconds"] = {int(k): [float(x) for x in v] for k, v in data["seconds"].items()}
+        known = {f.name for f in fields(cls)}
+        missing = sorted({"model", "host", "torch", "threads", "cpus", "node_names", "seconds"} - set(data))
+        unknown = sorted(set(data) - known)
+        if missing or unknown:
+            raise ValueError(f"{source}: not a profile ({'missing ' + ', '.join(missing) if missing else ''}"
+                             f"{'; ' if missing and unknown else ''}"
+                             f"{'unknown ' + ', '.join(unknown) if unknown else ''})")
+        names = data["node_names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{source}: node_names must be a list of node names")
+        quota = data.get("cpu_quota")
+        if quota is not None and not (isinstance(quota, (int, float)) and math.isfinite(quota) and quota > 0):
+            raise ValueError(f"{source}: cpu_quota must be null or a fraction of a core above 0, not {quota!r}")
+        data["seconds"] = _checked_seconds(data["seconds"], len(names), source)
         return cls(**data)
+
+
+def _checked_seconds(seconds: object, nodes: int, source: str) -> dict[int, list[float]]:
+    """``seconds`` as {batch: per-node times}, or ValueError unless every list has ``nodes`` finite times >= 0."""
+    if not isinstance(seconds, dict) or not seconds:
+        raise ValueError(f"{source}: seconds must map batch sizes to per-node times")
+    out: dict[int, list[float]] = {}
+    for key, times in seconds.items():
+        try:
+            batch = int(key)
+        except (TypeError, ValueError):
+            batch = 0
+        if batch < 1:
+            raise ValueError(f"{source}: batch size {key!r} in seconds is not an integer >= 1")
+        if not isinstance(times, list) or len(times) != nodes:
+            count = len(times) if isinstance(times, list) else "no list of"
+            raise ValueError(f"{source}: batch {batch} has {count} node times for {nodes} nodes; profile again")
+        if not all(isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t >= 0
+                   for t in times):
+            raise ValueError(f"{source}: batch {batch} holds node times that are not finite numbers >= 0")
+        out[batch] = [float(t) for t in times]
+    return out
 
 
 class _Timed(Interpreter):

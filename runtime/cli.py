@@ -19,6 +19,17 @@ import json
 import os
 import sys
 
+from .cli_args import (
+    batch_sizes,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    output_file,
+    positive_float,
+    positive_int,
+    zoo_model,
+)
+
 
 def _train(args: argparse.Namespace) -> int:
     import torch
@@ -32,7 +43,11 @@ def _train(args: argparse.Namespace) -> int:
                     train_limit=args.limit)
     from edgesplit.partitioner.flops import mac_summary
 
-    card = train(args.model, recipe, out_dir=args.out or WEIGHTS_DIR, data_root=args.data, count_macs=mac_summary)
+    try:
+        card = train(args.model, recipe, out_dir=args.out or WEIGHTS_DIR, data_root=args.data, count_macs=mac_summary)
+    except (ValueError, FileNotFoundError) as exc:  # a bad recipe, --out or --data: say what, not where
+        print(f"edgesplit train: {exc}", file=sys.stderr)
+        return 2
     for e in card["exits"]:
         print(f"{e['name']:>10} (cut {e['cut']}): {100 * e['test_accuracy']:.2f}% top-1")
     return 0
@@ -113,14 +128,10 @@ def _profile(args: argparse.Namespace) -> int:
 
     quota = args.cpu_quota or (DEVICE_QUOTAS[args.device] if args.device else None)
     torch.set_num_threads(args.threads)
-    try:
-        model = build_model(args.model).eval()
-    except KeyError as exc:
-        print(f"edgesplit profile: {exc.args[0]}", file=sys.stderr)
-        return 2
+    model = build_model(args.model).eval()
     x = torch.zeros(1, *model.input_shape)
     graph = trace(model, (x,))
-    batches = tuple(int(b) for b in args.batches.split(","))
+    batches = args.batches
     group, pause_s = None, 0.0
     if quota:
         from edgesplit.testbed.cgroups import CpuQuota, smooth_period_us
@@ -130,6 +141,9 @@ def _profile(args: argparse.Namespace) -> int:
             group = CpuQuota.create(f"edgesplit-profile-{os.getpid()}", quota, smooth_period_us(quota))
         except TestbedUnavailable as exc:
             print(f"edgesplit profile: {exc} (a CPU quota needs root)", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"edgesplit profile: {exc}", file=sys.stderr)
             return 2
         group.add(os.getpid())
         pause_s = 2 * smooth_period_us(quota) / 1e6  # a fresh budget per run, as between frames
@@ -142,7 +156,11 @@ def _profile(args: argparse.Namespace) -> int:
     finally:
         if group is not None:
             group.remove()  # this process goes back to its parent cgroup
-    profile.save(args.out)
+    try:
+        profile.save(args.out)
+    except OSError as exc:
+        print(f"edgesplit profile: cannot write {args.out}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     total = {b: 1000 * sum(v) for b, v in profile.seconds.items()}
     where = f" under a {quota:g}-core CPU quota" if quota else ""
     print(f"{args.model}: {len(profile.node_names)} nodes, "
@@ -151,12 +169,22 @@ def _profile(args: argparse.Namespace) -> int:
 
 
 def _controller(args: argparse.Namespace) -> int:
+    import zmq
+
     from edgesplit.partitioner.explain import DEVICE_QUOTAS
     from edgesplit.runtime.control.remote import serve
 
-    return serve(args.model, DEVICE_QUOTAS[args.device], args.telemetry, args.decisions, args.policy,
-                 args.slo_ms / 1000, args.accuracy_target, args.low_battery, args.heartbeat, args.curve_dir,
-                 args.port_file)
+    try:
+        return serve(args.model, DEVICE_QUOTAS[args.device], args.telemetry, args.decisions, args.policy,
+                     args.slo_ms / 1000, args.accuracy_target, args.low_battery, args.heartbeat, args.curve_dir,
+                     args.port_file)
+    except ValueError as exc:  # a malformed endpoint or key file
+        print(f"edgesplit controller: {exc}", file=sys.stderr)
+        return 2
+    except zmq.ZMQError as exc:  # ZeroMQ refused an endpoint: say which flags it came from
+        print(f"edgesplit controller: cannot bind --telemetry {args.telemetry!r} / --decisions "
+              f"{args.decisions!r}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -169,13 +197,20 @@ def _plan(args: argparse.Namespace) -> int:
     except (KeyError, ValueError) as exc:
         print(f"edgesplit plan: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a profile that cannot be read (a folder, no permission)
+        print(f"edgesplit plan: cannot read {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     print(render(plan, limit=0 if args.all else 24))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(plan, f, indent=1)
-    if args.plot:
-        plot(plan, args.plot)
-        print(f"plot written to {args.plot}")
+    try:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(plan, f, indent=1)
+        if args.plot:
+            plot(plan, args.plot)
+            print(f"plot written to {args.plot}")
+    except OSError as exc:
+        print(f"edgesplit plan: cannot write {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     if args.out:
         from edgesplit.models import load_trained
         from edgesplit.partitioner.bundle import write_bundle
@@ -186,7 +221,11 @@ def _plan(args: argparse.Namespace) -> int:
             from edgesplit.models import build_model
 
             model = build_model(args.model)  # no shipped weights: random ones (latency work)
-        write_bundle(model, args.out, extra={"plan": {k: v for k, v in plan.items() if k != "cuts"}})
+        try:
+            write_bundle(model, args.out, extra={"plan": {k: v for k, v in plan.items() if k != "cuts"}})
+        except OSError as exc:
+            print(f"edgesplit plan: cannot write the bundle to {args.out}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         print(f"bundle written to {args.out}")
     return 0
 
@@ -219,32 +258,34 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a zoo model jointly at all its exits")
-    t.add_argument("model", nargs="?", default="resnet_fm")
-    t.add_argument("--epochs", type=int, default=10)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the one-cycle schedule")
+    t.add_argument("model", nargs="?", default="resnet_fm", type=zoo_model)
+    t.add_argument("--epochs", type=positive_int, default=10)
+    t.add_argument("--batch-size", type=positive_int, default=128)
+    t.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate of the one-cycle schedule")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--limit", type=int, help="train on the first N images only")
-    t.add_argument("--threads", type=int, default=0)
-    t.add_argument("--data", help="folder with the Fashion-MNIST IDX files")
-    t.add_argument("--out", help="where to write weights and card (default: the shipped weights folder)")
+    t.add_argument("--limit", type=positive_int, help="train on the first N images only")
+    t.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default 0: torch's choice)")
+    t.add_argument("--data", help="folder with the Fashion-MNIST IDX files (only this folder is searched)")
+    t.add_argument("--out", type=output_dir,
+                   help="where to write weights and card (default: the shipped weights folder)")
     t.set_defaults(func=_train)
 
     nn_ = sub.add_parser("nonn", help="NoNN: students on filter partitions of a teacher (train them)")
     nsub = nn_.add_subparsers(dest="nonn_command", required=True)
     nt = nsub.add_parser("train", help="train NoNN students and aggregator, write the bundles")
-    nt.add_argument("--members", type=int, nargs="+", default=[4, 8], help="students per ensemble (default: 4 8)")
+    nt.add_argument("--members", type=positive_int, nargs="+", default=[4, 8],
+                    help="students per ensemble, at most the teacher's final filters (default: 4 8)")
     nt.add_argument("--method", nargs="+", choices=["original", "enhanced"], default=["original", "enhanced"])
-    nt.add_argument("--epochs", type=int, default=10)
-    nt.add_argument("--widths", type=int, nargs=3, default=[8, 16, 32], help="student channel widths")
-    nt.add_argument("--validation", type=int, default=5000, help="training images held out for validation")
+    nt.add_argument("--epochs", type=positive_int, default=10)
+    nt.add_argument("--widths", type=positive_int, nargs=3, default=[8, 16, 32], help="student channel widths")
+    nt.add_argument("--validation", type=positive_int, default=5000, help="training images held out for validation")
     nt.add_argument("--no-member-dropout", action="store_true",
                     help="train with every member present only, as the original NoNN did (name suffix _nodrop)")
     nt.add_argument("--seed", type=int, default=0)
-    nt.add_argument("--limit", type=int, help="train on the first N images only")
-    nt.add_argument("--threads", type=int, default=0)
-    nt.add_argument("--data", help="folder with the Fashion-MNIST IDX files")
-    nt.add_argument("--out", help="where to write the bundles (default: the shipped folder)")
+    nt.add_argument("--limit", type=positive_int, help="train on the first N images only")
+    nt.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (default 0: torch's choice)")
+    nt.add_argument("--data", help="folder with the Fashion-MNIST IDX files (only this folder is searched)")
+    nt.add_argument("--out", type=output_dir, help="where to write the bundles (default: the shipped folder)")
     nt.set_defaults(func=_nonn_train)
 
     cp = sub.add_parser("compress", help="prune with distillation, int8, bottleneck and calibrated exits, "
@@ -289,29 +330,29 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=_bench)
 
     i = sub.add_parser("info", help="show a model's cuts, crossing tensors and costs")
-    i.add_argument("model", nargs="?", default="resnet_fm")
+    i.add_argument("model", nargs="?", default="resnet_fm", type=zoo_model)
     i.set_defaults(func=_info)
 
     pr = sub.add_parser("profile", help="measure a model's per-node latency here, optionally under a device "
                         "class's CPU quota", description="Per-node latency of a zoo model on this host (median "
                         "of repeats; under a CPU quota the mean, idling between runs as a device does between "
                         "frames), saved as Profile JSON for 'edgesplit plan --device-profile/--edge-profile'.")
-    pr.add_argument("model")
-    pr.add_argument("--out", required=True, help="write the profile JSON here")
+    pr.add_argument("model", type=zoo_model)
+    pr.add_argument("--out", required=True, type=output_file, help="write the profile JSON here")
     group = pr.add_mutually_exclusive_group()
     group.add_argument("--device", choices=["pi4", "pizero2", "mcu"],
                        help="run under this device class's CPU quota (needs root: a cgroup)")
-    group.add_argument("--cpu-quota", type=float, help="run under this fraction of a core (needs root)")
-    pr.add_argument("--repeats", type=int, default=9)
-    pr.add_argument("--batches", default="1", help="comma-separated batch sizes (default: 1)")
-    pr.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
+    group.add_argument("--cpu-quota", type=positive_float, help="run under this fraction of a core (needs root)")
+    pr.add_argument("--repeats", type=positive_int, default=9)
+    pr.add_argument("--batches", type=batch_sizes, default="1", help="comma-separated batch sizes (default: 1)")
+    pr.add_argument("--threads", type=positive_int, default=1, help="torch threads (default: 1)")
     pr.set_defaults(func=_profile)
 
     co = sub.add_parser("controller", help="decide plans for devices from their telemetry (ZeroMQ bus)",
                         description="Subscribe to telemetry, run a policy per device on the cost model, publish "
                         "decisions (cut, thresholds, codec, epoch); devices fall back to their embedded controller "
                         "when it goes silent.")
-    co.add_argument("--model", default="resnet_fm")
+    co.add_argument("--model", default="resnet_fm", type=zoo_model)
     co.add_argument("--device", default="mcu", choices=["pi4", "pizero2", "mcu"], help="device class (CPU quota)")
     co.add_argument("--telemetry", default="tcp://127.0.0.1:5555", help="bind telemetry SUB here")
     co.add_argument("--decisions", default="tcp://127.0.0.1:5556", help="bind decision XPUB here")
@@ -327,9 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="predict every cut's latency and choose the split",
                         description="Trace the model, profile it on this host, and predict each cut's latency "
                         "on a device class over a link; prints the table, the choice and the reason.")
-    pl.add_argument("model", nargs="?", default="resnet_fm")
-    pl.add_argument("--bandwidth", type=float, default=5.0, help="Mbit/s (default: 5)")
-    pl.add_argument("--rtt", type=float, default=20.0, help="round-trip time in ms (default: 20)")
+    pl.add_argument("model", nargs="?", default="resnet_fm", type=zoo_model)
+    pl.add_argument("--bandwidth", type=positive_float, default=5.0, help="Mbit/s, above 0 (default: 5)")
+    pl.add_argument("--rtt", type=non_negative_float, default=20.0, help="round-trip time in ms (default: 20)")
     pl.add_argument("--device", default="pi4", choices=["pi4", "pizero2", "mcu"],
                     help="device class, as a CPU quota of this host (default: pi4 = 0.6 of a core)")
     pl.add_argument("--codec", default="int8", choices=["fp32", "fp16", "int8", "int8-channel"])
@@ -338,10 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "'edgesplit profile MODEL --device pi4' (default: this host's divided by the class's quota)")
     pl.add_argument("--exit-rates", help="share of inputs leaving at each early exit of the model, in order, "
                     "e.g. 0.4,0.2 (default: exits not counted)")
-    pl.add_argument("--plot", help="write stacked bars per cut to this PNG")
-    pl.add_argument("--json", help="write the table and the choice as JSON")
+    pl.add_argument("--plot", type=output_file, help="write stacked bars per cut to this PNG")
+    pl.add_argument("--json", type=output_file, help="write the table and the choice as JSON")
     pl.add_argument("--all", action="store_true", help="list every cut (default: about 24, evenly spread)")
-    pl.add_argument("--out", help="write the bundle (manifest.json + safetensors, hashes) to this folder")
+    pl.add_argument("--out", type=output_dir,
+                    help="write the bundle (manifest.json + safetensors, hashes) to this folder")
     pl.set_defaults(func=_plan)
 
     from .node.settings import configure_parser as node_flags

@@ -41,3 +41,75 @@ def test_demo_refuses_bad_flags_with_a_message_not_a_traceback(capsys, tmp_path)
         assert main(["demo", "--no-progress", *argv]) == 2
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    (["info", "nosuch"], "unknown model 'nosuch'"),
+    (["train", "nosuch"], "unknown model 'nosuch'"),
+    (["controller", "--model", "nosuch"], "unknown model 'nosuch'"),
+    (["profile", "resnet_fm", "--out", "p.json", "--batches", "a"], "--batches: 'a'"),
+    (["profile", "resnet_fm", "--out", "p.json", "--batches", "1,0"], "--batches: '1,0'"),
+    (["profile", "resnet_fm", "--out", "p.json", "--repeats", "0"], "--repeats: must be at least 1"),
+    (["profile", "resnet_fm", "--out", "p.json", "--threads", "0"], "--threads: must be at least 1"),
+    (["profile", "resnet_fm", "--out", "p.json", "--cpu-quota", "-1"], "--cpu-quota: must be greater than 0"),
+    (["profile", "resnet_fm", "--out", "."], "is a folder"),
+    (["profile", "resnet_fm", "--out", "no/such/folder/p.json"], "does not exist"),
+    (["plan", "--bandwidth", "0"], "--bandwidth: must be greater than 0"),
+    (["plan", "--bandwidth", "-5"], "--bandwidth: must be greater than 0"),
+    (["plan", "--bandwidth", "nan"], "--bandwidth: must be a finite number"),
+    (["plan", "--rtt", "-100"], "--rtt: must be at least 0"),
+    (["plan", "--json", "."], "--json: . is a folder"),
+    (["plan", "--out", "afile"], "afile exists and is not a folder"),
+    (["train", "--epochs", "0"], "--epochs: must be at least 1"),
+    (["train", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["train", "--threads", "-1"], "--threads: must be at least 0"),
+    (["train", "--limit", "0"], "--limit: must be at least 1"),
+    (["train", "--limit", "-5"], "--limit: must be at least 1"),
+    (["train", "--out", "afile"], "afile exists and is not a folder"),
+    (["nonn", "train", "--threads", "-1"], "--threads: must be at least 0"),
+    (["nonn", "train", "--members", "0"], "--members: must be at least 1"),
+    (["nonn", "train", "--widths", "0", "0", "0"], "--widths: must be at least 1"),
+    (["certs", "--out", "c", "--host", "a", "--days", "100000000"], "--days: must be between 1 and 36500"),
+])
+def test_user_mistakes_exit_2_with_one_line_before_any_work(argv, needle, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and needle in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing written, no folder made
+
+
+def test_controller_reports_an_endpoint_zeromq_refuses(capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = f"tcp://127.0.0.1:{busy.getsockname()[1]}"
+        assert main(["controller", "--telemetry", taken, "--decisions", "tcp://127.0.0.1:*"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("edgesplit controller:") and taken in err and err.count("\n") == 1
+    assert main(["controller", "--telemetry", "garbage"]) == 2
+    assert "garbage" in capsys.readouterr().err
+
+
+def test_nonn_train_refuses_too_many_members_before_the_teacher_pass(capsys, tmp_path, monkeypatch):
+    from edgesplit.partitioner.nonn import train as nonn_train
+
+    def no_teacher_pass(*args, **kwargs):
+        raise AssertionError("the teacher pass ran before the members were checked")
+
+    monkeypatch.setattr(nonn_train, "prepare", no_teacher_pass)
+    assert main(["nonn", "train", "--members", "1000", "--out", str(tmp_path)]) == 2
+    assert "members must be between 1 and 64" in capsys.readouterr().err
+
+
+def test_train_refuses_a_data_folder_without_the_dataset(capsys, tmp_path):
+    out = tmp_path / "out"
+    assert main(["train", "--epochs", "1", "--limit", "8", "--data", str(tmp_path / "nowhere"),
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'} does not exist" in err and "Traceback" not in err
+    assert not out.exists()

@@ -175,17 +175,51 @@ def train_ensemble(recipe: NonnRecipe, data: TeacherTargets, progress: bool = Tr
     return bank, aggregator, record
 
 
+def check_recipe(recipe: NonnRecipe, filters: int) -> None:
+    """Raise ValueError for a recipe that cannot train on a teacher with ``filters`` final filters.
+
+    Called before the teacher pass, so a mistake costs no minutes."""
+    if recipe.method not in ("original", "enhanced"):
+        raise ValueError(f"unknown partitioning {recipe.method!r}; use original or enhanced")
+    if not 1 <= recipe.members <= filters:
+        raise ValueError(f"members must be between 1 and {filters} (the teacher's final filters), "
+                         f"not {recipe.members}")
+    if recipe.method == "enhanced" and recipe.parts is not None:
+        most = min(filters, recipe.members // 2 if recipe.members > 1 else filters)
+        if not 1 <= recipe.parts <= most:
+            raise ValueError(f"{recipe.members} members need 1 <= parts <= {most}, not {recipe.parts}")
+    if len(recipe.widths) != 3 or any(w < 1 for w in recipe.widths):
+        raise ValueError(f"widths must be three channel counts >= 1, not {tuple(recipe.widths)}")
+    for what, value in (("epochs", recipe.epochs), ("batch size", recipe.batch_size),
+                        ("validation images", recipe.validation)):
+        if value < 1:
+            raise ValueError(f"{what} must be at least 1, not {value}")
+    if recipe.train_limit is not None and recipe.train_limit < 1:
+        raise ValueError(f"train limit must be at least 1 image (or None for all), not {recipe.train_limit}")
+
+
+def teacher_filters(teacher: SplitModel) -> int:
+    """The number of filters (channels) of the teacher's final feature maps, which members share out."""
+    return teacher.cut_points()[stats.feature_cut(teacher)].shape[0]
+
+
 def train_and_save(recipes: list[NonnRecipe], out_dir: str | Path = WEIGHTS_DIR, teacher_name: str = "resnet_fm",
                    data_root: str | Path | None = None, progress: bool = True,
                    data: TeacherTargets | None = None) -> list[dict]:
-    """Train each recipe (sharing one teacher pass) and write its bundle; return the manifests."""
+    """Train each recipe (sharing one teacher pass) and write its bundle; return the manifests.
+
+    Every recipe is checked (:func:`check_recipe`) before the teacher pass."""
     if not recipes:
         raise ValueError("nothing to train")
     validation = {r.validation for r in recipes}
     limits = {r.train_limit for r in recipes}
     if len(validation) != 1 or len(limits) != 1:
         raise ValueError("recipes trained together must share validation and train_limit")
-    data = data or prepare(teacher_name, validation.pop(), limits.pop(), data_root, progress)
+    teacher = data.teacher if data is not None else load_trained(teacher_name)
+    filters = teacher_filters(teacher)
+    for recipe in recipes:
+        check_recipe(recipe, filters)
+    data = data or prepare(teacher_name, validation.pop(), limits.pop(), data_root, progress, teacher=teacher)
     manifests = []
     for recipe in recipes:
         bank, aggregator, record = train_ensemble(recipe, data, progress)

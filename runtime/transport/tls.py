@@ -38,6 +38,7 @@ import grpc
 
 DEFAULT_CA_NAME = "edgesplit cluster CA"
 DEFAULT_DAYS = 365
+MAX_DAYS = 100 * 365  # a century; far beyond it the certificate dates overflow (year 9999)
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")  # a host's file name: no path separators, no ".."
 _IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -85,8 +86,8 @@ def make_cluster_certs(
     """
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    if days < 1:
-        raise ValueError(f"days must be at least 1, not {days}")
+    if not 1 <= days <= MAX_DAYS:
+        raise ValueError(f"days must be between 1 and {MAX_DAYS}, not {days}")
     parsed = [parse_host(h) for h in hosts]
     if not parsed:
         raise ValueError("give at least one host (e.g. --host localhost=127.0.0.1)")
@@ -204,7 +205,8 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="a host: its name, optionally followed by '=' and more DNS names or IP addresses; repeat per host",
     )
     p.add_argument("--ca-name", default=DEFAULT_CA_NAME, help=f"common name of a new CA (default: {DEFAULT_CA_NAME})")
-    p.add_argument("--days", type=int, default=DEFAULT_DAYS, help=f"validity in days (default: {DEFAULT_DAYS})")
+    p.add_argument("--days", type=_days, default=DEFAULT_DAYS,
+                   help=f"validity in days, 1..{MAX_DAYS} (default: {DEFAULT_DAYS})")
     p.add_argument("--curve", action="store_true",
                    help="also write ZeroMQ CURVE key pairs for the telemetry bus: OUT/curve/controller.key(_secret) "
                    "and one per host")
@@ -238,6 +240,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 # -- internals -------------------------------------------------------------------------------------
+
+
+def _days(text: str) -> int:
+    """argparse type: a validity of 1..MAX_DAYS days."""
+    try:
+        days = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of days") from None
+    if not 1 <= days <= MAX_DAYS:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_DAYS} days, not {days}")
+    return days
 
 
 def _file_name(name: str) -> str:

@@ -65,3 +65,19 @@ def test_to_tensor_normalises():
     x = to_tensor(np.full((2, 28, 28), 255, dtype=np.uint8))
     assert x.shape == (2, 1, 28, 28)
     assert abs(float(x[0, 0, 0, 0]) - (1 - datasets.MEAN) / datasets.STD) < 1e-6
+
+
+def test_an_explicit_root_without_the_dataset_is_an_error_not_a_fall_back(tmp_path, monkeypatch):
+    images, labels = load_sample()
+    fallback = tmp_path / "fallback"
+    fallback.mkdir()
+    write_idx(fallback / "t10k-images-idx3-ubyte.gz", images[:7])
+    write_idx(fallback / "t10k-labels-idx1-ubyte.gz", labels[:7])
+    monkeypatch.setenv("EDGESPLIT_DATA", str(fallback))
+    monkeypatch.setattr(datasets, "DEBIAN_DIR", fallback)
+    (tmp_path / "empty").mkdir()
+    for root, why in ((tmp_path / "empty", "does not hold"), (tmp_path / "missing", "does not exist")):
+        with pytest.raises(DatasetNotFoundError, match=why) as err:
+            load_fashion_mnist("test", root)
+        assert str(root) in str(err.value)
+    assert len(load_fashion_mnist("test")[1]) == 7  # without a root the fall-backs still apply

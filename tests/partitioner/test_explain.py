@@ -65,3 +65,32 @@ def test_profile_under_a_device_quota_feeds_plan(tmp_path, capsys):
     assert not list(Path("/sys/fs/cgroup/cpu").glob("edgesplit-profile-*"))  # the cgroup is gone again
     assert main(["plan", "resnet_fm", "--device-profile", str(out), "--bandwidth", "5"]) == 0
     assert f"{out}: measured on" in capsys.readouterr().out
+
+
+def test_a_profile_with_missing_or_negative_node_times_is_refused_before_profiling(tmp_path, monkeypatch):
+    import torch
+
+    from edgesplit.models import build_model
+    from edgesplit.partitioner import explain
+    from edgesplit.partitioner.graph import trace
+
+    def no_profiling(*args, **kwargs):
+        raise AssertionError("this host was profiled before the arguments were checked")
+
+    monkeypatch.setattr(explain, "profile_graph", no_profiling)
+    model = build_model("resnet_fm").eval()
+    names = [n.name for n in trace(model, (torch.zeros(1, *model.input_shape),)).nodes]
+    good = {"model": "resnet_fm", "host": "h", "torch": "t", "threads": 1, "cpus": 1, "node_names": names,
+            "seconds": {"1": [0.001] * len(names)}, "repeats": 1, "cpu_quota": 0.6, "schema": 1}
+    cases = [({"1": [0.001] * 5}, f"batch 1 has 5 node times for {len(names)} nodes"),
+             ({"1": [-0.001] * len(names)}, "not finite numbers >= 0"),
+             ({"2": [0.001] * len(names)}, "no batch-1 timings")]
+    for seconds, needle in cases:
+        path = tmp_path / "device.json"
+        path.write_text(json.dumps({**good, "seconds": seconds}))
+        for flag in ("device_profile", "edge_profile"):
+            with pytest.raises(ValueError, match=needle):
+                plan_rows("resnet_fm", 5.0, **{flag: str(path)})
+    for bandwidth, rtt in ((0.0, 20.0), (-5.0, 20.0), (float("nan"), 20.0), (5.0, -100.0), (5.0, float("inf"))):
+        with pytest.raises(ValueError, match="bandwidth|round-trip"):
+            plan_rows("resnet_fm", bandwidth, rtt_ms=rtt)

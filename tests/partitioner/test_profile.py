@@ -66,3 +66,31 @@ def test_under_a_cpu_quota_the_profile_keeps_means_and_records_its_pauses():
     assert (profile.statistic, profile.cpu_quota, profile.pause_s) == ("mean", 0.5, 0.01)
     again = Profile.from_json(profile.to_json())
     assert again == profile
+
+
+def _profile_json(**changes) -> str:
+    data = {"model": "m", "host": "h", "torch": "t", "threads": 1, "cpus": 1, "node_names": ["a", "b", "c"],
+            "seconds": {"1": [0.1, 0.2, 0.3]}, "repeats": 1, "cpu_quota": None, "schema": 1}
+    data.update(changes)
+    return json.dumps(data)
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    (_profile_json(seconds={"1": [0.1, 0.2]}), "batch 1 has 2 node times for 3 nodes"),
+    (_profile_json(seconds={"1": [0.1, 0.2, 0.3], "4": [0.1]}), "batch 4 has 1 node times for 3 nodes"),
+    (_profile_json(seconds={"1": [0.1, -0.2, 0.3]}), "not finite numbers >= 0"),
+    (_profile_json(seconds={"1": [0.1, float("nan"), 0.3]}), "not finite numbers >= 0"),
+    (_profile_json(seconds={"1": [0.1, "x", 0.3]}), "not finite numbers >= 0"),
+    (_profile_json(seconds={"0": [0.1, 0.2, 0.3]}), "batch size '0'"),
+    (_profile_json(seconds={}), "seconds must map"),
+    (_profile_json(cpu_quota=-1), "cpu_quota"),
+    (_profile_json(node_names="abc"), "node_names"),
+    (_profile_json(surprise=1), "unknown surprise"),
+    ("[1]", "a JSON list, not a profile"),
+    ("{", "not valid JSON"),
+])
+def test_malformed_profiles_are_refused_with_a_reason(text, needle):
+    with pytest.raises(ValueError, match="^src: ") as err:
+        Profile.from_json(text, source="src")
+    assert needle in str(err.value)
+    assert Profile.from_json(_profile_json(), source="src").seconds == {1: [0.1, 0.2, 0.3]}

@@ -56,7 +56,7 @@ def test_tampered_or_malformed_bundles_are_refused(tiny_nonn, tmp_path):
     with pytest.raises(NonnBundleError, match="not a NoNN manifest"):
         load_ensemble(path)
     path.write_text("{not json")
-    with pytest.raises(NonnBundleError, match="unreadable"):
+    with pytest.raises(NonnBundleError, match="not valid JSON"):
         load_ensemble(path)
     with pytest.raises(NonnBundleError, match="no NoNN bundle"):
         load_ensemble("no_such_ensemble")
@@ -100,3 +100,23 @@ def test_random_presence_draws_every_failure_count_and_keeps_one_member():
     present = mask.sum(1)
     assert present.min() == 1 and present.max() == 8
     assert set(present.long().tolist()) == set(range(1, 9))
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"members": 1000}, "members must be between 1 and 64"),
+    ({"members": 0}, "members must be between 1 and 64"),
+    ({"members": 8, "parts": 5}, "8 members need 1 <= parts <= 4"),
+    ({"widths": (0, 0, 0)}, "widths must be three channel counts >= 1"),
+    ({"epochs": 0}, "epochs must be at least 1"),
+    ({"train_limit": 0}, "train limit must be at least 1"),
+])
+def test_impossible_recipes_are_refused_before_the_teacher_pass(changes, needle, monkeypatch, tmp_path):
+    from edgesplit.partitioner.nonn import train as nonn_train
+    from edgesplit.partitioner.nonn.train import NonnRecipe, train_and_save
+
+    def no_teacher_pass(*args, **kwargs):
+        raise AssertionError("the teacher pass ran before the recipe was checked")
+
+    monkeypatch.setattr(nonn_train, "prepare", no_teacher_pass)
+    with pytest.raises(ValueError, match=needle):
+        train_and_save([NonnRecipe(**changes)], tmp_path, progress=False)
