@@ -52,6 +52,7 @@ class Offloader(Protocol):
         timeout: float,
         request_id: str = "",
         wait_for_ready: bool = False,
+        expect: tuple[int, ...] | None = None,
     ) -> OffloadResult: ...
 
 
@@ -91,8 +92,10 @@ class FailoverClient:
         timeout: float,
         request_id: str = "",
         wait_for_ready: bool = False,
+        expect: tuple[int, ...] | None = None,
     ) -> OffloadResult:
         """Offload to the first node that answers within ``timeout``; raise OffloadError otherwise.
+        (``expect``: the answer's shape; a node answering another counts as failing.)
 
         A half-open breaker's probe waits (within the deadline) for the node's connection
         to come back instead of failing at once while gRPC is still in reconnect backoff;
@@ -116,7 +119,7 @@ class FailoverClient:
                 self.attempts[self._target(i)] += 1
             try:
                 result = self.clients[i].infer(model_name, tensors, remaining, request_id,
-                                               wait_for_ready=wait_for_ready or probe)
+                                               wait_for_ready=wait_for_ready or probe, expect=expect)
             except OffloadError as exc:
                 last = exc
                 # RESOURCE_EXHAUSTED without the node's pushback is gRPC's own message-size

@@ -300,13 +300,19 @@ class DeviceRunner:
                                           skipped=skipped)
         latency.device = time.perf_counter() - started
         call_started = time.perf_counter()
+        expect = (h.shape[0], self.model.num_classes)  # the answer a node must give: logits, one row each
         try:
             deadline = self.offload_deadline(latency.device, plan.cut, plan)
             name = self.tail_model_name_for(self.model, plan.cut)
             if self._races(plan):
-                result = self._offload_racing(name, encoded, deadline, request_id, h, plan.cut)
+                result = self._offload_racing(name, encoded, deadline, request_id, h, plan.cut, expect)
             else:
-                result = self.client.infer(name, encoded, deadline, str(request_id))
+                result = self.client.infer(name, encoded, deadline, str(request_id), expect=expect)
+            got = result.result if isinstance(result, _LateAnswer) else result
+            if not isinstance(got, _DeviceFinished) and tuple(got.logits.shape) != expect:
+                # a client that does not check (a user's offloader): the answer is still refused
+                raise OffloadError("INVALID_ANSWER", f"node answered a {list(got.logits.shape)} tensor, "
+                                                     f"expected {list(expect)}")
         except OffloadError as exc:
             latency.transfer = time.perf_counter() - call_started  # time lost on the attempt
             self._count_failure(exc.reason)
@@ -361,24 +367,25 @@ class DeviceRunner:
     def _races(self, plan: Plan) -> bool:
         return self.races_late_offloads and plan.offload_deadline_s is not None
 
-    def _offload_racing(self, name: str, encoded, deadline: float, request_id: int, h: torch.Tensor, cut: int):
+    def _offload_racing(self, name: str, encoded, deadline: float, request_id: int, h: torch.Tensor, cut: int,
+                        expect: tuple[int, ...]):
         """Offload; past ``deadline``, run the tail here meanwhile and take whichever ends first.
 
         Returns the edge's result (a :class:`_LateAnswer` when it came after the deadline) or
         a :class:`_DeviceFinished`; raises OffloadError as ``client.infer`` does when the
         offload fails before the deadline."""
         if not self._racing.acquire(blocking=False):  # too many late offloads pending: as without racing
-            return self.client.infer(name, encoded, deadline, str(request_id))
+            return self.client.infer(name, encoded, deadline, str(request_id), expect=expect)
         if self._race_pool is None:
             with self._tail_lock:
                 if self._race_pool is None:
                     self._race_pool = ThreadPoolExecutor(RACE_THREADS, thread_name_prefix="offload")
         try:
             limit = deadline + (deadline if self.race_limit_s is None else self.race_limit_s)
-            future = self._race_pool.submit(self.client.infer, name, encoded, limit, str(request_id))
+            future = self._race_pool.submit(self.client.infer, name, encoded, limit, str(request_id), expect=expect)
         except RuntimeError:  # the pool is shut down (interpreter exit): offload in this thread
             self._racing.release()
-            return self.client.infer(name, encoded, deadline, str(request_id))
+            return self.client.infer(name, encoded, deadline, str(request_id), expect=expect)
         with self._tail_lock:
             self._racing_count += 1
         future.add_done_callback(self._race_ended)

@@ -70,11 +70,14 @@ class EdgeClient:
         timeout: float,
         request_id: str = "",
         wait_for_ready: bool = False,
+        expect: tuple[int, ...] | None = None,
     ) -> OffloadResult:
         """Run ``model_name`` on the node; raise OffloadError on any failure.
 
         ``wait_for_ready`` waits (within ``timeout``) for a connection that is down or in
-        reconnect backoff instead of failing at once.
+        reconnect backoff instead of failing at once. ``expect`` is the answer's shape
+        (``(rows, classes)``): an answer of another shape is OffloadError(INVALID_ANSWER),
+        so a node that answers garbage fails like one that answers nothing.
 
         ``tensors`` is one encoded tensor (sent as the input named ``input``) or a mapping
         from input name to encoded tensor, for segments that take several crossing tensors.
@@ -86,7 +89,7 @@ class EdgeClient:
                                             wait_for_ready=wait_for_ready)
         except grpc.RpcError as exc:
             raise _offload_error(exc) from None
-        return _offload_result(response, time.perf_counter() - started, sent)
+        return _offload_result(response, time.perf_counter() - started, sent, expect)
 
     def infer_async(
         self,
@@ -170,8 +173,12 @@ def _offload_error(exc: grpc.RpcError) -> OffloadError:
     return OffloadError(exc.code().name, exc.details() or "", retry_after)
 
 
-def _offload_result(response, round_trip: float, sent: int) -> OffloadResult:
-    """An OffloadResult from a node's response; OffloadError(INTERNAL) if the response is malformed."""
+def _offload_result(response, round_trip: float, sent: int, expect: tuple[int, ...] | None = None) -> OffloadResult:
+    """An OffloadResult from a node's response; OffloadError(INTERNAL) if the response is
+    malformed, INVALID_ANSWER if its values are not finite or its shape is not ``expect``.
+
+    The node's own ``edge_compute_seconds`` is capped at the measured round trip: a node
+    cannot make the device believe its link is faster (or slower) than it was measured."""
     try:
         outputs, params = parse_infer_response(response)
         if len(outputs) != 1:
@@ -184,9 +191,11 @@ def _offload_result(response, round_trip: float, sent: int) -> OffloadResult:
             raise ValueError(f"implausible parameters edge_compute_seconds={edge}, edge_batch_size={batch}")
     except (TypeError, ValueError, OverflowError, codec.CodecError) as exc:
         raise OffloadError("INTERNAL", f"node answered a malformed response: {exc}") from None
+    if expect is not None and tuple(logits.shape) != tuple(expect):
+        raise OffloadError("INVALID_ANSWER", f"node answered a {list(logits.shape)} tensor, expected {list(expect)}")
     if not bool(torch.isfinite(logits).all()):  # e.g. an input that overflowed inside the model
         raise OffloadError("INVALID_ANSWER", "node answered NaN or infinite values")
-    return OffloadResult(logits, edge, round_trip, sent, batch)
+    return OffloadResult(logits, min(edge, round_trip), round_trip, sent, batch)
 
 
 def fetch_graph_profile(target: str, graph_name: str, repeats: int = 9, batch: int = 1, timeout: float = 600.0,

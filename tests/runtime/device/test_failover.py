@@ -114,6 +114,30 @@ def test_a_node_answering_nan_counts_as_failing_and_the_next_node_answers(slow_n
         stop_in_thread(broken, thread)
 
 
+class AnswersTooNarrow(torch.nn.Module):
+    def forward(self, x):
+        return x[:, :2]
+
+
+def test_a_node_answering_the_wrong_shape_counts_as_failing_and_the_next_node_answers(slow_nodes):
+    """A node answering [1, 2] logits for a 4-class model was taken as healthy: its answer was
+    used (a wrong prediction) or made the device runner raise."""
+    from edgesplit.models.split_model import SplitModel
+
+    good = slow_nodes[1]
+    broken, thread = start_in_thread(SplitModel("slow", [("narrow", AnswersTooNarrow())], {}, (4,), 4))
+    client = FailoverClient([EdgeClient(broken.address), EdgeClient(good.address)],
+                            breakers=[CircuitBreaker(1, 60.0), CircuitBreaker(1, 60.0)])
+    try:
+        result = client.infer("slow", X, timeout=10, expect=(1, 4))
+        assert torch.equal(result.logits, torch.ones(1, 4))
+        assert client.attempts == {broken.address: 1, good.address: 1}
+        assert client.breakers[0].state == CircuitBreaker.OPEN
+    finally:
+        client.close()
+        stop_in_thread(broken, thread)
+
+
 def test_bad_request_is_not_retried(slow_nodes):
     a, b = slow_nodes
     client = FailoverClient([EdgeClient(a.address), EdgeClient(b.address)])

@@ -174,8 +174,33 @@ class BrokenOffloader:
 
     target = "broken"
 
-    def infer(self, model_name, tensors, timeout, request_id="", wait_for_ready=False):
+    def infer(self, model_name, tensors, timeout, request_id="", wait_for_ready=False, expect=None):
         return None + 1
+
+
+class WrongShapeOffloader:
+    """A user's offloader that does not check answers, handed logits of the wrong shape."""
+
+    target = "wrong-shape"
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def infer(self, model_name, tensors, timeout, request_id="", wait_for_ready=False, expect=None):
+        from edgesplit.runtime.inference import OffloadResult
+
+        return OffloadResult(torch.zeros(self.shape), 0.001, 0.002, 100, 1)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (10,), (1, 10, 1, 1), (0, 10)])
+def test_an_answer_of_the_wrong_shape_is_completed_on_the_device(trained_model, sample, shape):
+    """[10] or [0, 10] made runner.infer raise (no answer at all); [1, 5] was taken as the edge's."""
+    x, _ = sample
+    runner = DeviceRunner(trained_model, cut=4, thresholds=1.01, client=WrongShapeOffloader(shape))
+    answer = runner.infer(x[0])
+    assert answer.where != WHERE_EDGE and answer.offload_error.startswith("INVALID_ANSWER")
+    with torch.no_grad():
+        assert answer.prediction == int(trained_model(x[:1]).argmax(1))
 
 
 def test_a_bug_in_the_offloader_is_logged_and_still_answered_once(trained_model, sample, caplog):

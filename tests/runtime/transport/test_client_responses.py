@@ -46,6 +46,22 @@ def test_an_answer_that_is_not_finite_is_refused(value):
     assert err.value.reason == "INVALID_ANSWER"
 
 
+@pytest.mark.parametrize("shape", [(1, 5), (2, 3), (3,), (1, 3, 1, 1), (0, 3), (1, 0)])
+def test_an_answer_of_another_shape_than_expected_is_refused(shape):
+    """The shape was never checked: a [1, 5] answer was taken as the model's prediction and
+    a [3] answer made the device runner raise instead of answering."""
+    with pytest.raises(OffloadError) as err:
+        _offload_result(response(shape=shape), 0.01, 10, expect=(1, 3))
+    assert err.value.reason == "INVALID_ANSWER" and "expected [1, 3]" in str(err.value)
+    assert _offload_result(response(), 0.01, 10, expect=(1, 3)).logits.shape == (1, 3)
+
+
+def test_the_nodes_compute_time_is_capped_by_the_measured_round_trip():
+    """A node claiming 1e300 s of compute on a 10 ms call made the device's latency 1e300 s
+    and its probes' transfer time negative."""
+    assert _offload_result(response(compute=1e300), 0.01, 10).edge_seconds == 0.01
+
+
 def test_a_cancelled_offload_reports_cancelled():
     from edgesplit.runtime import codec
     from tests.helpers import gated_model, start_in_thread, stop_in_thread
