@@ -1,8 +1,8 @@
 """Fashion-MNIST from gzip IDX files, with a small shipped sample so nothing is downloaded.
 
-Where the files come from: the ``root`` argument alone when one is given (a wrong folder is
-an error, never a quiet fall-back); otherwise ``$EDGESPLIT_DATA``, then Debian's
-``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``), in that order.
+Where the files come from: the ``root`` argument when one is given, else ``$EDGESPLIT_DATA``
+when it is set (either way a folder without the files is an error, never a quiet fall-back),
+else Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``).
 
 Example::
 
@@ -67,26 +67,30 @@ def _holds_dataset(folder: Path) -> bool:
     return (folder / "t10k-images-idx3-ubyte.gz").exists() or (folder / "t10k-images-idx3-ubyte").exists()
 
 
+def _explicit(folder: Path, named: str) -> Path:
+    """``folder`` if it holds the dataset; DatasetNotFoundError saying why not."""
+    if _holds_dataset(folder):
+        return folder
+    why = "does not exist" if not folder.exists() else "is not a folder" if not folder.is_dir() else (
+        "does not hold t10k-images-idx3-ubyte[.gz]")
+    raise DatasetNotFoundError(
+        f"Fashion-MNIST data folder {folder} {why} (the folder {named}); it needs train-images-idx3-ubyte.gz, "
+        "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz. With no folder "
+        "given (no --data, no EDGESPLIT_DATA) the Debian package is used: "
+        "'sudo apt-get install dataset-fashion-mnist'"
+    )
+
+
 def find_data_dir(root: str | Path | None = None) -> Path:
     """Return the folder holding the Fashion-MNIST IDX files, or raise with how to get them.
 
-    An explicit ``root`` is the only folder tried: training on another dataset than the one
-    asked for would go unnoticed."""
+    A folder asked for — ``root``, else ``$EDGESPLIT_DATA`` — is the only one tried:
+    training on another dataset than the one asked for would go unnoticed."""
     if root:
-        folder = Path(root)
-        if _holds_dataset(folder):
-            return folder
-        why = "does not exist" if not folder.exists() else "is not a folder" if not folder.is_dir() else (
-            "does not hold t10k-images-idx3-ubyte[.gz]")
-        raise DatasetNotFoundError(
-            f"Fashion-MNIST data folder {folder} {why}; it needs train-images-idx3-ubyte.gz, "
-            "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz "
-            "(leave the folder out to use $EDGESPLIT_DATA or the Debian package dataset-fashion-mnist)"
-        )
-    candidates = []
+        return _explicit(Path(root), "given")
     if os.environ.get("EDGESPLIT_DATA"):
-        candidates.append(Path(os.environ["EDGESPLIT_DATA"]))
-    candidates.append(DEBIAN_DIR)
+        return _explicit(Path(os.environ["EDGESPLIT_DATA"]), "in $EDGESPLIT_DATA")
+    candidates = [DEBIAN_DIR]
     for folder in candidates:
         if _holds_dataset(folder):
             return folder

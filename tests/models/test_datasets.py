@@ -80,4 +80,9 @@ def test_an_explicit_root_without_the_dataset_is_an_error_not_a_fall_back(tmp_pa
         with pytest.raises(DatasetNotFoundError, match=why) as err:
             load_fashion_mnist("test", root)
         assert str(root) in str(err.value)
-    assert len(load_fashion_mnist("test")[1]) == 7  # without a root the fall-backs still apply
+    assert len(load_fashion_mnist("test")[1]) == 7  # without a root, $EDGESPLIT_DATA
+    monkeypatch.setenv("EDGESPLIT_DATA", str(tmp_path / "empty"))  # set but wrong: no fall-back either
+    with pytest.raises(DatasetNotFoundError, match=r"does not hold .* in \$EDGESPLIT_DATA"):
+        load_fashion_mnist("test")
+    monkeypatch.delenv("EDGESPLIT_DATA")
+    assert len(load_fashion_mnist("test")[1]) == 7  # neither: the Debian folder
