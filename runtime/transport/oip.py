@@ -169,7 +169,13 @@ def build_infer_request(
 
 
 def parse_infer_response(response: inference_pb2.ModelInferResponse) -> tuple[list[InferOutput], dict[str, object]]:
-    """The outputs (raw contents) and parameters of a ModelInferResponse."""
+    """The outputs and parameters of a ModelInferResponse, each output's data as raw bytes.
+
+    Outputs come in raw contents (as this project's nodes send them to a raw request) or,
+    from another server of the protocol, in typed contents (``fp32_contents``...), which
+    are packed into raw bytes here; ValueError for anything else."""
+    if not response.raw_output_contents and response.outputs:
+        return [_typed_output(t) for t in response.outputs], _response_parameters(response)
     if len(response.raw_output_contents) != len(response.outputs):
         raise ValueError(
             f"answer has {len(response.raw_output_contents)} raw outputs for {len(response.outputs)} output tensors"
@@ -178,5 +184,20 @@ def parse_infer_response(response: inference_pb2.ModelInferResponse) -> tuple[li
         InferOutput(t.name, t.datatype, tuple(t.shape), response.raw_output_contents[i])
         for i, t in enumerate(response.outputs)
     ]
-    params = {k: parameter_value(v) for k, v in response.parameters.items()}
-    return outputs, params
+    return outputs, _response_parameters(response)
+
+
+def _typed_output(tensor) -> InferOutput:
+    field = _TYPED_FIELD.get(tensor.datatype)
+    if field is None or not tensor.HasField("contents"):
+        raise ValueError(f"output {tensor.name!r} has no data: neither raw nor typed {tensor.datatype} contents")
+    dtype = np.dtype(TYPED_NUMPY[tensor.datatype])
+    values = np.asarray(getattr(tensor.contents, field), dtype=np.float64 if dtype.kind == "f" else np.int64)
+    if dtype.kind in "iu" and values.size and not (
+            np.iinfo(dtype).min <= values.min() and values.max() <= np.iinfo(dtype).max):
+        raise ValueError(f"output {tensor.name!r}: typed contents out of the {tensor.datatype} range")
+    return InferOutput(tensor.name, tensor.datatype, tuple(tensor.shape), values.astype(dtype).tobytes())
+
+
+def _response_parameters(response: inference_pb2.ModelInferResponse) -> dict[str, object]:
+    return {k: parameter_value(v) for k, v in response.parameters.items()}

@@ -56,6 +56,26 @@ def test_an_answer_of_another_shape_than_expected_is_refused(shape):
     assert _offload_result(response(), 0.01, 10, expect=(1, 3)).logits.shape == (1, 3)
 
 
+def test_an_answer_in_typed_contents_from_another_server_is_read():
+    """Another Open Inference Protocol server may answer in typed contents: it was refused
+    (INTERNAL) and every request completed on the device."""
+    r = inference_pb2.ModelInferResponse(model_name="m", id="x")
+    out = r.outputs.add(name="logits", datatype="FP32", shape=[1, 3])
+    out.contents.fp32_contents.extend([0.5, -1.0, 2.0])
+    result = _offload_result(r, 0.01, 10, expect=(1, 3))
+    assert result.logits.tolist() == [[0.5, -1.0, 2.0]] and result.edge_seconds == 0.0
+    del out.contents.fp32_contents[:]
+    out.contents.fp32_contents.extend([0.5, -1.0])  # two values for a [1, 3] tensor
+    with pytest.raises(OffloadError) as err:
+        _offload_result(r, 0.01, 10)
+    assert err.value.reason == "INTERNAL"
+    bad = inference_pb2.ModelInferResponse(model_name="m", id="x")
+    bad.outputs.add(name="logits", datatype="FP32", shape=[1, 3])  # no data at all
+    with pytest.raises(OffloadError) as err:
+        _offload_result(bad, 0.01, 10)
+    assert err.value.reason == "INTERNAL" and "no data" in str(err.value)
+
+
 def test_the_nodes_compute_time_is_capped_by_the_measured_round_trip():
     """A node claiming 1e300 s of compute on a 10 ms call made the device's latency 1e300 s
     and its probes' transfer time negative."""
