@@ -14,7 +14,7 @@ from pathlib import Path
 import safetensors
 import torch
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_save
 
 from .split_model import SplitModel
 
@@ -27,10 +27,20 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` as a safetensors file with the usual file mode (0666 less the umask,
+    as for the manifest beside it): safetensors' own ``save_file`` makes it 0600, which a
+    node running as another user cannot read."""
+    data = safetensors_save(tensors, metadata=metadata)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 def save_weights(model: SplitModel, path: str | Path) -> str:
     """Write the state dict as safetensors; return its sha256."""
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"model": model.name})
+    write_safetensors(state, path, metadata={"model": model.name})
     return sha256_file(path)
 
 

@@ -27,11 +27,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save_file
 
 from edgesplit.models import build_model
 from edgesplit.models.split_model import SplitModel
-from edgesplit.models.weights_io import read_json_file, sha256_file
+from edgesplit.models.weights_io import read_json_file, sha256_file, write_safetensors
 
 from .cuts import GraphCut, enumerate_cuts
 from .graph import ModelGraph, trace
@@ -87,7 +86,7 @@ def write_bundle(model: SplitModel, out_dir: str | Path, extra: dict | None = No
     example = torch.zeros(1, *model.input_shape)
     graph = trace(model, (example,))
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    save_file(state, str(out / WEIGHTS), metadata={"model": model.name})
+    write_safetensors(state, out / WEIGHTS, metadata={"model": model.name})
     changed = {}
     if base is not None:
         from .compress.architecture import layer_shapes

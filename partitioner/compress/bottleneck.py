@@ -36,13 +36,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm import tqdm
 
 from edgesplit.models.datasets import IMAGE_BYTES
 from edgesplit.models.split_model import SplitModel
 from edgesplit.models.train import nesterov_sgd
+from edgesplit.models.weights_io import write_safetensors
 
 from .checkpoint import fast_forward, load_checkpoint, read_progress, save_checkpoint
 from .data import Splits, accuracy
@@ -192,7 +193,7 @@ def save_bottleneck(net: BottleneckModel, path: str | Path) -> None:
     for i, block in enumerate(net.model.blocks[net.cut :], start=net.cut):
         state.update({f"blocks.{i}.{k}": v.contiguous().clone() for k, v in block.state_dict().items()})
     b = net.bottleneck
-    save_file(state, str(path), metadata={"cut": str(net.cut), "channels": str(b.channels), "stride": str(b.stride),
+    write_safetensors(state, path, metadata={"cut": str(net.cut), "channels": str(b.channels), "stride": str(b.stride),
                                           "shape": ",".join(map(str, b.shape))})
 
 

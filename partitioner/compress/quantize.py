@@ -29,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from edgesplit.models.split_model import SplitModel
+from edgesplit.models.weights_io import write_safetensors
 
 ENGINES = ("x86", "fbgemm", "qnnpack")
 
@@ -200,7 +201,7 @@ class QuantizedSegment:
         tensors, layout = flatten_state(self.module.state_dict())
         meta = {"start": str(self.start), "stop": str(self.stop), "engine": self.backend.engine,
                 "backend": self.backend.name, "layout": json.dumps(layout)}
-        save_file(tensors, str(path), metadata=meta)
+        write_safetensors(tensors, path, metadata=meta)
         return Path(path).stat().st_size
 
 
@@ -239,7 +240,7 @@ def load_segment(model: SplitModel, path: str | Path) -> QuantizedSegment:
 def float_segment_bytes(model: SplitModel, start: int, stop: int, path: str | Path) -> int:
     """Size of the same segment's float32 weights as safetensors (written to ``path``)."""
     state = {k: v.detach().contiguous().clone() for k, v in segment(model, start, stop).state_dict().items()}
-    save_file(state, str(path))
+    write_safetensors(state, path)
     return Path(path).stat().st_size
 
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, save_file
+from safetensors.torch import load
 
-from edgesplit.models.weights_io import read_json_file, sha256_file
+from edgesplit.models.weights_io import read_json_file, sha256_file, write_safetensors
 from edgesplit.partitioner.flops import macs_of
 
 from . import stats
@@ -88,7 +88,7 @@ def save_ensemble(out_dir: str | Path, name: str, bank: StudentBank, aggregator:
         state.update({f"member.{i}.{k}": v.detach().contiguous().clone() for k, v in student.state_dict().items()})
     state.update({f"aggregator.{k}": v.detach().contiguous().clone() for k, v in aggregator.state_dict().items()})
     weights = out_dir / f"{name}.safetensors"
-    save_file(state, str(weights), metadata={"format": FORMAT, "name": name})
+    write_safetensors(state, weights, metadata={"format": FORMAT, "name": name})
     manifest = {
         "format": FORMAT,
         "name": name,

@@ -30,6 +30,10 @@ def test_a_bundle_round_trips_and_holds_no_pickle(bundle_dir):
         assert torch.equal(bundle.model(x), load_trained("resnet_fm")(x))
     for f in bundle_dir.iterdir():  # no pickle anywhere: no pickle protocol header in any file
         assert not f.read_bytes().startswith(b"\x80"), f
+    # the weights readable as the manifest is (safetensors' save_file made them 0600: a node
+    # running as another user could not load the bundle)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in bundle_dir.iterdir()}
+    assert modes[WEIGHTS] == modes[MANIFEST], modes
 
 
 def test_tampered_weights_or_manifest_are_refused(bundle_dir, tmp_path):
