@@ -334,7 +334,8 @@ def render_summary(s: dict) -> str:
     lines += ["", "where requests ran under each plan:"]
     for epoch, p in s["plans"].items():
         where = ", ".join(f"{w} {n}" for w, n in sorted(p["where"].items()))
-        lines.append(f"  plan {epoch}: {p['plan']}: {p['requests']} requests ({where}), mean {p['mean_ms']:.1f} ms")
+        noun = "request" if p["requests"] == 1 else "requests"
+        lines.append(f"  plan {epoch}: {p['plan']}: {p['requests']} {noun} ({where}), mean {p['mean_ms']:.1f} ms")
     lines += ["", f"{'latency':<10}{'mean ms':>10}{'p50 ms':>10}{'p99 ms':>10}"]
     for part, v in s["latency"].items():
         lines.append(f"{part:<10}{v['mean_ms']:>10.2f}{v['p50_ms']:>10.2f}{v['p99_ms']:>10.2f}")
