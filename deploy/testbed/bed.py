@@ -56,6 +56,7 @@ BRIDGE_HOST = "bridge"
 DEFAULT_BASE = "es"
 
 _NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+_BASE_RE = re.compile(r"[A-Za-z][A-Za-z_]{0,7}")
 _HOST_RE = re.compile(r"[a-z][a-z0-9]{0,12}")  # the bridge port "v-<host>" must fit IFNAMSIZ (15)
 
 
@@ -86,6 +87,9 @@ class Testbed:
         self._check_hosts(self.hosts, prefix_len)
         if name is not None and not _NAME_RE.fullmatch(name):
             raise ValueError(f"bed name {name!r} must be a letter then up to 31 letters, digits or '_'")
+        if not isinstance(base, str) or not _BASE_RE.fullmatch(base):
+            # a digit would blur where the pid starts in "<base><pid>"; a space hid namespaces from down()
+            raise ValueError(f"base {base!r} must be 1 to 8 letters or '_', starting with a letter")
         self.base = base
         self.prefix_len = prefix_len
         self.detached = detached
@@ -119,7 +123,9 @@ class Testbed:
             with Testbed._counter_lock:
                 k = Testbed._counter
                 Testbed._counter += 1
-            name = f"{self.base}{os.getpid()}" + (f"n{k}" if k else "")
+            # A detached bed outlives this process: "<base>d<pid>" keeps it out of the
+            # "<base><pid>" pattern that stale cleanup reads as "owned by that process".
+            name = f"{self.base}{'d' if self.detached else ''}{os.getpid()}" + (f"n{k}" if k else "")
             if f"{name}-{BRIDGE_HOST}" not in taken and state.load(name, self.state_dir) is None:
                 return name
 
@@ -132,19 +138,25 @@ class Testbed:
             cleanup_stale(self.base, state_dir=self.state_dir)
         if self.name is None:
             self.name = self._choose_name()
-        elif f"{self.name}-{BRIDGE_HOST}" in netns.list_namespaces():
-            raise TestbedError(f"a test bed named {self.name} exists; remove it: python -m edgesplit.testbed down "
-                               f"{self.name}")
+        bridge_ns = self.netns(BRIDGE_HOST)
+        exists = TestbedError(f"a test bed named {self.name} exists; remove it: python -m edgesplit.testbed down "
+                              f"{self.name}")
+        if bridge_ns in netns.list_namespaces():
+            raise exists
+        try:  # the claim: of two processes making the same name, only one creates this namespace
+            netns.add_namespace(bridge_ns)
+        except TestbedError:
+            if bridge_ns in netns.list_namespaces():
+                raise exists from None  # another process won: nothing of its bed is touched
+            raise
         me = os.getpid()
         self._state = state.BedState(self.name, self.hosts, me, state.process_start_time(me), self.detached,
                                      self.prefix_len)
-        state.save(self._state, self.state_dir)  # first, so a crash half-way is still found and cleaned
         self._up = True
-        if not self.detached:
-            _register(self)
         try:
-            bridge_ns = self.netns(BRIDGE_HOST)
-            netns.add_namespace(bridge_ns)
+            state.save(self._state, self.state_dir)  # right after the claim: a crash later is found and cleaned
+            if not self.detached:
+                _register(self)
             netns.add_bridge(bridge_ns, BRIDGE)
             for host, addr in self.hosts.items():
                 netns.add_namespace(self.netns(host))
@@ -380,9 +392,17 @@ class Testbed:
         if isinstance(pid_or_cgroup, CpuQuota):
             pid_or_cgroup.set(fraction, period_us)
             return pid_or_cgroup
+        if isinstance(pid_or_cgroup, bool) or isinstance(pid_or_cgroup, int) and pid_or_cgroup <= 0:
+            # 0 would move this very process under the quota, True is pid 1 (init)
+            raise ValueError(f"pid must be a process id (a positive integer), not {pid_or_cgroup!r}")
         if isinstance(pid_or_cgroup, int):
             quota = self._new_quota(fraction, period_us=period_us or DEFAULT_PERIOD_US)
-            quota.add(pid_or_cgroup)
+            try:
+                quota.add(pid_or_cgroup)
+            except BaseException:  # no such process: no empty cgroup left until down()
+                self._cgroups.remove(quota)
+                quota.remove()
+                raise
             return quota
         if pid_or_cgroup.startswith("/"):
             quota = CpuQuota.open(pid_or_cgroup)
@@ -502,12 +522,13 @@ def cleanup_stale(
     """
     check_available()
     pattern = _owned_pattern(prefix)
-    candidates: dict[str, int] = {}
-    for item in [*netns.list_namespaces(), *(p.name for p in list_cgroups(pattern.pattern)),
-                 *(s.name for s in state.all_states(state_dir))]:
+    candidates: dict[str, int | None] = {}
+    for item in [*netns.list_namespaces(), *(p.name for p in list_cgroups(pattern.pattern))]:
         m = pattern.match(item)
         if m:
             candidates[m.group(1)] = int(m.group(2))
+    for recorded in state.all_states(state_dir):  # any name, custom ones too: the state names the owner
+        candidates.setdefault(recorded.name, None)
     removed = []
     for name, pid in sorted(candidates.items()):
         found = state.load(name, state_dir)
@@ -516,7 +537,7 @@ def cleanup_stale(
                 continue
             if not found.detached and state.pid_alive(found.owner_pid, found.owner_start):
                 continue
-        elif state.pid_alive(pid):
+        elif pid is None or state.pid_alive(pid):
             continue
         try:
             _remove_by_name(name, found, state_dir)
@@ -533,10 +554,22 @@ _handlers_installed = False
 _previous_sigterm = signal.SIG_DFL
 
 
+_owner_pid: int | None = None  # the process whose beds _live lists (a forked child has none)
+
+
+def _forget_in_child() -> None:
+    """In a forked child: the parent's beds are not the child's to tear down."""
+    _live.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def _register(bed: Testbed) -> None:
-    global _handlers_installed, _previous_sigterm
+    global _handlers_installed, _previous_sigterm, _owner_pid
     with _live_lock:
         _live.append(bed)
+        _owner_pid = os.getpid()
         if _handlers_installed:
             return
         _handlers_installed = True
@@ -554,6 +587,8 @@ def _unregister(bed: Testbed) -> None:
 
 def teardown_all() -> None:
     """Tear down every bed this process has up (runs at exit and on SIGTERM)."""
+    if os.getpid() != _owner_pid:  # a forked child inherited the hooks, not the beds
+        return
     with _live_lock:
         beds = list(reversed(_live))
     for bed in beds:

@@ -27,6 +27,7 @@ V2_ROOT = Path("/sys/fs/cgroup")
 DEFAULT_PERIOD_US = 100_000  # the kernel's default CFS period
 MIN_QUOTA_US = 1_000  # the kernel refuses a smaller cfs_quota_us
 BUDGET_PER_PERIOD_US = 5_000
+MAX_FRACTION = 1024.0  # cores: a quota beyond any machine's is a mistake
 
 
 def smooth_period_us(fraction: float) -> int:
@@ -89,21 +90,27 @@ class CpuQuota:
         except PermissionError:
             raise TestbedUnavailable(f"cannot create {path}: CPU quotas need root") from None
         quota = cls(path, version, owned=True)
-        quota.set(fraction, period_us)
+        try:
+            quota.set(fraction, period_us)
+        except BaseException:
+            quota.remove()  # a refused setting leaves no empty cgroup behind
+            raise
         return quota
 
     @classmethod
     def open(cls, path: str | Path) -> CpuQuota:
         """An existing cgroup directory (not removed by ``remove``)."""
         path = Path(path)
-        if not path.is_dir():
-            raise TestbedError(f"{path} is not a cgroup directory")
+        root, _ = cpu_root()
+        if not path.is_dir() or not path.resolve().is_relative_to(root.resolve()) or path.resolve() == root.resolve():
+            raise TestbedError(f"{path} is not a cgroup directory under {root}")
         return cls(path, 1 if (path / "cpu.cfs_quota_us").exists() else 2, owned=False)
 
     def set(self, fraction: float, period_us: int | None = None) -> None:
         """Allow ``fraction`` of one CPU per period, summed over all threads (2.0 = two cores)."""
-        if not fraction > 0:
-            raise ValueError(f"fraction must be positive (0.5 = half a core), not {fraction!r}")
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= MAX_FRACTION:
+            raise ValueError(f"fraction must be a number above 0 and at most {MAX_FRACTION} cores "
+                             f"(0.5 = half a core), not {fraction!r}")
         period = int(period_us or self.period_us)
         if not 1000 <= period <= 1_000_000:
             raise ValueError(f"period_us must be within 1000..1000000, not {period}")
@@ -117,6 +124,9 @@ class CpuQuota:
 
     def add(self, pid: int) -> None:
         """Move process ``pid`` (all its threads) into this cgroup; its future children follow."""
+        # 0 would move the writer itself (the calling process) and True is pid 1, init
+        if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
+            raise ValueError(f"pid must be a process id (a positive integer), not {pid!r}")
         try:
             (self.path / "cgroup.procs").write_text(str(int(pid)))
         except ProcessLookupError:

@@ -41,12 +41,33 @@ def default_burst(rate_mbit: float) -> int:
     return max(MIN_BURST_BYTES, int(rate_mbit * 1e6 / 8 * 0.004))
 
 
+MAX_RATE_MBIT = 100_000.0  # 100 Gbit/s: beyond any link the bed emulates
+MAX_BURST_BYTES = 1 << 30
+MAX_LATENCY_S = 60.0
+
+
+def _number(value, what: str, low: float, high: float, exclusive_low: bool = False) -> float:
+    """``value`` as a float within low..high (a bool or non-number, NaN or infinity: ValueError)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} must be a number, not {value!r}")
+    if not (low < value if exclusive_low else low <= value) or not value <= high:
+        bound = f"above {low:g}" if exclusive_low else f"at least {low:g}"
+        raise ValueError(f"{what} must be {bound} and at most {high:g}, not {value!r}")
+    return float(value)
+
+
 def _size(value: int | str) -> str:
-    return value if isinstance(value, str) else f"{int(value)}b"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"burst must be a whole number of bytes (or a tc size such as '64kb'), not {value!r}")
+    return f"{int(_number(value, 'burst', 1, MAX_BURST_BYTES))}b"
 
 
 def _duration(value: float | str) -> str:
-    return value if isinstance(value, str) else f"{max(1, round(value * 1e6))}us"
+    if isinstance(value, str):
+        return value
+    return f"{max(1, round(_number(value, 'latency', 0, MAX_LATENCY_S, exclusive_low=True) * 1e6))}us"
 
 
 def shape(
@@ -57,14 +78,15 @@ def shape(
     ``burst`` is the bucket in bytes (or a tc size string such as ``"64kb"``); ``latency`` is
     the longest queueing delay in seconds (or a tc time string) before tbf drops.
     """
-    if not rate_mbit > 0:
-        raise ValueError(f"rate_mbit must be positive, not {rate_mbit!r}; use unshape() to remove a limit")
+    if isinstance(rate_mbit, (int, float)) and not isinstance(rate_mbit, bool) and rate_mbit == 0:
+        raise ValueError("rate_mbit must be positive, not 0; use unshape() to remove a limit")
+    rate_mbit = _number(rate_mbit, "rate_mbit", 0.001, MAX_RATE_MBIT)  # tc's unit is 1 kbit/s
+    burst_arg, latency_arg = _size(default_burst(rate_mbit) if burst is None else burst), _duration(latency)
     require_tool("tc", "iproute2")
-    burst = default_burst(rate_mbit) if burst is None else burst
-    rate = f"{max(1, round(rate_mbit * 1000))}kbit"
+    rate = f"{round(rate_mbit * 1000)}kbit"
     run_command(
         ["tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
-         "burst", _size(burst), "latency", _duration(latency)]
+         "burst", burst_arg, "latency", latency_arg]
     )
 
 

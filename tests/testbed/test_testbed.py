@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from edgesplit.testbed import Testbed, TestbedUnavailable, cleanup_stale, unavailable_reason
+from edgesplit.testbed import Testbed, TestbedError, TestbedUnavailable, cleanup_stale, unavailable_reason
 from edgesplit.testbed.cgroups import smooth_period_us
 
 REASON = unavailable_reason()  # None when root and `ip netns` work
@@ -124,6 +124,11 @@ class Lines:
         return line
 
 
+def _set_then_pause(event) -> None:
+    event.set()
+    signal.pause()
+
+
 def namespaces() -> set[str]:
     out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
@@ -160,6 +165,38 @@ def test_device_class_periods_give_every_period_a_five_millisecond_budget():
 def test_bad_addresses_are_refused():
     with pytest.raises(ValueError, match="benchmarking range"):
         Testbed({"device": "10.0.0.1"})
+
+
+@pytest.mark.parametrize("base", ["e s", "x/y", "es1", "", "a" * 300, 7])
+def test_a_bad_base_is_refused(base):
+    # "e s" made a bed whose namespaces down() could not see (ip lists names up to a space)
+    with pytest.raises(ValueError, match="base"):
+        Testbed(base=base)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"rate_mbit": float("inf")}, "rate_mbit"), ({"rate_mbit": float("nan")}, "rate_mbit"),
+    ({"rate_mbit": -1}, "rate_mbit"), ({"rate_mbit": 0}, "unshape"), ({"rate_mbit": True}, "rate_mbit"),
+    ({"rate_mbit": 1e-9}, "rate_mbit"), ({"rate_mbit": 5, "burst": 1.5}, "burst"),
+    ({"rate_mbit": 5, "burst": 0}, "burst"), ({"rate_mbit": 5, "latency": -1}, "latency"),
+    ({"rate_mbit": 5, "latency": float("nan")}, "latency"), ({"rate_mbit": 5, "latency": 1e9}, "latency"),
+])
+def test_shaping_numbers_out_of_range_are_refused_before_tc_runs(kwargs, words):
+    """inf was an OverflowError, NaN a conversion error, -1 s of latency became 1 us and a
+    1.5-byte burst 1 byte: refused here, before any tc command."""
+    from edgesplit.testbed import shaping
+
+    with pytest.raises(ValueError, match=words):
+        shaping.shape("no-such-namespace", "eth0", **kwargs)
+
+
+@pytest.mark.parametrize("fraction", [float("inf"), float("nan"), 0, -1, 1e20, True])
+def test_cpu_fractions_out_of_range_are_refused(fraction):
+    from edgesplit.testbed.cgroups import CpuQuota
+
+    quota = CpuQuota(Path("/nonexistent"), 1, owned=False)
+    with pytest.raises(ValueError, match="fraction"):
+        quota.set(fraction)
 
 
 @pytest.mark.root
@@ -261,6 +298,104 @@ class TestTestbed:
         terminated.send_signal(signal.SIGTERM)
         assert terminated.wait(30) == -signal.SIGTERM
         assert of_bed(name) == set()
+
+    def test_a_forked_child_terminated_leaves_the_parents_bed_up(self):
+        """The child inherited the SIGTERM handler and the list of live beds, and tore down
+        its parent's bed when it was terminated."""
+        import multiprocessing
+
+        context = multiprocessing.get_context("fork")
+        with Testbed({"device": "198.18.0.2"}) as bed:
+            running = context.Event()
+            child = context.Process(target=_set_then_pause, args=(running,))
+            child.start()
+            try:
+                # a SIGTERM that comes before the child runs Python is dropped by CPython's fork handling
+                assert running.wait(30), "the child never started"
+                child.terminate()
+                child.join(30)
+                assert child.exitcode == -signal.SIGTERM
+                assert len(of_bed(bed.name)) == 2 and bed.is_up
+            finally:
+                if child.is_alive():
+                    child.kill()
+                    child.join(30)
+        assert of_bed(bed.name) == set()
+
+    def test_another_state_folder_leaves_a_detached_bed_alone(self, tmp_path):
+        """A bed made with another state folder found a detached bed's namespaces without a
+        state file, read the dead pid of the command that made it in its name and removed it."""
+        from edgesplit.testbed import remove
+
+        make = ("import sys; from edgesplit.testbed import Testbed; "
+                "print(Testbed({'device': '198.18.0.2'}, detached=True, state_dir=sys.argv[1]).up().name)")
+        name = subprocess.run([sys.executable, "-c", make, str(tmp_path / "a")], capture_output=True, text=True,
+                              check=True, timeout=60).stdout.strip()  # made, and its maker gone, like 'up'
+        try:
+            with Testbed({"device": "198.18.0.2"}, state_dir=tmp_path / "b"):
+                assert of_bed(name) == {f"{name}-device", f"{name}-bridge"}
+        finally:
+            remove(name, state_dir=tmp_path / "a")
+        assert of_bed(name) == set()
+
+    def test_losing_the_race_for_a_name_leaves_the_winners_bed_up(self, tmp_path, monkeypatch):
+        """Two processes passed the name check, the loser failed to make the namespace and its
+        rollback deleted the winner's whole bed and state."""
+        from edgesplit.testbed import netns as netns_module
+
+        winner = Testbed({"device": "198.18.0.2"}, name="racebed", state_dir=tmp_path).up()
+        try:
+            loser = Testbed({"device": "198.18.0.2"}, name="racebed", state_dir=tmp_path, clean_stale=False)
+            real_list, real_add = netns_module.list_namespaces, netns_module.add_namespace
+            tried = []
+
+            def listed():  # the winner's namespaces stay unseen until the loser tries to make one, as in the race
+                return [n for n in real_list() if tried or not n.startswith("racebed-")]
+
+            def add(name):
+                tried.append(name)
+                real_add(name)
+
+            monkeypatch.setattr(netns_module, "list_namespaces", listed)
+            monkeypatch.setattr(netns_module, "add_namespace", add)
+            with pytest.raises(TestbedError, match="exists"):
+                loser.up()
+            monkeypatch.undo()
+            assert tried == ["racebed-bridge"]
+            assert of_bed("racebed") == {"racebed-device", "racebed-bridge"} and winner.is_up
+            assert (tmp_path / "racebed.json").exists()  # its state is kept
+        finally:
+            winner.down()
+        assert of_bed("racebed") == set()
+
+    def test_a_quota_for_no_process_or_pid_0_is_refused_and_leaves_no_cgroup(self):
+        from edgesplit.testbed.cgroups import cpu_root
+
+        root, _ = cpu_root()
+        with Testbed({"device": "198.18.0.2"}) as bed:
+            for pid in (0, True, -1):  # 0 moved the caller itself under the quota; True is init
+                with pytest.raises(ValueError, match="pid"):
+                    bed.cpu_quota(pid, 0.5)
+            dead = subprocess.Popen([sys.executable, "-c", "pass"])
+            dead.wait()
+            with pytest.raises(TestbedError):
+                bed.cpu_quota(dead.pid, 0.5)
+            assert not [p for p in root.iterdir() if p.name.startswith(f"{bed.name}-cpu")]
+            with pytest.raises(TestbedError, match="not a cgroup directory"):
+                bed.cpu_quota("/tmp", 0.5)  # wrote /tmp/cpu.max
+            assert not Path("/tmp/cpu.max").exists()
+
+    def test_a_crashed_bed_with_a_custom_name_is_cleaned(self):
+        start = ("from edgesplit.testbed import Testbed; import time; "
+                 "b = Testbed({'device': '198.18.0.2'}, name='crashbed').up(); print(b.name, flush=True); "
+                 "time.sleep(60)")
+        crashed = subprocess.Popen([sys.executable, "-c", start], stdout=subprocess.PIPE, text=True)
+        assert Lines(crashed).next(30, "bed name") == "crashbed"
+        crashed.kill()
+        crashed.wait()
+        assert len(of_bed("crashbed")) == 2
+        assert "crashbed" in cleanup_stale()  # its state names a dead owner
+        assert of_bed("crashbed") == set()
 
     def test_offload_answered_then_link_cut_answered_locally(self, tmp_path):
         """Device in one namespace, node in another, a shaped link, an offloaded request
