@@ -277,8 +277,8 @@ class Replay:
             self.error = exc
 
     def start(self) -> Replay:
-        self.bed.shape("device", rate_at(self.samples, 0.0), burst=tbf_burst(rate_at(self.samples, 0.0)),
-                       latency=TBF_LATENCY_S)
+        first = max(rate_at(self.samples, 0.0), MIN_RATE_MBIT)  # a trace may start at 0 (link down)
+        self.bed.shape("device", first, burst=tbf_burst(first), latency=TBF_LATENCY_S)
         self.thread.start()
         return self
 
