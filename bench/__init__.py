@@ -12,6 +12,7 @@ Each benchmark is a module ``edgesplit.bench.<name>`` with two functions:
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 import os
 import platform
@@ -36,10 +37,14 @@ def machine_info() -> dict:
     }
 
 
+class BenchmarkArgumentError(ValueError):
+    """A benchmark asked for with options it cannot run with; raised before any measuring."""
+
+
 def load(name: str):
     """Import the benchmark module ``name``, with a clear error for unknown names."""
     if name not in BENCHMARKS:
-        raise SystemExit(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}")
+        raise BenchmarkArgumentError(f"unknown benchmark {name!r}; choose one of: {', '.join(BENCHMARKS)}")
     return importlib.import_module(f"edgesplit.bench.{name}")
 
 
@@ -47,18 +52,32 @@ def run_benchmark(name: str, quick: bool = False, json_path: str | None = None, 
                   **options) -> dict:
     """Run a benchmark, print its table, and write its results as JSON when asked.
 
-    ``options`` (those not None) go to the benchmark's ``run``, e.g. ``traces`` for ``controller``.
-    """
+    ``options`` (those not None) go to the benchmark's ``run``, e.g. ``traces`` for ``controller``;
+    one the benchmark does not take is a BenchmarkArgumentError, before anything runs, and
+    so is a benchmark's own ``check_options`` refusing them. The JSON is written to a
+    temporary file first and renamed, so an interruption never leaves half a file (nor
+    loses the results of an earlier run)."""
     module = load(name)
+    given = {k: v for k, v in options.items() if v is not None}
+    takes = inspect.signature(module.run).parameters
+    unused = sorted(k for k in given if k not in takes)
+    if unused:
+        flags = ", ".join("--" + k.replace("_", "-") for k in unused)
+        raise BenchmarkArgumentError(f"{flags} do{'es' if len(unused) == 1 else ''} not apply to this benchmark")
+    if hasattr(module, "check_options"):
+        module.check_options(quick=quick, **given)  # e.g. every trace read before a test bed is built
     started = time.time()
-    result = module.run(quick=quick, progress=progress, **{k: v for k, v in options.items() if v is not None})
+    result = module.run(quick=quick, progress=progress, **given)
     result.setdefault("benchmark", name)
     result.setdefault("quick", quick)
     result["seconds"] = round(time.time() - started, 2)
     print(module.render(result))
     if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=2) + "\n")
+        path = Path(json_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(partial, path)
         print(f"results written to {json_path}")
         if hasattr(module, "plot"):
             png = str(Path(json_path).with_suffix(".png"))

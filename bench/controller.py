@@ -33,6 +33,7 @@ two traces of 10 s, about 2 minutes; ``--traces DIR``: any folder of ``<seconds>
 from __future__ import annotations
 
 import bisect
+import collections
 import json
 import os
 import statistics
@@ -58,11 +59,48 @@ MIN_RATE_MBIT = 0.05  # a trace's zero (link down for that moment) is shaped to 
 GAIN_FLOOR = 0.05  # gain_captured counts traces where the oracle beats the best static by this share
 
 
+MIN_WINDOW_S = 5.0  # shorter, a window holds too few requests to compare plans (and 0.05 s held none)
+MAX_WINDOW_S = 24 * 3600.0
+
+
 def trace_files(folder: str | Path) -> list[Path]:
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in (".txt", ".log", ""))
+    """The trace files under ``folder`` (``.txt``, ``.log`` or no suffix; hidden files such
+    as ``.gitkeep`` are not traces)."""
+    from . import BenchmarkArgumentError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise BenchmarkArgumentError(f"--traces {folder} is not a folder of '<seconds> <Mbit/s>' trace files")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in (".txt", ".log", "")
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
-        raise SystemExit(f"no traces in {folder}: expected files of '<seconds> <Mbit/s>' lines")
+        raise BenchmarkArgumentError(f"no traces in {folder}: expected files of '<seconds> <Mbit/s>' lines")
     return files
+
+
+def check_options(quick: bool = False, traces: str | None = None, device: str | None = None,
+                  window_s: float | None = None, count: int | None = None) -> list[Path]:
+    """Check the options and read every trace the run would replay, before any test bed is
+    built: a malformed trace or window is found in a second, not after the profiles and the
+    table (minutes) with the traces before it thrown away. Returns the chosen traces."""
+    from edgesplit.linksim.traces import load_trace
+
+    from . import BenchmarkArgumentError
+
+    if window_s is not None and not MIN_WINDOW_S <= window_s <= MAX_WINDOW_S:
+        raise BenchmarkArgumentError(f"--window-s must be {MIN_WINDOW_S:g} to {MAX_WINDOW_S:g} seconds, "
+                                     f"not {window_s:g}")
+    chosen = pick(trace_files(traces_folder(traces)), count or (QUICK if quick else FULL)["traces"])
+    for path in chosen:
+        try:
+            load_trace(path)
+        except (OSError, ValueError) as exc:
+            raise BenchmarkArgumentError(f"trace {path}: {exc}") from None
+    return chosen
+
+
+def traces_folder(traces: str | None) -> Path:
+    return Path(traces or os.environ.get("EDGESPLIT_TRACES") or DEFAULT_TRACES)
 
 
 def pick(files: list[Path], n: int) -> list[Path]:
@@ -80,12 +118,28 @@ def window_start(samples: list[tuple[float, float]], duration_s: float, how: str
         return 0.0
     if how != "widest":
         raise ValueError(f"window must be 'start' or 'widest', not {how!r}")
-    best, best_ratio = 0.0, 0.0
-    for t0, _ in samples:
+    # One pass with a sliding window (monotonic deques of its largest and smallest rates):
+    # recomputing every window was quadratic, some 6 minutes for a 100,000-sample trace.
+    rates = [max(r, MIN_RATE_MBIT) for _, r in samples]
+    highs: collections.deque[int] = collections.deque()
+    lows: collections.deque[int] = collections.deque()
+    best, best_ratio, j = 0.0, 0.0, 0
+    for i, (t0, _) in enumerate(samples):
         if t0 + duration_s > samples[-1][0]:
             break
-        rates = [rate_at(samples, t0)] + [max(r, MIN_RATE_MBIT) for t, r in samples if t0 < t < t0 + duration_s]
-        ratio = max(rates) / min(rates)
+        while j < len(samples) and (j <= i or samples[j][0] < t0 + duration_s):  # the window is i..j-1
+            while highs and rates[highs[-1]] <= rates[j]:
+                highs.pop()
+            highs.append(j)
+            while lows and rates[lows[-1]] >= rates[j]:
+                lows.pop()
+            lows.append(j)
+            j += 1
+        while highs[0] < i:
+            highs.popleft()
+        while lows[0] < i:
+            lows.popleft()
+        ratio = rates[highs[0]] / rates[lows[0]]
         if ratio > best_ratio:
             best, best_ratio = t0, ratio
     return best
@@ -297,8 +351,6 @@ def run(quick: bool = False, progress: bool = True, config: dict | None = None, 
     from edgesplit.partitioner.explain import DEVICE_QUOTAS
     from edgesplit.testbed.cgroups import smooth_period_us
 
-    if window_s is not None and not 0 < window_s < 24 * 3600:
-        raise ValueError(f"window_s must be a positive number of seconds, not {window_s}")
     if os.geteuid() != 0:
         raise SystemExit("the controller benchmark builds network namespaces and CPU quotas: run it as root")
     config = dict(config or (QUICK if quick else FULL))
@@ -306,8 +358,8 @@ def run(quick: bool = False, progress: bool = True, config: dict | None = None, 
         config["device"] = device
     if window_s is not None:
         config["duration_s"] = float(window_s)
-    folder = Path(traces or os.environ.get("EDGESPLIT_TRACES") or DEFAULT_TRACES)
-    chosen = pick(trace_files(folder), config["traces"])
+    folder = traces_folder(traces)
+    chosen = check_options(quick, traces, device, window_s, count=config["traces"])  # before any test bed
     work = Path(tempfile.mkdtemp(prefix="edgesplit-controller-"))
     q = DEVICE_QUOTAS[config["device"]]
     pause_s = 2 * smooth_period_us(q) / 1e6

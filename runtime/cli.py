@@ -20,7 +20,9 @@ import os
 import sys
 
 from .cli_args import (
+    BENCHMARK_NAMES,
     batch_sizes,
+    json_output_file,
     non_negative_float,
     non_negative_int,
     output_dir,
@@ -95,10 +97,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from edgesplit.bench import run_benchmark
+    from edgesplit.bench import BenchmarkArgumentError, run_benchmark
 
-    run_benchmark(args.name, quick=args.quick, json_path=args.json, progress=not args.no_progress,
-                  traces=args.traces, device=args.device, window_s=args.window_s)
+    try:
+        run_benchmark(args.name, quick=args.quick, json_path=args.json, progress=not args.no_progress,
+                      traces=args.traces, device=args.device, window_s=args.window_s)
+    except BenchmarkArgumentError as exc:  # found before the run: say what, not where
+        print(f"edgesplit bench {args.name}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -316,15 +322,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     b = sub.add_parser("bench", help="run a benchmark")
-    b.add_argument("name")
+    b.add_argument("name", choices=BENCHMARK_NAMES)
     b.add_argument("--quick", action="store_true", help="about a minute")
-    b.add_argument("--json", help="write machine-readable results here")
+    b.add_argument("--json", type=json_output_file,
+                   help="write machine-readable results here (and the plot beside it, as .png)")
     b.add_argument("--no-progress", action="store_true")
     b.add_argument("--traces", help="controller: a folder of '<seconds> <Mbit/s>' bandwidth traces "
                    "(default: ../shared/traces)")
     b.add_argument("--device", choices=["pi4", "pizero2", "mcu"],
                    help="controller: the device class (CPU quota) to throttle the device to (default: mcu)")
-    b.add_argument("--window-s", type=float,
+    b.add_argument("--window-s", type=positive_float,
                    help="controller: seconds of each trace replayed (default 45, --quick 10; longer windows "
                    "give narrower figures, the run time grows in proportion)")
     b.set_defaults(func=_bench)

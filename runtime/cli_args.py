@@ -100,3 +100,15 @@ def output_dir(text: str) -> str:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise argparse.ArgumentTypeError(f"cannot write into {existing}: permission denied")
     return text
+
+
+# the benchmark names, without importing the benchmarks (checked against edgesplit.bench.BENCHMARKS in a test)
+BENCHMARK_NAMES = ("accuracy", "linksim", "chaos", "throughput", "split", "controller", "nonn", "compress")
+
+
+def json_output_file(text: str) -> str:
+    """argparse type: a ``.json`` results file to write (not ``.png``: the plot goes beside it as one)."""
+    if Path(text).suffix.lower() == ".png":
+        raise argparse.ArgumentTypeError(f"{text} would be overwritten by the plot written beside the results; "
+                                         "give a .json name")
+    return output_file(text)

@@ -15,9 +15,31 @@ def test_info_lists_cuts(capsys):
     assert "exits at cuts [4, 7]" in out and "stage2.2" in out
 
 
-def test_unknown_benchmark_names_the_choices():
-    with pytest.raises(SystemExit, match="accuracy"):
+def test_unknown_benchmark_names_the_choices(capsys):
+    with pytest.raises(SystemExit) as exit_:
         main(["bench", "nope"])
+    assert exit_.value.code == 2 and "accuracy" in capsys.readouterr().err
+
+
+def test_bench_flags_are_checked_before_the_run(tmp_path, capsys):
+    from edgesplit.bench import BENCHMARKS
+    from edgesplit.runtime.cli_args import BENCHMARK_NAMES
+
+    assert BENCHMARK_NAMES == BENCHMARKS
+    # a folder or a .png as --json: found after a whole run (the results lost), or the plot
+    # overwrote the JSON
+    for target in (str(tmp_path), str(tmp_path / "results.png"), str(tmp_path / "missing" / "r.json")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "accuracy", "--json", target])
+        assert exit_.value.code == 2, target
+        capsys.readouterr()
+    for flags in (["--window-s", "0"], ["--window-s", "nan"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "controller", *flags])
+        assert exit_.value.code == 2
+        capsys.readouterr()
+    assert main(["bench", "accuracy", "--device", "pi4"]) == 2  # a TypeError traceback before
+    assert "--device does not apply to this benchmark" in capsys.readouterr().err
 
 
 def test_console_scripts_start():

@@ -126,8 +126,50 @@ def test_traces_are_picked_evenly_and_rates_hold_until_the_next_sample(tmp_path)
     assert rate_at([(0.0, 2.0), (5.0, 0.0)], 4.9) == 2.0
     assert rate_at([(0.0, 2.0), (5.0, 0.0)], 5.0) == 0.05  # a zero is the link down: shaped to the floor
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no traces"):
+    with pytest.raises(ValueError, match="no traces"):
         trace_files(tmp_path / "empty")
+    (tmp_path / ".gitkeep").write_text("")  # hidden files are not traces (it was picked first, then failed)
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "old.txt").write_text("junk\n")
+    assert [p.name for p in trace_files(tmp_path)] == [f"t{i}.txt" for i in range(7)]
+    with pytest.raises(ValueError, match="not a folder"):
+        trace_files(tmp_path / "t0.txt")
+
+
+def _widest_by_every_window(samples, duration_s):
+    """The definition, window by window (what window_start computed, quadratically, before)."""
+    best, best_ratio = 0.0, 0.0
+    for t0, _ in samples:
+        if t0 + duration_s > samples[-1][0]:
+            break
+        rates = [rate_at(samples, t0)] + [max(r, 0.05) for t, r in samples if t0 < t < t0 + duration_s]
+        if max(rates) / min(rates) > best_ratio:
+            best, best_ratio = t0, max(rates) / min(rates)
+    return best
+
+
+def test_the_widest_window_in_one_pass_matches_the_definition():
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        t, trace = 0.0, []
+        for _ in range(rng.randint(1, 60)):
+            trace.append((t, rng.choice([0.0, 0.01, rng.uniform(0.05, 10.0), rng.uniform(0.05, 10.0)])))
+            t += rng.choice([0.5, 1.0, 2.0, 7.5])
+        duration = rng.choice([1.0, 5.0, 10.0, 30.0])
+        assert window_start(trace, duration) == _widest_by_every_window(trace, duration)
+    long = [(i * 0.5, 1.0 + (i % 97) / 10) for i in range(200_000)]  # quadratic, this took hours
+    assert window_start(long, 45.0) >= 0.0
+
+
+def test_a_malformed_trace_is_found_before_any_test_bed_is_built(tmp_path):
+    from edgesplit.bench import BenchmarkArgumentError, run_benchmark
+
+    (tmp_path / "a.txt").write_text("0 1.0\n1 2.0\n")
+    (tmp_path / "b.txt").write_text("0 1.0\n1 fast\n")
+    with pytest.raises(BenchmarkArgumentError, match="b.txt:2"):  # before the root check, the bed, the table
+        run_benchmark("controller", quick=True, progress=False, traces=str(tmp_path))
 
 
 @pytest.mark.root
@@ -153,9 +195,9 @@ def test_a_short_run_answers_every_request_and_the_controller_decides(tmp_path):
                         "all_edge_ms", "slo_miss_rate", "sent", "answered", "decisions"}
 
 
-@pytest.mark.parametrize("window_s", [0, -5.0, float("nan"), float("inf")])
-def test_a_window_that_is_not_a_positive_length_is_refused_before_anything_starts(window_s):
+@pytest.mark.parametrize("window_s", [0, -5.0, float("nan"), float("inf"), 0.05, 1e9])
+def test_a_window_that_is_not_a_usable_length_is_refused_before_anything_starts(window_s):
     from edgesplit.bench import controller
 
-    with pytest.raises(ValueError, match="window_s"):
+    with pytest.raises(ValueError, match="--window-s"):  # 0.05 s held no request, and failed after the table
         controller.run(window_s=window_s)
