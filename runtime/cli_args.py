@@ -107,8 +107,15 @@ BENCHMARK_NAMES = ("accuracy", "linksim", "chaos", "throughput", "split", "contr
 
 
 def json_output_file(text: str) -> str:
-    """argparse type: a ``.json`` results file to write (not ``.png``: the plot goes beside it as one)."""
-    if Path(text).suffix.lower() == ".png":
+    """argparse type: a results file to write, whose folder exists or can be made (not a
+    ``.png``: the plot goes beside the results under that name)."""
+    path = Path(text)
+    if path.suffix.lower() == ".png":
         raise argparse.ArgumentTypeError(f"{text} would be overwritten by the plot written beside the results; "
                                          "give a .json name")
-    return output_file(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    output_dir(str(path.parent))  # an existing folder, or one that can be made
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f"cannot write {text}: permission denied")
+    return text

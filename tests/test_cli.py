@@ -28,7 +28,8 @@ def test_bench_flags_are_checked_before_the_run(tmp_path, capsys):
     assert BENCHMARK_NAMES == BENCHMARKS
     # a folder or a .png as --json: found after a whole run (the results lost), or the plot
     # overwrote the JSON
-    for target in (str(tmp_path), str(tmp_path / "results.png"), str(tmp_path / "missing" / "r.json")):
+    (tmp_path / "afile").write_text("")
+    for target in (str(tmp_path), str(tmp_path / "results.png"), str(tmp_path / "afile" / "r.json")):
         with pytest.raises(SystemExit) as exit_:
             main(["bench", "accuracy", "--json", target])
         assert exit_.value.code == 2, target
