@@ -90,13 +90,10 @@ def find_data_dir(root: str | Path | None = None) -> Path:
         return _explicit(Path(root), "given")
     if os.environ.get("EDGESPLIT_DATA"):
         return _explicit(Path(os.environ["EDGESPLIT_DATA"]), "in $EDGESPLIT_DATA")
-    candidates = [DEBIAN_DIR]
-    for folder in candidates:
-        if _holds_dataset(folder):
-            return folder
-    looked = ", ".join(str(c) for c in candidates)
+    if _holds_dataset(DEBIAN_DIR):
+        return DEBIAN_DIR
     raise DatasetNotFoundError(
-        f"Fashion-MNIST not found (looked in: {looked}). Install it with "
+        f"Fashion-MNIST not found (looked in: {DEBIAN_DIR}). Install it with "
         "'sudo apt-get install dataset-fashion-mnist' (Debian/Ubuntu), or put the four files "
         "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, "
         "t10k-labels-idx1-ubyte.gz in a folder and set EDGESPLIT_DATA to it. "
