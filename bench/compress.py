@@ -90,11 +90,11 @@ def int8(x, y, reference: float, shipped, quick: bool) -> dict:
 def bottleneck(x, y, reference: float, shipped) -> dict:
     from edgesplit.models.datasets import IMAGE_BYTES
     from edgesplit.partitioner.bundle import load_bundle
-    from edgesplit.partitioner.compress.bottleneck import load_bottleneck
+    from edgesplit.partitioner.compress.bottleneck import bottleneck_from_bundle
     from edgesplit.runtime.rate import codec_point
 
     bundle = load_bundle(_bundles_dir() / "resnet_fm_bottleneck")
-    net = load_bottleneck(bundle.model, bundle.path / "bottleneck.safetensors")
+    net = bottleneck_from_bundle(bundle)
     point = codec_point(net.head, net.tail, x, y, "int8", zlib_sample=len(y))
     cut = net.cut
     import zlib

@@ -51,10 +51,10 @@ def card_path(weights: str | Path) -> Path:
 MAX_JSON_BYTES = 16 * 1024 * 1024  # a card or manifest larger than this is refused unread
 
 
-def read_json_file(path: str | Path, what: str = "file", max_bytes: int = MAX_JSON_BYTES):
-    """The JSON value in ``path``, a regular file of at most ``max_bytes``; ValueError
-    (naming ``what``) for anything else: a FIFO that would block, ``/dev/zero`` that would
-    fill memory, a directory, text that is not JSON or nests deeper than the parser goes."""
+def read_regular_file(path: str | Path, what: str = "file", max_bytes: int = MAX_JSON_BYTES) -> bytes:
+    """The bytes of ``path``, a regular file of at most ``max_bytes``; ValueError (naming
+    ``what``) for anything else, checked before a byte is read: a FIFO would block, a link
+    to ``/dev/zero`` or a sparse file of terabytes would fill memory."""
     path = Path(path)
     try:
         info = path.stat()
@@ -71,12 +71,28 @@ def read_json_file(path: str | Path, what: str = "file", max_bytes: int = MAX_JS
         raise ValueError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
     if len(data) > max_bytes:  # grew since the stat
         raise ValueError(f"{what} {path}: over the {max_bytes:,} bytes allowed")
+    return data
+
+
+def read_json_file(path: str | Path, what: str = "file", max_bytes: int = MAX_JSON_BYTES):
+    """The JSON value in ``path``, a regular file of at most ``max_bytes``; ValueError
+    (naming ``what``) for anything else: a FIFO that would block, ``/dev/zero`` that would
+    fill memory, a directory, text that is not JSON or nests deeper than the parser goes."""
+    data = read_regular_file(path, what, max_bytes)
     try:
         return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{what} {path} is not valid JSON ({exc})") from None
     except RecursionError:
         raise ValueError(f"{what} {path} is not valid JSON (nested too deeply)") from None
+
+
+def weights_limit(model: torch.nn.Module) -> int:
+    """The most bytes a weights file of ``model`` (or of a pruned or re-headed copy of it) can
+    hold: twice its float32 state plus 16 MiB of headers and extra heads. A larger file is
+    refused before it is read."""
+    state = sum(t.numel() for t in model.state_dict().values())
+    return 2 * 4 * state + (16 << 20)
 
 
 def load_weights(model: SplitModel, path: str | Path, verify: bool = True) -> None:
@@ -89,9 +105,7 @@ def load_weights(model: SplitModel, path: str | Path, verify: bool = True) -> No
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no weights at {path}; train them with 'edgesplit train {model.name}'")
-    if not path.is_file():
-        raise ValueError(f"weights {path} are not a regular file")
-    data = path.read_bytes()
+    data = read_regular_file(path, "weights", weights_limit(model))
     if verify:
         card = card_path(path)
         if not card.exists():

@@ -30,7 +30,13 @@ from safetensors.torch import load as load_safetensors_bytes
 
 from edgesplit.models import build_model
 from edgesplit.models.split_model import SplitModel
-from edgesplit.models.weights_io import read_json_file, sha256_file, write_safetensors
+from edgesplit.models.weights_io import (
+    read_json_file,
+    read_regular_file,
+    sha256_file,
+    weights_limit,
+    write_safetensors,
+)
 
 from .cuts import GraphCut, enumerate_cuts
 from .graph import ModelGraph, trace
@@ -122,6 +128,14 @@ def attach_file(bundle_dir: str | Path, name: str, section: str | None = None, i
     return manifest
 
 
+def state_dict_mismatch(exc: RuntimeError) -> str:
+    """The first thing torch's ``load_state_dict`` found wrong (a missing or unexpected key, a
+    size mismatch), on one line of at most 300 characters, not just its heading."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    detail = lines[1] if len(lines) > 1 else (lines[0] if lines else type(exc).__name__)
+    return detail if len(detail) <= 300 else detail[:297] + "..."
+
+
 def load_bundle(path: str | Path) -> Bundle:
     """Load and verify a bundle: schema, every file's sha256, the rebuilt model's graph hash."""
     root = Path(path)
@@ -143,24 +157,30 @@ def load_bundle(path: str | Path) -> Bundle:
         raise BundleError(f"{manifest_path} lists no {WEIGHTS}")
     if not isinstance(manifest.get("model"), str):
         raise BundleError(f"{manifest_path}: 'model' must be a model's name, not {manifest.get('model')!r:.60}")
+    try:
+        model = build_model(manifest["model"])
+    except KeyError as exc:
+        raise BundleError(f"{manifest_path}: {exc}") from None
+    # No file of the bundle (weights, int8 segment, bottleneck) can be larger than the whole
+    # model's weights: anything larger is refused before it is read or hashed.
+    limit = weights_limit(model)
     weights = b""
     for name, expected in files.items():
         file = root / name
         if Path(name).name != name or not file.is_file():
             raise BundleError(f"{root}: {name!r} listed in the manifest is missing or not a plain file name")
-        if name == WEIGHTS:
-            # Read once: what is hashed is what is loaded (reopening by name would load whatever
-            # replaced the file in between).
-            weights = file.read_bytes()
-            actual = hashlib.sha256(weights).hexdigest()
-        else:
-            actual = sha256_file(file)
+        try:
+            if name == WEIGHTS:
+                # Read once: what is hashed is what is loaded (reopening by name would load
+                # whatever replaced the file in between).
+                weights = read_regular_file(file, "bundle file", limit)
+                actual = hashlib.sha256(weights).hexdigest()
+            else:
+                actual = hashlib.sha256(read_regular_file(file, "bundle file", limit)).hexdigest()
+        except ValueError as exc:
+            raise BundleError(f"{exc}; refusing to load") from None
         if actual != expected:
             raise BundleError(f"{file}: sha256 {actual} differs from {expected} in the manifest; refusing to load")
-    try:
-        model = build_model(manifest["model"])
-    except KeyError as exc:
-        raise BundleError(f"{manifest_path}: {exc}") from None
     if "architecture" in manifest:
         from .compress.architecture import rebuild
         from .compress.exits import with_exits
@@ -188,11 +208,14 @@ def load_bundle(path: str | Path) -> Bundle:
         state = load_safetensors_bytes(weights)
     except Exception as exc:  # safetensors raises its own error types on a malformed file
         raise BundleError(f"{root / WEIGHTS} is not a readable safetensors file: {exc}") from None
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # a model that answers NaN for every input must not be served
+        raise BundleError(f"{root / WEIGHTS}: tensor {bad} holds NaN or Inf values; refusing to load")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
         raise BundleError(f"{root / WEIGHTS} does not fit the model the manifest describes: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{state_dict_mismatch(exc)}") from None
     model.eval()
     graph = trace(model, (torch.zeros(1, *model.input_shape),))
     if graph_hash(graph) != manifest.get("graph_sha256"):

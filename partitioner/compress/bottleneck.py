@@ -197,12 +197,22 @@ def save_bottleneck(net: BottleneckModel, path: str | Path) -> None:
                                           "shape": ",".join(map(str, b.shape))})
 
 
-def load_bottleneck(model: SplitModel, path: str | Path) -> BottleneckModel:
-    """Rebuild a saved bottleneck on ``model`` (a copy of it: its tail is replaced)."""
-    from safetensors import safe_open
+BOTTLENECK_FILE = "bottleneck.safetensors"  # in a bundle, listed and hashed by its manifest
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+
+def load_bottleneck(model: SplitModel, path: str | Path) -> BottleneckModel:
+    """Rebuild a saved bottleneck on ``model`` (a copy of it: its tail is replaced). A file
+    that is not a bottleneck of this model, or holds non-finite weights, is a ValueError.
+    For a bundle's bottleneck use :func:`bottleneck_from_bundle`, which also checks the file
+    against the manifest that hashed it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path} is not a readable safetensors file: {exc}") from None
     try:
         cut, channels, stride = int(meta["cut"]), int(meta["channels"]), int(meta["stride"])
     except (KeyError, ValueError):
@@ -213,15 +223,41 @@ def load_bottleneck(model: SplitModel, path: str | Path) -> BottleneckModel:
     if not 0 < channels <= width or stride not in (1, 2, 4):
         raise ValueError(f"{path}: a {channels}-channel, stride-{stride} code does not fit cut {cut} "
                          f"({width} channels; strides 1, 2, 4)")
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise ValueError(f"{path}: tensor {bad} holds NaN or Inf values")
     net = BottleneckModel(copy.deepcopy(model).eval(), cut, Bottleneck(model.cut_points()[cut].shape, channels, stride))
-    state = load_file(str(path))
-    net.bottleneck.load_state_dict({k[11:]: v for k, v in state.items() if k.startswith("bottleneck.")})
-    blocks = {k[7:]: v for k, v in state.items() if k.startswith("blocks.")}
-    for i in range(cut, model.num_blocks):
-        prefix = f"{i}."
-        net.model.blocks[i].load_state_dict({k[len(prefix):]: v for k, v in blocks.items() if k.startswith(prefix)})
+    from edgesplit.partitioner.bundle import state_dict_mismatch
+
+    try:
+        net.bottleneck.load_state_dict({k[11:]: v for k, v in state.items() if k.startswith("bottleneck.")})
+        blocks = {k[7:]: v for k, v in state.items() if k.startswith("blocks.")}
+        for i in range(cut, model.num_blocks):
+            prefix = f"{i}."
+            net.model.blocks[i].load_state_dict({k[len(prefix):]: v for k, v in blocks.items()
+                                                 if k.startswith(prefix)})
+    except RuntimeError as exc:
+        raise ValueError(f"{path} does not fit a cut-{cut} bottleneck of {model.name}: "
+                         f"{state_dict_mismatch(exc)}") from None
     return net.eval()
 
+
+def bottleneck_from_bundle(bundle) -> BottleneckModel:
+    """The bottleneck a bundle carries (see :func:`run_bottleneck`): its file must be one the
+    manifest lists and hashed (``load_bundle`` checked the hash), and what the file holds must
+    be what the manifest's ``bottleneck`` section says (cut, channels, stride, code shape)."""
+    info = bundle.manifest.get("bottleneck")
+    if not isinstance(info, dict):
+        raise ValueError(f"{bundle.path} carries no bottleneck section in its manifest")
+    if BOTTLENECK_FILE not in bundle.manifest.get("files", {}):
+        raise ValueError(f"{bundle.path}: {BOTTLENECK_FILE} is not a file the manifest lists and hashes")
+    net = load_bottleneck(bundle.model, bundle.path / BOTTLENECK_FILE)
+    held = {"cut": net.cut, "channels": net.bottleneck.channels, "stride": net.bottleneck.stride,
+            "code_shape": list(net.bottleneck.code_shape)}
+    said = {k: info.get(k) for k in held}
+    if said != held:
+        raise ValueError(f"{bundle.path / BOTTLENECK_FILE} holds {held}, the manifest says {said}")
+    return net
 
 
 SIDE_BYTES = 8  # the int8 codec's scale and zero point travel with each code
@@ -272,9 +308,9 @@ def run_bottleneck(cfg, base: str, data: Splits, out: Path, progress: bool = Tru
     best = min(pool, key=lambda c: (c["bytes"], c["cut"]) if fits else (-c["val_accuracy"], c["bytes"]))
     bundle = out / f"{base}_bottleneck"
     write_bundle(model, bundle)
-    save_bottleneck(best["net"], bundle / "bottleneck.safetensors")
+    save_bottleneck(best["net"], bundle / BOTTLENECK_FILE)
     info = {k: best[k] for k in ("cut", "channels", "stride", "code_shape", "bytes", "bytes_zlib", "bytes_fp32")}
-    attach_file(bundle, "bottleneck.safetensors", "bottleneck", {**info, "codec": "bottleneck+int8"})
+    attach_file(bundle, BOTTLENECK_FILE, "bottleneck", {**info, "codec": "bottleneck+int8"})
     table = [{k: v for k, v in c.items() if k != "net"} for c in candidates]
     return {
         "cut": best["cut"], "bytes_fp32": best["bytes_fp32"], "bytes_sent": best["bytes"],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,11 +155,16 @@ def unflatten_state(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
         if kind == "tensor":
             return tensors[key]
         if kind == "per_channel":
+            scales = tensors[f"{key}#scales"]
+            if not (torch.isfinite(scales).all() and (scales > 0).all()):
+                raise ValueError(f"{key}: scales must be finite and positive")
             return torch._make_per_channel_quantized_tensor(
-                tensors[f"{key}#int"], tensors[f"{key}#scales"], tensors[f"{key}#zero_points"], int(spec["axis"]))
+                tensors[f"{key}#int"], scales, tensors[f"{key}#zero_points"], int(spec["axis"]))
         if kind == "per_tensor":
-            return torch._make_per_tensor_quantized_tensor(
-                tensors[f"{key}#int"], float(spec["scale"]), int(spec["zero_point"]))
+            scale = float(spec["scale"])
+            if not (math.isfinite(scale) and scale > 0):
+                raise ValueError(f"{key}: scale {scale} must be finite and positive")
+            return torch._make_per_tensor_quantized_tensor(tensors[f"{key}#int"], scale, int(spec["zero_point"]))
         if kind == "dtype":
             return _DTYPES[spec["value"]]
         if kind == "tuple":
@@ -224,15 +230,21 @@ def load_segment(model: SplitModel, path: str | Path) -> QuantizedSegment:
     try:
         start, stop, engine = int(meta["start"]), int(meta["stop"]), meta["engine"]
         layout = json.loads(meta["layout"])
+        if not isinstance(layout, dict) or not all(isinstance(v, dict) for v in layout.values()):
+            raise ValueError("layout is not an object of tensor records")
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"{path} is not a quantized segment (its metadata lacks {exc})") from None
+        raise ValueError(f"{path} is not a quantized segment (its metadata: {exc})") from None
     backend = Int8Backend(engine)
     example = torch.zeros(1, *model.cut_points()[start].shape)
     try:
         with _quiet():
             state = unflatten_state(load_file(str(path)), layout)
         module = backend.rebuild(segment(model, start, stop), example, state)
-    except (KeyError, IndexError, RuntimeError, TypeError) as exc:
+        bad = next((k for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)
+                    and v.is_floating_point() and not v.is_quantized and not torch.isfinite(v).all()), None)
+        if bad is not None:
+            raise ValueError(f"tensor {bad} holds NaN or Inf values")
+    except (KeyError, IndexError, RuntimeError, TypeError, AttributeError, ValueError) as exc:
         raise ValueError(f"{path} does not hold blocks {start}..{stop} of {model.name}: {exc}") from None
     return QuantizedSegment(module, start, stop, backend)
 
@@ -257,6 +269,8 @@ def int8_bundle_segment(bundle) -> QuantizedSegment:
     info = bundle.manifest.get("int8")
     if not info:
         raise ValueError(f"{bundle.path} carries no int8 segment")
+    if not isinstance(info, dict):
+        raise ValueError(f"{bundle.path}: the manifest's int8 section must be an object, not {type(info).__name__}")
     name = info.get("file")
     if not isinstance(name, str) or Path(name).name != name or name not in bundle.manifest.get("files", {}):
         raise ValueError(f"{bundle.path}: the int8 segment {name!r} is not a file the manifest lists and hashes")
@@ -264,6 +278,9 @@ def int8_bundle_segment(bundle) -> QuantizedSegment:
     if (segment_.start, segment_.stop) != (info.get("start"), info.get("stop")):
         raise ValueError(f"{bundle.path / name}: blocks {segment_.start}..{segment_.stop}, the manifest says "
                          f"{info.get('start')}..{info.get('stop')}")
+    if segment_.backend.engine != info.get("engine"):  # another engine's kernels compute other values
+        raise ValueError(f"{bundle.path / name}: quantized for the {segment_.backend.engine} engine, the manifest "
+                         f"says {info.get('engine')!r:.40}")
     return segment_
 
 

@@ -127,6 +127,11 @@ class EmbeddedController:
                  explore_margin: float = 0.25, explore_every: int = 24,
                  offload_patience: float | None = 2.0, min_offload_deadline_s: float = 0.2,
                  history: int | None = DECISION_HISTORY) -> None:
+        mismatched = {s.confidence for s in space.exit_settings if s.thresholds} - {runner.confidence_kind}
+        if mismatched:
+            raise ValueError(f"the plan space's exit thresholds were calibrated on {', '.join(sorted(mismatched))} "
+                             f"confidence, the runner measures {runner.confidence_kind}: make the runner with "
+                             f"confidence_kind={sorted(mismatched)[0]!r} or calibrate for its kind")
         self.runner = runner
         self.space = space
         self.policy = policy

@@ -46,6 +46,9 @@ class ExitSetting:
     rates: Mapping[int, float] = field(default_factory=dict)  # exit cut -> share of all inputs
     accuracy: float = 1.0
     name: str = "no exits"
+    # The confidence the thresholds apply to (edgesplit.models.split_model.CONFIDENCES): a
+    # threshold calibrated on entropy means something else under max-softmax.
+    confidence: str = "max_softmax"
 
 
 @dataclass(frozen=True)

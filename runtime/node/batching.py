@@ -303,8 +303,16 @@ def execute_batch(model: ServedModel, requests: list[InferRequest], max_elements
         offset = 0
         for i, tensors in decoded:
             n = tensors[0].shape[0]
-            answers[i] = _result(model, requests[i], [y[offset:offset + n] for y in arrays], compute, rows)
+            rows_of = [y[offset:offset + n] for y in arrays]
             offset += n
+            # Finite inputs can still overflow inside the model (int8 values at a scale of
+            # 1e36): NaN logits answered OK would be taken as a prediction by other clients.
+            if not all(math.isfinite(y.sum()) or np.isfinite(y).all() for y in rows_of):
+                answers[i] = InferError(InferError.INVALID_ARGUMENT,
+                                        f"{model.name} computed NaN or Inf outputs for this input: its values "
+                                        "are beyond the range the model handles")
+                continue
+            answers[i] = _result(model, requests[i], rows_of, compute, rows)
     return BatchOutcome(answers, rows, compute)  # type: ignore[arg-type]
 
 

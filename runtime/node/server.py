@@ -98,6 +98,10 @@ def load_registry(settings: NodeSettings):
         from .registry import register_graph_cuts
 
         bundle = load_bundle(settings.bundle)
+        unserved = [section for section in ("int8", "bottleneck") if section in bundle.manifest]
+        if unserved:  # the node runs the bundle's float weights; say so rather than let it pass unnoticed
+            log.warning("bundle %s carries %s, which edge-node does not serve yet (docs/compression.md): "
+                        "serving its float32 model", bundle.path, " and ".join(unserved))
         register_graph_cuts(registry, f"{bundle.model.name}.graph", bundle.graph, settings.batching_config())
         # the chain's own segments too, named as the device runner asks for them
         register_split_model(registry, bundle.model, settings.batching_config())

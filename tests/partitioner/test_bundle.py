@@ -72,6 +72,56 @@ def test_a_manifest_of_the_wrong_shape_is_a_bundle_error_not_a_traceback(bundle_
         load_bundle(bad)
 
 
+@pytest.mark.parametrize("kind", ["sparse", "dev-zero", "fifo"])
+def test_a_bundle_file_larger_than_the_model_or_not_regular_is_refused_unread(bundle_dir, tmp_path, kind):
+    """The weights were read whole before their hash was compared: a 3 GiB sparse file took
+    16 s and 3.3 GB before the refusal (a 30 GiB one would have filled this machine)."""
+    import os
+    import resource
+    import shutil
+    import time
+
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle_dir, bad)
+    weights = bad / WEIGHTS
+    weights.unlink()
+    if kind == "sparse":
+        with open(weights, "wb") as f:
+            f.truncate(3 << 30)  # 3 GiB of holes: nothing written to disk
+    elif kind == "dev-zero":
+        weights.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(weights)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.monotonic()
+    with pytest.raises(BundleError, match="over the .* allowed|not a regular file|not a plain file name"):
+        load_bundle(bad)
+    assert time.monotonic() - started < 10
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 256 * 1024  # KiB: nothing read
+
+
+def test_weights_with_nan_are_refused_and_a_misfit_names_the_tensor(tmp_path):
+    from edgesplit.models import build_model
+    from edgesplit.models.weights_io import save_weights
+
+    model = load_trained("resnet_fm")
+    with torch.no_grad():
+        model.blocks[3].conv1.weight[0, 0, 0, 0] = float("nan")
+    write_bundle(model, tmp_path / "nan")  # hashed as written: only the values are wrong
+    with pytest.raises(BundleError, match="holds NaN or Inf values"):
+        load_bundle(tmp_path / "nan")
+    write_bundle(load_trained("resnet_fm"), tmp_path / "misfit")
+    other = build_model("mobilenet_v2")
+    save_weights(other, tmp_path / "misfit" / WEIGHTS)
+    manifest = json.loads((tmp_path / "misfit" / MANIFEST).read_text())
+    from edgesplit.models.weights_io import sha256_file
+
+    manifest["files"][WEIGHTS] = sha256_file(tmp_path / "misfit" / WEIGHTS)
+    (tmp_path / "misfit" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"does not fit the model the manifest describes: (Missing|Unexpected) key"):
+        load_bundle(tmp_path / "misfit")
+
+
 @pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory", "deep", "huge"])
 def test_a_manifest_that_is_not_a_small_regular_json_file_is_refused_unread(bundle_dir, tmp_path, kind):
     import os
@@ -109,13 +159,14 @@ def test_the_weights_loaded_are_the_bytes_that_were_hashed(bundle_dir, tmp_path,
     shutil.copytree(bundle_dir, copy)
     swapped = []
 
-    def build_then_swap(name):  # runs between the hash check and the load: a concurrent writer
-        model = build_model(name)
-        save_weights(model, copy / WEIGHTS)  # untrained weights in place of the hashed ones
-        swapped.append(True)
-        return model
+    load_bytes = bundle_module.load_safetensors_bytes
 
-    monkeypatch.setattr(bundle_module, "build_model", build_then_swap)
+    def swap_then_load(data):  # runs between the hash check and the load: a concurrent writer
+        save_weights(build_model("resnet_fm"), copy / WEIGHTS)  # untrained weights in place of the hashed ones
+        swapped.append(True)
+        return load_bytes(data)
+
+    monkeypatch.setattr(bundle_module, "load_safetensors_bytes", swap_then_load)
     loaded = load_bundle(copy)
     assert swapped
     x = torch.randn(2, 1, 28, 28)

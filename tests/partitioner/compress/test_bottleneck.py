@@ -50,3 +50,54 @@ def test_training_teaches_the_bottleneck_and_it_reloads(trained_model, tiny_spli
     assert point["bytes"] == 8 * 7 * 7 + 8 and abs(point["accuracy"] - trained_acc) <= 0.01
     own = code_point(net, tiny_splits.test_x, tiny_splits.test_y)
     assert own["bytes"] == point["bytes"] and own["accuracy"] == trained_acc
+
+
+def _retag(changes: dict):
+    def edit(manifest, folder):
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        path = folder / "bottleneck.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata())
+        tensors = load_file(str(path))
+        if changes.get("nan"):
+            name = next(k for k in tensors if k.startswith("bottleneck.") and tensors[k].is_floating_point())
+            tensors[name] = torch.full_like(tensors[name], float("nan"))
+        else:
+            meta.update(changes)
+        save_file(tensors, str(path), metadata=meta)
+    return edit
+
+
+def _unlisted(manifest, folder):
+    del manifest["bottleneck"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m, f: m["bottleneck"].update(cut=4, channels=8, stride=1, code_shape=[8, 28, 28]),
+     "holds .*'cut': 7.*the manifest says .*'cut': 4"),
+    (_unlisted, "carries no bottleneck section"),
+    (lambda m, f: m["files"].pop("bottleneck.safetensors"), "not a file the manifest lists"),
+    (_retag({"channels": "4"}), "does not fit a cut-7 bottleneck"),
+    (_retag({"cut": "6"}), "does not fit a cut-6 bottleneck"),
+    (_retag({"nan": True}), "holds NaN or Inf"),
+])
+def test_a_bundle_bottleneck_is_checked_against_its_manifest(tampered_bundle, edit, message):
+    """A manifest saying cut 4 loaded a cut-7 bottleneck silently; an unlisted, unhashed file
+    loaded; a file of another shape raised torch's RuntimeError."""
+    from edgesplit.partitioner.bundle import load_bundle
+    from edgesplit.partitioner.compress.bottleneck import bottleneck_from_bundle
+
+    bundle = load_bundle(tampered_bundle("resnet_fm_bottleneck", edit))
+    with pytest.raises(ValueError, match=message):
+        bottleneck_from_bundle(bundle)
+
+
+def test_the_committed_bottleneck_loads_from_its_bundle():
+    from edgesplit.partitioner.bundle import load_bundle
+    from edgesplit.partitioner.compress.bottleneck import bottleneck_from_bundle
+    from tests.partitioner.compress.conftest import COMMITTED
+
+    net = bottleneck_from_bundle(load_bundle(COMMITTED / "resnet_fm_bottleneck"))
+    assert (net.cut, list(net.bottleneck.code_shape)) == (7, [2, 7, 7])

@@ -51,3 +51,40 @@ def test_bad_requests_are_refused(trained_model, tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(ValueError, match="not a"):
         load_segment(trained_model, tmp_path / "junk.safetensors")
+
+
+def _metadata_edit(key: str, value: str):
+    """An edit rewriting one metadata entry of the bundle's int8 segment."""
+    def edit(manifest, folder):
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        path = folder / manifest["int8"]["file"]
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata())
+        tensors = load_file(str(path))
+        if key == "nan-scale":
+            name = next(k for k in tensors if k.endswith("#scales"))
+            tensors[name] = torch.full_like(tensors[name], float("nan"))
+        else:
+            meta[key] = value
+        save_file(tensors, str(path), metadata=meta)
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m, f: m.update(int8=["x"]), "int8 section must be an object"),
+    (_metadata_edit("engine", "qnnpack"), "quantized for the qnnpack engine, the manifest says 'x86'"),
+    (_metadata_edit("layout", "[1, 2, 3]"), "is not a quantized segment"),
+    (_metadata_edit("layout", '{"a": 1}'), "is not a quantized segment"),
+    (_metadata_edit("nan-scale", ""), "scales must be finite and positive"),
+])
+def test_a_tampered_int8_segment_is_a_clean_error(tampered_bundle, edit, message):
+    """Each of these loaded silently (another engine's kernels, NaN scales answering NaN) or
+    raised AttributeError from deep inside the loader."""
+    from edgesplit.partitioner.bundle import load_bundle
+    from edgesplit.partitioner.compress.quantize import int8_bundle_segment
+
+    bundle = load_bundle(tampered_bundle("resnet_fm_int8", edit))
+    with pytest.raises(ValueError, match=message):
+        int8_bundle_segment(bundle)

@@ -198,3 +198,26 @@ def test_callers_that_leave_free_their_place_and_payload_at_once():
 
     inflight, gate, _, _ = with_plane(go, max_inflight=2)
     assert inflight == 0 and gate.rows == [1]
+
+
+def test_requests_whose_outputs_overflow_are_refused_and_the_rest_of_the_batch_answered():
+    # Finite inputs can overflow inside the model (an int8 input at a scale of 1e36 did):
+    # NaN logits answered OK would be read as a prediction by a client that does not check.
+    from torch import nn
+
+    from edgesplit.models.split_model import SplitModel
+    from edgesplit.runtime.node.batching import execute_batch
+
+    lin = nn.Linear(4, 2, bias=False)
+    lin.weight.data = torch.tensor([[1e30, -1e30, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    registry = registry_of(SplitModel("overflow", [("lin", lin)], {}, (4,), 2).eval())
+    served = registry.get("overflow")
+
+    def req(row):
+        enc = encode(torch.tensor([row]), "fp32")
+        return InferRequest("overflow", [InferInput("input", enc.datatype, enc.shape, enc.data, enc.params)])
+
+    outcome = execute_batch(served, [req([1.0, 1.0, 0.0, 0.0]), req([1e10, 1e10, 0.0, 0.0])], 1 << 20)
+    good, bad = outcome.answers
+    assert isinstance(bad, InferError) and bad.code == InferError.INVALID_ARGUMENT and "NaN or Inf" in bad.message
+    assert np.frombuffer(good.outputs[0].data, dtype="<f4").tolist() == [0.0, 2.0]

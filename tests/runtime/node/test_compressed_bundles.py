@@ -80,3 +80,20 @@ def test_exits_bundle_answers_on_the_device_or_the_edge_as_calibrated(images):
     assert confidences(torch.zeros(1, 10), "max_softmax")[0].item() == pytest.approx(0.1)
     with pytest.raises(ValueError, match="confidence_kind"):
         DeviceRunner(model, cut=cut, confidence_kind="margin")
+
+
+@pytest.mark.parametrize("name, sections", [("resnet_fm_int8", "int8"), ("resnet_fm_bottleneck", "bottleneck"),
+                                            ("resnet_fm_pruned", None)])
+def test_a_node_says_when_it_serves_a_bundle_without_its_int8_segment_or_bottleneck(name, sections, caplog):
+    """It served the float model of these bundles with only 'serving resnet_fm' in its log."""
+    from edgesplit.runtime.node.server import load_registry
+    from edgesplit.runtime.node.settings import NodeSettings
+
+    with caplog.at_level("WARNING", logger="edgesplit.node"):
+        registry, _ = load_registry(NodeSettings(bundle=str(WEIGHTS_DIR / name)))
+    warned = [r.getMessage() for r in caplog.records if "does not serve yet" in r.getMessage()]
+    if sections:
+        assert len(warned) == 1 and f"carries {sections}" in warned[0] and "float32" in warned[0]
+    else:
+        assert not warned
+    assert registry.names()
