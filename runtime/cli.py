@@ -22,11 +22,13 @@ import sys
 from .cli_args import (
     BENCHMARK_NAMES,
     batch_sizes,
+    fraction,
     json_output_file,
     non_negative_float,
     non_negative_int,
     output_dir,
     output_file,
+    port_or_off,
     positive_float,
     positive_int,
     zoo_model,
@@ -183,8 +185,8 @@ def _controller(args: argparse.Namespace) -> int:
     try:
         return serve(args.model, DEVICE_QUOTAS[args.device], args.telemetry, args.decisions, args.policy,
                      args.slo_ms / 1000, args.accuracy_target, args.low_battery, args.heartbeat, args.curve_dir,
-                     args.port_file)
-    except ValueError as exc:  # a malformed endpoint or key file
+                     args.port_file, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
+    except (ValueError, OSError) as exc:  # a malformed endpoint or key file, weights that cannot be read
         print(f"edgesplit controller: {exc}", file=sys.stderr)
         return 2
     except zmq.ZMQError as exc:  # ZeroMQ refused an endpoint: say which flags it came from
@@ -364,12 +366,21 @@ def build_parser() -> argparse.ArgumentParser:
     co.add_argument("--telemetry", default="tcp://127.0.0.1:5555", help="bind telemetry SUB here")
     co.add_argument("--decisions", default="tcp://127.0.0.1:5556", help="bind decision XPUB here")
     co.add_argument("--policy", default="battery", choices=["latency", "energy", "accuracy", "battery"])
-    co.add_argument("--slo-ms", type=float, default=200.0, help="latency SLO for energy/accuracy policies")
-    co.add_argument("--accuracy-target", type=float, default=0.0)
-    co.add_argument("--low-battery", type=float, default=0.3, help="battery level that switches to saving energy")
-    co.add_argument("--heartbeat", type=float, default=1.0, help="seconds between repeats of the decisions")
-    co.add_argument("--curve-dir", help="CURVE keys (controller.key, controller.key_secret): encrypt the bus")
-    co.add_argument("--port-file", help="write the bound endpoints here as JSON")
+    co.add_argument("--slo-ms", type=positive_float, default=200.0,
+                    help="latency SLO for energy/accuracy policies, ms (default: 200)")
+    co.add_argument("--accuracy-target", type=fraction, default=0.0,
+                    help="least accuracy (0..1) of the exit settings the latency and energy policies may choose, "
+                    "by the exits' calibration on the shipped sample (default: 0)")
+    co.add_argument("--low-battery", type=fraction, default=0.3,
+                    help="battery level (0..1) below which a device on battery saves energy (default: 0.3)")
+    co.add_argument("--heartbeat", type=positive_float, default=1.0,
+                    help="seconds between repeats of the decisions (default: 1)")
+    co.add_argument("--curve-dir", help="CURVE keys: controller.key and controller.key_secret, and the public key "
+                    "(NAME.key) of every client admitted; authenticates and encrypts the bus")
+    co.add_argument("--port-file", type=output_file, help="write the bound endpoints here as JSON")
+    co.add_argument("--metrics-port", type=port_or_off, default=-1,
+                    help="serve Prometheus metrics on this port (0: any free port; default -1: none)")
+    co.add_argument("--metrics-host", default="127.0.0.1", help="address of the metrics port (default: 127.0.0.1)")
     co.set_defaults(func=_controller)
 
     pl = sub.add_parser("plan", help="predict every cut's latency and choose the split",

@@ -59,6 +59,25 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def port_or_off(text: str) -> int:
+    """argparse type: a TCP port 0..65535 (0: any free one), or -1 for none."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not -1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 0 to 65535 (or -1: none), not {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number from 0 to 1 (a share, an accuracy, a battery level)."""
+    value = _finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 1, not {text}")
+    return value
+
+
 def batch_sizes(text: str) -> tuple[int, ...]:
     """argparse type: comma-separated batch sizes, each an integer >= 1 (e.g. ``1,4``)."""
     try:

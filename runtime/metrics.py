@@ -112,12 +112,50 @@ class DeviceMetrics:
         self.battery = Gauge("edgesplit_device_battery_ratio", "Battery level, 0 to 1.", registry=registry)
         self.on_battery = Gauge("edgesplit_device_on_battery", "1 on battery, 0 on mains power.", registry=registry)
         self.decisions = Counter("edgesplit_device_controller_decisions_total",
-                                 "Plan changes made by the controller.", registry=registry)
+                                 "Plan changes applied on the device, made by its embedded controller or "
+                                 "a cluster controller.", registry=registry)
         self.device_time_scale = Gauge("edgesplit_device_time_scale_ratio",
                                        "What the controller scales the device profile by at the cut in force: "
                                        "observed over predicted device time (at least 1 until the cut has "
                                        "answers of its own).",
                                        registry=registry)
+
+
+class ControllerMetrics:
+    """Metrics of a cluster controller (``edgesplit controller --metrics-port``): what it hears,
+    what it decides, and per device the plan in force and the estimate it was decided on
+    (a device label for each of at most ``max_devices`` devices; a forgotten one's are removed)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        registry = REGISTRY if registry is None else registry
+        self.registry = registry
+        self.telemetry = Counter("edgesplit_controller_telemetry_total",
+                                 "Telemetry messages acted on, by kind (device or node); of a flood, each "
+                                 "source's latest per poll.", ["kind"], registry=registry)
+        self.malformed = Gauge("edgesplit_controller_malformed_messages",
+                               "Messages dropped since the start: unparsable, out of range, or beyond the tables.",
+                               registry=registry)
+        self.decisions = Counter("edgesplit_controller_decisions_total", "Plan changes published.", registry=registry)
+        self.devices = Gauge("edgesplit_controller_devices", "Devices the controller keeps.", registry=registry)
+        self.nodes = Gauge("edgesplit_controller_nodes", "Edge nodes the controller keeps.", registry=registry)
+        self.plan_cut = Gauge("edgesplit_controller_plan_cut", "Cut of the plan in force, per device.", ["device"],
+                              registry=registry)
+        self.plan_epoch = Gauge("edgesplit_controller_plan_epoch", "Epoch of the plan in force, per device.",
+                                ["device"], registry=registry)
+        self.bandwidth = Gauge("edgesplit_controller_device_bandwidth_bits_per_second",
+                               "The device's bandwidth estimate, as it last reported.", ["device"], registry=registry)
+        self.rtt = Gauge("edgesplit_controller_device_rtt_seconds", "The device's RTT estimate, as it last reported.",
+                         ["device"], registry=registry)
+        self.battery = Gauge("edgesplit_controller_device_battery_ratio", "The device's battery level, 0 to 1.",
+                             ["device"], registry=registry)
+        self._per_device = (self.plan_cut, self.plan_epoch, self.bandwidth, self.rtt, self.battery)
+
+    def forget(self, device: str) -> None:
+        for gauge in self._per_device:
+            try:
+                gauge.remove(device)
+            except KeyError:
+                pass
 
 
 class EnsembleMetrics:

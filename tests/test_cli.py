@@ -93,6 +93,15 @@ def test_demo_refuses_bad_flags_with_a_message_not_a_traceback(capsys, tmp_path)
     (["nonn", "train", "--members", "0"], "--members: must be at least 1"),
     (["nonn", "train", "--widths", "0", "0", "0"], "--widths: must be at least 1"),
     (["certs", "--out", "c", "--host", "a", "--days", "100000000"], "--days: must be between 1 and 36500"),
+    # --heartbeat nan made the controller never repeat its decisions: devices fell back and
+    # re-followed every 1.5 s
+    (["controller", "--heartbeat", "nan"], "--heartbeat: must be a finite number"),
+    (["controller", "--heartbeat", "0"], "--heartbeat: must be greater than 0"),
+    (["controller", "--slo-ms", "-5"], "--slo-ms: must be greater than 0"),
+    (["controller", "--accuracy-target", "7"], "--accuracy-target: must be from 0 to 1"),
+    (["controller", "--low-battery", "nan"], "--low-battery: must be a finite number"),
+    (["controller", "--port-file", "."], "--port-file: . is a folder"),
+    (["controller", "--metrics-port", "70000"], "--metrics-port: must be a port from 0 to 65535"),
 ])
 def test_user_mistakes_exit_2_with_one_line_before_any_work(argv, needle, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

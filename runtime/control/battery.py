@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,12 +34,20 @@ class SimulatedBattery:
 
     def __init__(self, capacity_j: float, level: float = 1.0, plugged: bool = False,
                  schedule: Sequence[tuple[float, bool]] = (), charge_w: float = 10.0) -> None:
-        if capacity_j <= 0 or not 0.0 <= level <= 1.0:
-            raise ValueError(f"need capacity_j > 0 and 0 <= level <= 1, not {capacity_j}, {level}")
+        # Comparisons written so that NaN fails them
+        if not (0 < capacity_j < math.inf and 0.0 <= level <= 1.0 and 0 <= charge_w < math.inf):
+            raise ValueError(f"need 0 < capacity_j < inf, 0 <= level <= 1 and 0 <= charge_w < inf, not "
+                             f"{capacity_j}, {level}, {charge_w}")
+        events = []
+        for event in schedule:  # (seconds, plugged in): checked here, not at the first reading
+            if not (isinstance(event, (tuple, list)) and len(event) == 2 and type(event[1]) is bool
+                    and type(event[0]) in (int, float) and math.isfinite(event[0])):
+                raise ValueError(f"a schedule event is (seconds, plugged in: True or False), not {event!r:.60}")
+            events.append((float(event[0]), event[1]))
         self.capacity_j = capacity_j
         self.energy_j = level * capacity_j
         self.plugged = plugged
-        self.schedule = sorted(schedule)
+        self.schedule = sorted(events)
         self.charge_w = charge_w
         self._last_at: float | None = None
         self._lock = threading.Lock()

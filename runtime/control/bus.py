@@ -9,9 +9,16 @@ repeated every ``heartbeat_s`` so a device can tell a silent controller from a q
 
 Every message is a protobuf; one that fails to parse, or comes with a topic it does not
 match, is counted (``malformed``) and dropped, never raised. With :class:`CurveKeys` the
-sockets authenticate and encrypt with ZeroMQ CURVE: the controller is the CURVE server,
-everyone else needs its public key (``edgesplit certs --curve`` writes a key pair per
-role).
+sockets authenticate and encrypt with ZeroMQ CURVE: the controller is the CURVE server and
+admits only the clients whose public keys it was given (a ZAP allow-list: ``edgesplit
+controller --curve-dir`` admits every ``NAME.key`` in that folder); every client needs the
+controller's public key (``edgesplit certs --curve`` writes a key pair per role).
+
+A device's topic is ``decision/<device>`` followed by a NUL byte: ZeroMQ matches topics by
+prefix, and without the terminator device ``cam1`` received every ``cam10``..``cam1999``'s
+decisions too. The controller reads at most ``MAX_BATCH`` messages per poll and keeps only
+the latest telemetry of each source, so a flood neither delays the heartbeat nor buys a
+policy run per message.
 
 Example (in one process, over inproc)::
 
@@ -37,11 +44,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
+import zmq.utils.z85
 
 from edgesplit.protos import telemetry_pb2
 
 TELEMETRY_TOPIC = b"telemetry"
 DECISION_PREFIX = b"decision/"
+TOPIC_END = b"\0"  # ends a device's topic: ZeroMQ matches by prefix (cam1 would get cam10's)
+MAX_BATCH = 256  # messages read per socket per poll: the loop gets back to its heartbeat
+MAX_KEY_FILE_BYTES = 1024
 # Telemetry and decisions are small. ZeroMQ refuses a bigger frame (and drops the connection
 # that sent it), but bounds frames, not messages: a multipart message of many such frames is
 # received whole before it can be refused. Only CURVE (authenticated peers) bounds that.
@@ -76,11 +87,56 @@ class CurveKeys:
 
     @classmethod
     def load(cls, folder: str | Path, name: str, server: str | None = None) -> CurveKeys:
+        """``name``'s pair (and ``server``'s public key) from ``folder``; ValueError naming the
+        file when one is missing, not a key, or the pair does not match (a mismatched pair
+        started a controller no client could reach)."""
         folder = Path(folder)
-        public = (folder / f"{name}.key").read_bytes().strip()
-        secret = (folder / f"{name}.key_secret").read_bytes().strip()
-        server_public = (folder / f"{server}.key").read_bytes().strip() if server else None
+        if not folder.is_dir():
+            raise ValueError(f"CURVE key folder {folder} is not a directory")
+        public = read_key(folder / f"{name}.key")
+        secret = read_key(folder / f"{name}.key_secret")
+        if zmq.curve_public(secret) != public:
+            raise ValueError(f"CURVE keys {folder / (name + '.key')} and {name}.key_secret are not one pair")
+        server_public = read_key(folder / f"{server}.key") if server else None
         return cls(public, secret, server_public)
+
+    @staticmethod
+    def public_keys(folder: str | Path) -> list[bytes]:
+        """Every public key (``*.key``) in ``folder``: the clients a controller admits."""
+        return [read_key(path) for path in sorted(Path(folder).glob("*.key"))]
+
+
+def read_key(path: Path) -> bytes:
+    """A CURVE key file: 40 characters of Z85 text (a regular file of at most 1 KiB)."""
+    import stat
+
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"CURVE key {path} is not a regular file")
+        if info.st_size > MAX_KEY_FILE_BYTES:
+            raise ValueError(f"CURVE key {path}: {info.st_size:,} bytes, not a key")
+        text = path.read_bytes().strip()
+    except OSError as exc:
+        raise ValueError(f"CURVE key {path}: cannot read it ({exc.strerror or exc})") from None
+    try:
+        if len(text) != 40:
+            raise ValueError
+        zmq.utils.z85.decode(text)
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"CURVE key {path} is not a key (40 characters of Z85 text, as 'edgesplit certs "
+                         "--curve' writes)") from None
+    return text
+
+
+class _AllowList:
+    """ZAP credentials provider: admits the CURVE clients whose public keys it holds."""
+
+    def __init__(self, keys) -> None:
+        self.keys = frozenset(keys)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key in self.keys
 
 
 def _secure(sock: zmq.Socket, keys: CurveKeys | None, server: bool) -> None:
@@ -98,6 +154,11 @@ def _secure(sock: zmq.Socket, keys: CurveKeys | None, server: bool) -> None:
         sock.curve_serverkey = keys.server_public
 
 
+def decision_topic(device: str) -> bytes:
+    """The topic of ``device``'s decisions (terminated: ZeroMQ matches topics by prefix)."""
+    return DECISION_PREFIX + device.encode() + TOPIC_END
+
+
 def decision(device: str, epoch: int, cut: int, codec: str, thresholds: dict[int, float] | None = None,
              reason: str = "", predicted_seconds: float = 0.0,
              controller: str = "controller") -> telemetry_pb2.Decision:
@@ -113,15 +174,30 @@ class ControllerSockets:
     """The controller's end: receives telemetry, publishes decisions (re-sent to late joiners)."""
 
     def __init__(self, ctx: zmq.Context, telemetry_endpoint: str, decision_endpoint: str,
-                 keys: CurveKeys | None = None) -> None:
+                 keys: CurveKeys | None = None, clients=None) -> None:
+        """With ``keys``, ``clients`` (the admitted public keys, Z85) is required: CURVE alone
+        admits anyone holding the controller's public key, which every process is given."""
+        self._auth = None
+        if keys is not None:
+            if clients is None:
+                raise ValueError("a CURVE controller needs the public keys of the clients it admits")
+            from zmq.auth.thread import ThreadAuthenticator
+
+            self._auth = ThreadAuthenticator(ctx)
+            self._auth.start()
+            self._auth.configure_curve_callback("*", credentials_provider=_AllowList(clients))
         self.telemetry = ctx.socket(zmq.SUB)
-        _secure(self.telemetry, keys, server=True)
-        self.telemetry.setsockopt(zmq.SUBSCRIBE, TELEMETRY_TOPIC)
-        self.telemetry.bind(telemetry_endpoint)
         self.decisions = ctx.socket(zmq.XPUB)
-        _secure(self.decisions, keys, server=True)
-        self.decisions.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, not only the first
-        self.decisions.bind(decision_endpoint)
+        try:
+            _secure(self.telemetry, keys, server=True)
+            self.telemetry.setsockopt(zmq.SUBSCRIBE, TELEMETRY_TOPIC)
+            self.telemetry.bind(telemetry_endpoint)
+            _secure(self.decisions, keys, server=True)
+            self.decisions.setsockopt(zmq.XPUB_VERBOSE, 1)  # see every subscription, not only the first
+            self.decisions.bind(decision_endpoint)
+        except BaseException:  # an endpoint refused: close what was made, or ctx.term() waits forever
+            self.close()
+            raise
         self._poller = zmq.Poller()
         self._poller.register(self.telemetry, zmq.POLLIN)
         self._poller.register(self.decisions, zmq.POLLIN)
@@ -139,7 +215,7 @@ class ControllerSockets:
         return self.decisions.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def _send(self, msg: telemetry_pb2.Decision) -> None:
-        self.decisions.send_multipart([DECISION_PREFIX + msg.device.encode(), msg.SerializeToString()])
+        self.decisions.send_multipart([decision_topic(msg.device), msg.SerializeToString()])
 
     def publish_decision(self, msg: telemetry_pb2.Decision) -> None:
         with self._lock:
@@ -157,11 +233,13 @@ class ControllerSockets:
             for msg in self.current.values():
                 self._send(msg)
 
-    def poll(self, timeout_s: float) -> list[telemetry_pb2.Telemetry]:
-        """Serve new subscriptions and return the telemetry that arrived within ``timeout_s``."""
-        received = []
+    def poll(self, timeout_s: float, max_batch: int = MAX_BATCH) -> list[telemetry_pb2.Telemetry]:
+        """Serve new subscriptions and return the telemetry that arrived within ``timeout_s``:
+        at most ``max_batch`` messages read from each socket, and of each source only the
+        latest (what a policy decides on; older ones from the same poll are superseded)."""
+        latest: dict[str, telemetry_pb2.Telemetry] = {}
         for sock, _ in self._poller.poll(int(timeout_s * 1000)):
-            while True:
+            for _ in range(max_batch):
                 try:
                     frames = sock.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
@@ -171,15 +249,19 @@ class ControllerSockets:
                 else:
                     msg = self._parse_telemetry(frames)
                     if msg is not None:
-                        received.append(msg)
-        return received
+                        latest.pop(msg.source, None)  # re-inserted last: arrival order kept
+                        latest[msg.source] = msg
+        return list(latest.values())
 
     def _subscribed(self, frames: list[bytes]) -> None:
         frame = frames[0] if frames else b""
         if frame[:1] != b"\x01":
             return  # an unsubscription
         self.subscriptions += 1
-        device = frame[1:].removeprefix(DECISION_PREFIX).decode(errors="replace")
+        topic = frame[1:]
+        if not (topic.startswith(DECISION_PREFIX) and topic.endswith(TOPIC_END)):
+            return  # a prefix subscription (a device of an older edgesplit, or a snooper): no replay
+        device = topic[len(DECISION_PREFIX):-len(TOPIC_END)].decode(errors="replace")
         with self._lock:
             current = self.current.get(device)
             if current is not None:  # the late joiner gets the decision in force at once
@@ -200,6 +282,8 @@ class ControllerSockets:
     def close(self) -> None:
         self.telemetry.close()
         self.decisions.close()
+        if self._auth is not None:
+            self._auth.stop()
 
 
 class TelemetryPublisher:
@@ -228,7 +312,7 @@ class DecisionSubscriber:
 
     def __init__(self, ctx: zmq.Context, endpoint: str, device: str, keys: CurveKeys | None = None) -> None:
         self.device = device
-        self.topic = DECISION_PREFIX + device.encode()
+        self.topic = decision_topic(device)
         self._ctx, self._endpoint, self._keys = ctx, endpoint, keys
         self.sock = self._connect()
         self.malformed = 0

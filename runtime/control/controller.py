@@ -291,8 +291,20 @@ class EmbeddedController:
         with self._lock:
             return self._decide(self.clock())
 
+    def show_state(self, state: State) -> None:
+        """Set the estimate and battery gauges (each decision round, and each telemetry tick of a
+        device a cluster controller decides for: they were set only on plan changes, so they
+        went stale while the plan held)."""
+        metrics = self.runner.metrics
+        if metrics:
+            metrics.bandwidth.set(state.bandwidth_mbit * 1e6)
+            metrics.rtt.set(state.rtt_s)
+            metrics.battery.set(state.battery_level)
+            metrics.on_battery.set(1 if state.on_battery else 0)
+
     def _decide(self, at: float, ends_trial: bool = False) -> Plan | None:
         state = self._state(at)
+        self.show_state(state)
         options = self.space.options(state)
         option = self.policy.choose(options, state)
         self.current = option
@@ -322,10 +334,6 @@ class EmbeddedController:
         metrics = self.runner.metrics
         if metrics:
             metrics.decisions.inc()
-            metrics.bandwidth.set(state.bandwidth_mbit * 1e6)
-            metrics.rtt.set(state.rtt_s)
-            metrics.battery.set(state.battery_level)
-            metrics.on_battery.set(1 if state.on_battery else 0)
         log.info("plan %d%s: cut %d, codec %s, exits %s (%.1f ms predicted) at %.2f Mbit/s, RTT %.1f ms, "
                  "device %.2fx its profile, battery %.0f%%%s", new.epoch, " (trial)" if explore else "", new.cut,
                  new.codec, option.exits.name,

@@ -111,6 +111,8 @@ class PlanSpace:
         self.last = last
         # Cuts the policies may choose (default: all); e.g. only those whose device time was measured.
         self.allowed_cuts = set(range(last + 1)) if allowed_cuts is None else set(allowed_cuts)
+        if not self.allowed_cuts or not self.allowed_cuts <= set(range(last + 1)):
+            raise ValueError(f"allowed cuts must be some of 0..{last}, not {sorted(self.allowed_cuts)!r:.80}")
         one_byte = any(CODEC_BYTES[c] <= INPUT_BYTES_PER_ELEMENT for c in self.codecs)
         if not self.codecs or not (self.allowed_cuts - {0} or one_byte):
             raise ValueError("no plan to choose: cut 0 alone needs a one-byte codec (int8), as the image "
@@ -209,13 +211,22 @@ def _fastest(options: Sequence[Option]) -> Option:
     return min(options, key=lambda o: (o.latency_s, -o.cut))
 
 
+def _accurate_enough(options: Sequence[Option], target: float) -> list[Option]:
+    """The options meeting the accuracy ``target``; when none does, the most accurate ones
+    (not all of them: the fastest of all was often the least accurate)."""
+    good = [o for o in options if o.accuracy >= target]
+    if good or not options:
+        return good
+    best = max(o.accuracy for o in options)
+    return [o for o in options if o.accuracy == best]
+
+
 @dataclass
 class LeastLatency(Policy):
     accuracy_target: float = 0.0
 
     def choose(self, options, state):
-        good = [o for o in options if o.accuracy >= self.accuracy_target] or list(options)
-        return _fastest(good)
+        return _fastest(_accurate_enough(options, self.accuracy_target))
 
 
 @dataclass
@@ -224,7 +235,7 @@ class LeastEnergy(Policy):
     accuracy_target: float = 0.0
 
     def choose(self, options, state):
-        good = [o for o in options if o.accuracy >= self.accuracy_target] or list(options)
+        good = _accurate_enough(options, self.accuracy_target)
         within = [o for o in good if o.latency_s <= self.slo_s]
         return min(within, key=lambda o: (o.energy_j, o.latency_s)) if within else _fastest(good)
 

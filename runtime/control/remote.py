@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from edgesplit.protos import telemetry_pb2
 from edgesplit.runtime import codec as codecs
+from edgesplit.runtime.metrics import ControllerMetrics
 from edgesplit.runtime.plan import NEVER
 
 from .bus import ControllerSockets, DecisionSubscriber, TelemetryPublisher, decision
@@ -43,20 +44,24 @@ MAX_RTT_S = 60.0
 FORGET_AFTER_HEARTBEATS = 10  # a device silent this long may be forgotten when a new one needs room
 
 
+MAX_NODE_SEGMENTS = 4096  # segment times one node's telemetry may carry
+
+
 @dataclass
 class NodeView:
     """What the controller knows of one edge node's load."""
 
     queue_depth: int
-    segment_seconds: dict[str, float]
+    wait_s: float  # expected wait of a new request (see :func:`expected_wait_s`)
     heard_at: float
 
-    @property
-    def wait_s(self) -> float:
-        """Expected wait of a new request: the queue served one at a time at the mean segment time
-        (pessimistic: batching serves several at once)."""
-        times = [t for t in self.segment_seconds.values() if t > 0]
-        return self.queue_depth * (sum(times) / len(times)) if times else 0.0
+
+def expected_wait_s(queue_depth: int, segment_seconds) -> float:
+    """Expected wait of a new request at a node: the queue served one at a time at the mean
+    segment time (pessimistic: batching serves several at once). Computed once per message:
+    every device decision reads it."""
+    times = [t for t in segment_seconds if t > 0]
+    return queue_depth * (sum(times) / len(times)) if times else 0.0
 
 
 @dataclass
@@ -76,8 +81,12 @@ class Controller:
 
     def __init__(self, sockets: ControllerSockets, space_for: Callable[[str], PlanSpace],
                  policy_for: Callable[[str], Policy], heartbeat_s: float = 1.0, name: str = "controller",
-                 clock: Callable[[], float] = time.monotonic, max_devices: int = 1024) -> None:
+                 clock: Callable[[], float] = time.monotonic, max_devices: int = 1024,
+                 metrics: ControllerMetrics | None = None) -> None:
+        if not heartbeat_s > 0:  # NaN fails too: a controller that never repeats its decisions
+            raise ValueError(f"heartbeat_s must be a positive number of seconds, not {heartbeat_s}")
         self.sockets = sockets
+        self.metrics = metrics
         self.space_for = space_for
         self.policy_for = policy_for
         self.heartbeat_s = heartbeat_s
@@ -97,6 +106,10 @@ class Controller:
         if now - self._last_beat >= self.heartbeat_s:
             self.sockets.republish()
             self._last_beat = now
+        if self.metrics:
+            self.metrics.malformed.set(self.sockets.malformed)
+            self.metrics.devices.set(len(self.devices))
+            self.metrics.nodes.set(len(self.nodes))
 
     def edge_wait_s(self) -> float:
         """The expected queue wait at the least loaded node heard from in the last 3 heartbeats
@@ -107,7 +120,8 @@ class Controller:
     def handle_node(self, msg: telemetry_pb2.Telemetry) -> None:
         name = msg.source.removeprefix("node/")
         load = msg.node
-        if load.queue_depth < 0 or any(not 0 <= t < 3600 for t in load.segment_seconds.values()):
+        if (load.queue_depth < 0 or len(load.segment_seconds) > MAX_NODE_SEGMENTS
+                or any(not 0 <= t < 3600 for t in load.segment_seconds.values())):
             self.sockets.malformed += 1
             return
         if name not in self.nodes and len(self.nodes) >= self.max_devices and self._may_sweep("nodes"):
@@ -116,7 +130,10 @@ class Controller:
         if name not in self.nodes and (len(self.nodes) >= self.max_devices or not 0 < len(name) <= 128):
             self.sockets.malformed += 1
             return
-        self.nodes[name] = NodeView(load.queue_depth, dict(load.segment_seconds), self.clock())
+        if self.metrics:
+            self.metrics.telemetry.labels(kind="node").inc()
+        self.nodes[name] = NodeView(load.queue_depth, expected_wait_s(load.queue_depth, load.segment_seconds.values()),
+                                    self.clock())
 
     def handle(self, msg: telemetry_pb2.Telemetry) -> None:
         if msg.source.startswith("node/") and msg.HasField("node"):
@@ -144,6 +161,16 @@ class Controller:
             view = self.devices[name] = DeviceView(state, self.clock(), Hysteresis(self.policy_for(name)))
             self._spaces[name] = self.space_for(name)
         view.state, view.heard_at = state, self.clock()
+        if self.metrics:
+            self.metrics.telemetry.labels(kind="device").inc()
+            self.metrics.bandwidth.labels(device=name).set(state.bandwidth_mbit * 1e6)
+            self.metrics.rtt.labels(device=name).set(state.rtt_s)
+            self.metrics.battery.labels(device=name).set(state.battery_level)
+        if link.samples == 0:
+            # Nothing measured yet: the estimate is the device's starting guess. Deciding on it
+            # sent fresh devices to offload everything on a link never seen; the device's own
+            # controller starts all on the device and probes, and decides until this one can.
+            return
         option = view.policy.choose(self._spaces[name].options(state), state)
         if view.current is not None and option.key == view.current.key:
             return
@@ -155,6 +182,10 @@ class Controller:
         self.sockets.publish_decision(decision(name, view.epoch, option.cut, option.codec,
                                                dict(option.exits.thresholds), reason, option.latency_s, self.name))
         view.decisions.append({"epoch": view.epoch, "cut": option.cut, "codec": option.codec, "reason": reason})
+        if self.metrics:
+            self.metrics.decisions.inc()
+            self.metrics.plan_cut.labels(device=name).set(option.cut)
+            self.metrics.plan_epoch.labels(device=name).set(view.epoch)
         log.info("%s: plan %d: cut %d, codec %s (%s)", name, view.epoch, option.cut, option.codec, reason)
 
     def _may_sweep(self, table: str) -> bool:
@@ -174,6 +205,8 @@ class Controller:
             del self.devices[name]
             self._spaces.pop(name, None)
             self.sockets.forget(name)
+            if self.metrics:
+                self.metrics.forget(name)
 
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
@@ -223,6 +256,7 @@ class DeviceLink:
     def telemetry(self) -> telemetry_pb2.Telemetry:
         est = self.embedded.estimator.estimate
         reading = self.embedded.battery_reading(self.embedded.clock())
+        self.embedded.show_state(State(est.bandwidth_mbit, est.rtt_s, reading.level, reading.on_battery))
         msg = telemetry_pb2.Telemetry(
             link=telemetry_pb2.LinkObservation(bandwidth_mbit=est.bandwidth_mbit, rtt_seconds=est.rtt_s,
                                                samples=est.samples, drops=est.drops),
@@ -262,6 +296,8 @@ class DeviceLink:
                     self.applied.append(msg)
                     self.applied_count += 1
                     self._last_key = key
+                    if self.runner.metrics:  # plan changes the device made, whoever decided them
+                        self.runner.metrics.decisions.inc()
                 continue
             if self.following and self._heard_at is not None and now - self._heard_at > self.silence_s:
                 self.following = False
@@ -315,10 +351,32 @@ def policy_named(name: str, slo_s: float, accuracy_target: float, low_battery: f
     raise ValueError(f"unknown policy {name!r}; choose latency, energy, accuracy or battery")
 
 
+CALIBRATION_IMAGES = 300  # of the shipped sample, as the demo calibrates
+
+
+def shipped_exit_settings(model) -> list:
+    """Exit settings for ``model`` calibrated on the shipped Fashion-MNIST sample, when it has
+    exits and takes those images; else none (its plans have no exits to set).
+
+    Without them every decision carried empty thresholds, which switched off the exits of
+    every device that followed the controller, and an accuracy target was met by anything."""
+    if not model.exit_cuts or tuple(model.input_shape) != (1, 28, 28):
+        return []
+    from edgesplit.models.datasets import load_sample, to_tensor
+
+    from .exits import calibrate_exits
+
+    images, labels = load_sample()
+    return calibrate_exits(model, to_tensor(images[:CALIBRATION_IMAGES]),
+                           [int(v) for v in labels[:CALIBRATION_IMAGES]])
+
+
 def serve(model_name: str, device_quota: float, telemetry: str, decisions: str, policy: str = "battery",
           slo_s: float = 0.2, accuracy_target: float = 0.0, low_battery: float = 0.3, heartbeat_s: float = 1.0,
-          curve_dir: str | None = None, port_file: str | None = None, stop: threading.Event | None = None) -> int:
-    """Run a controller until ``stop`` is set (or SIGTERM / Ctrl-C)."""
+          curve_dir: str | None = None, port_file: str | None = None, stop: threading.Event | None = None,
+          metrics_port: int = -1, metrics_host: str = "127.0.0.1") -> int:
+    """Run a controller until ``stop`` is set (or SIGTERM / Ctrl-C); its metrics on
+    ``metrics_host:metrics_port`` (0: any free port, written to the port file; -1: none)."""
     import json
     import os
     import signal
@@ -330,28 +388,56 @@ def serve(model_name: str, device_quota: float, telemetry: str, decisions: str, 
     from .bus import CurveKeys
     from .endpoint import check_endpoint
 
+    if not (heartbeat_s > 0 and slo_s > 0 and 0 <= accuracy_target <= 1 and 0 <= low_battery <= 1):  # NaN fails
+        raise ValueError(f"need heartbeat and SLO > 0, accuracy target and low battery in 0..1; got "
+                         f"{heartbeat_s}, {slo_s}, {accuracy_target}, {low_battery}")
     check_endpoint(telemetry, "--telemetry", bind=True)  # before the model loads: a typo fails at once
     check_endpoint(decisions, "--decisions", bind=True)
-    keys = CurveKeys.load(curve_dir, "controller") if curve_dir else None
+    keys = clients = None
+    if curve_dir:
+        keys = CurveKeys.load(curve_dir, "controller")
+        clients = CurveKeys.public_keys(curve_dir)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     model = load_trained(model_name)
-    space = PlanSpace.for_model(model, device_quota=device_quota)
+    space = PlanSpace.for_model(model, device_quota=device_quota, exit_settings=shipped_exit_settings(model))
+    metrics = http = None
+    if metrics_port >= 0:  # before the bus: a port already taken fails with nothing to undo
+        from prometheus_client import CollectorRegistry
+
+        from edgesplit.runtime.metrics_http import MetricsServer
+
+        metrics = ControllerMetrics(CollectorRegistry())
+        http = MetricsServer(metrics.registry, metrics_port, metrics_host)
     ctx = zmq.Context()
-    sockets = ControllerSockets(ctx, telemetry, decisions, keys)
+    try:
+        sockets = ControllerSockets(ctx, telemetry, decisions, keys, clients)
+    except BaseException:
+        if http:
+            http.close()
+        ctx.term()
+        raise
     controller = Controller(sockets, lambda _: space, lambda _: policy_named(policy, slo_s, accuracy_target,
-                                                                                 low_battery), heartbeat_s)
+                                                                                 low_battery), heartbeat_s,
+                            metrics=metrics)
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     if port_file:
         with open(port_file + ".tmp", "w") as f:
-            json.dump({"telemetry": sockets.telemetry_endpoint, "decisions": sockets.decision_endpoint}, f)
+            json.dump({"telemetry": sockets.telemetry_endpoint, "decisions": sockets.decision_endpoint,
+                       "metrics_port": http.port if http else -1}, f)
         os.replace(port_file + ".tmp", port_file)
+    admitted = f", CURVE admitting {len(clients)} client keys" if clients is not None else ""
+    where = f", metrics on {metrics_host}:{http.port}" if http else ""
     print(f"controller: telemetry on {sockets.telemetry_endpoint}, decisions on {sockets.decision_endpoint}, "
-          f"policy {policy}, {model_name} on a {device_quota:g}-core device", flush=True)
+          f"policy {policy}, {model_name} on a {device_quota:g}-core device, "
+          f"{len(space.exit_settings)} exit settings{admitted}{where}", flush=True)
     try:
         controller.run(stop)
     finally:
         sockets.close()
         ctx.term()
+        if http:
+            http.close()
     return 0

@@ -8,7 +8,8 @@ it through, as long as the deadline leaves time:
 - RESOURCE_EXHAUSTED (node full): try the next node, no failure counted (it is alive) when
   the refusal carries the node's pushback; without it (gRPC's own message-size limit) a
   failure is counted;
-- INVALID_ANSWER (the node answered NaN or infinite logits): count a failure, try the next;
+- INVALID_ANSWER (the node answered NaN or infinite logits) and INTERNAL (its model failed,
+  or computed NaN, which an edgesplit node refuses to answer): count a failure, try the next;
 - DEADLINE_EXCEEDED: count a failure and give up: the time is spent, a retry cannot help;
 - anything else (INVALID_ARGUMENT, NOT_FOUND, ...): give up at once: every node would say so.
 
@@ -34,9 +35,10 @@ from edgesplit.runtime.inference import OffloadError, OffloadResult
 
 from .breaker import CircuitBreaker
 
-# INVALID_ANSWER: the node answered NaN or infinite logits (corrupted weights, say): a
-# failure of that node, and another one may answer properly.
-RETRY_ELSEWHERE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INVALID_ANSWER"})
+# INVALID_ANSWER: the node answered NaN or infinite logits (corrupted weights, say); INTERNAL:
+# the node's model failed, or computed NaN and refused to answer it: a failure of that node,
+# and another one may answer properly.
+RETRY_ELSEWHERE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INVALID_ANSWER", "INTERNAL"})
 COUNTS_AS_FAILURE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "INVALID_ANSWER"})
 # Below this, a further attempt cannot finish in time; fail fast and complete locally.
 MIN_ATTEMPT_SECONDS = 0.005

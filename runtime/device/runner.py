@@ -146,6 +146,7 @@ class DeviceRunner:
         self._tail_lock = threading.Lock()
         self._state = self._prepare(plan)
         self.observers: list[Callable[[Answer], None]] = []
+        self.observer_errors = 0  # observers that raised (logged; the answers were returned)
         if latency_target_s:
             self.local_tail_seconds(self._plan.cut)
 
@@ -254,7 +255,13 @@ class DeviceRunner:
         if answer.raced and self.metrics:
             self.metrics.races.labels(winner="edge" if answer.where == WHERE_EDGE else "device").inc()
         for observe in self.observers:
-            observe(answer)  # the embedded controller learns from every answer
+            try:
+                observe(answer)  # the embedded controller learns from every answer
+            except Exception:  # the answer is computed: a failing observer must not lose it
+                self.observer_errors += 1
+                if self.observer_errors == 1 or self.observer_errors % 1000 == 0:
+                    log.exception("an observer of the runner failed (%d so far); the answer is returned",
+                                  self.observer_errors)
         if self.metrics:
             self.metrics.answers.labels(where=answer.where, exit=answer.exit).inc()
             for part in ("device", "transfer", "edge"):

@@ -305,12 +305,14 @@ def execute_batch(model: ServedModel, requests: list[InferRequest], max_elements
             n = tensors[0].shape[0]
             rows_of = [y[offset:offset + n] for y in arrays]
             offset += n
-            # Finite inputs can still overflow inside the model (int8 values at a scale of
-            # 1e36): NaN logits answered OK would be taken as a prediction by other clients.
+            # NaN logits answered OK would be taken as a prediction by a client that does not
+            # check. INTERNAL, not INVALID_ARGUMENT: corrupted weights answer NaN to every input,
+            # and a device must count that node as failing and go elsewhere; an input beyond
+            # the range the model handles (int8 values at a scale of 1e36) lands here too.
             if not all(math.isfinite(y.sum()) or np.isfinite(y).all() for y in rows_of):
-                answers[i] = InferError(InferError.INVALID_ARGUMENT,
-                                        f"{model.name} computed NaN or Inf outputs for this input: its values "
-                                        "are beyond the range the model handles")
+                answers[i] = InferError(InferError.INTERNAL,
+                                        f"{model.name} computed NaN or Inf outputs for this input (broken "
+                                        "weights, or input values beyond the range the model handles)")
                 continue
             answers[i] = _result(model, requests[i], rows_of, compute, rows)
     return BatchOutcome(answers, rows, compute)  # type: ignore[arg-type]

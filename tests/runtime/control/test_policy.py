@@ -39,6 +39,12 @@ def test_accuracy_target_and_slo_trade_exits_against_latency():
     accurate = MostAccurate(slo_s=10.0).choose(s.options(st), st)
     assert accurate.accuracy == 0.93
     assert MostAccurate(slo_s=1e-6).choose(s.options(st), st) == fastest  # nothing meets it: the fastest
+    # A target nothing meets: the most accurate options, not the fastest of all (the least
+    # accurate, here exits taken at 0.5)
+    low = [*exits, ExitSetting({1: 0.5}, {1: 0.9}, 0.50, "exit@1 0.5")]
+    s = space(exit_settings=low, exit_seconds={1: 0.001})
+    assert LeastLatency(accuracy_target=0.99).choose(s.options(st), st).accuracy == 0.93
+    assert LeastEnergy(slo_s=10.0, accuracy_target=0.99).choose(s.options(st), st).accuracy == 0.93
 
 
 def test_a_low_battery_moves_to_a_lower_energy_plan_with_a_predicted_saving():
@@ -92,6 +98,13 @@ def test_battery_schedule_and_bounds():
     assert battery.reading(9.0).on_battery
     with pytest.raises(ValueError):
         SimulatedBattery(capacity_j=0)
+    # Refused when made, not at the first reading inside a request (an IndexError there made
+    # every runner.infer fail), nor read as nonsense (a level of -9, NaN, "no" as plugged in)
+    for bad in ({"capacity_j": float("nan")}, {"capacity_j": float("inf")}, {"capacity_j": 1.0, "charge_w": -10},
+                {"capacity_j": 1.0, "schedule": [(5,)]}, {"capacity_j": 1.0, "schedule": [("5", True)]},
+                {"capacity_j": 1.0, "schedule": [(5, "no")]}, {"capacity_j": 1.0, "schedule": [(float("nan"), True)]}):
+        with pytest.raises(ValueError):
+            SimulatedBattery(**bad)
 
 
 def test_a_head_that_holds_none_of_an_exit_settings_exits_is_offered_once_as_no_exits():
@@ -116,6 +129,9 @@ def test_the_edge_queue_is_paid_only_by_the_inputs_that_reach_the_edge():
 def test_a_space_with_nothing_to_choose_is_refused_up_front():
     with pytest.raises(ValueError, match="one-byte codec"):
         space(codecs=("fp32",), allowed_cuts=[0])
+    for cuts in ([99], [], [-1, 2]):  # no options at all: min() of nothing inside a request
+        with pytest.raises(ValueError, match="allowed cuts must be some of 0..4"):
+            space(allowed_cuts=cuts)
 
 
 def test_a_learned_device_scale_moves_the_prediction_and_the_choice():

@@ -29,7 +29,8 @@ def start_controller(tmp_path):
     code = "import sys; from edgesplit.runtime.cli import main; sys.exit(main(sys.argv[1:]))"
     proc = subprocess.Popen([sys.executable, "-c", code, "controller", "--model", "resnet_fm", "--device", "mcu",
                              "--policy", "latency", "--telemetry", "tcp://127.0.0.1:*",
-                             "--decisions", "tcp://127.0.0.1:*", "--heartbeat", "0.2", "--port-file", str(port_file)],
+                             "--decisions", "tcp://127.0.0.1:*", "--heartbeat", "0.2", "--port-file", str(port_file),
+                             "--metrics-port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_until(lambda: port_file.exists() or proc.poll() is not None, timeout=60, what="controller start")
     if proc.poll() is not None:
@@ -42,8 +43,9 @@ def test_killed_controller_leaves_the_last_plan_then_the_embedded_controller_dec
     proc, endpoints = start_controller(tmp_path)
     ctx = zmq.Context()
     client = EdgeClient(running.address)
+    registry = CollectorRegistry()
     runner = DeviceRunner(model, plan=Plan(cut=4, codec="fp32"), client=client, deadline_s=5.0,
-                          metrics=DeviceMetrics(CollectorRegistry()))
+                          metrics=DeviceMetrics(registry))
     space = PlanSpace.for_model(model, device_quota=0.05, repeats=2)
     embedded = EmbeddedController(runner, space, LeastLatency(), every=10**9)
     link = DeviceLink(embedded, TelemetryPublisher(ctx, endpoints["telemetry"], "device/cam1"),
@@ -53,12 +55,32 @@ def test_killed_controller_leaves_the_last_plan_then_the_embedded_controller_dec
         # A hopeless link: 16 s to send the image. (At 0.01 Mbit/s and 2 s, a controller profiling
         # the 0.05-core device on a host busy with other work predicted more than that and chose it.)
         embedded.estimator.bandwidth_mbit, embedded.estimator.rtt_s = 0.001, 10.0
+        embedded.estimator.samples = 1  # as if measured: the controller does not decide on a starting guess
         link.start()
         wait_until(lambda: link.applied and runner.plan.cut == model.num_blocks, timeout=30,
                    what="the controller's all-on-device decision applied")
         assert link.following and not embedded.deciding
+        # The controller calibrates the model's exits and sends their thresholds: its decisions
+        # carried none, which switched off the exits of every device that followed it.
+        assert set(link.applied[-1].thresholds) == set(model.exit_cuts)
+        # the controller process's own metrics say what it decided for this device
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{endpoints['metrics_port']}/metrics", timeout=10) as r:
+            samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                       for family in text_string_to_metric_families(r.read().decode()) for s in family.samples}
+        assert samples[("edgesplit_controller_plan_cut", (("device", "cam1"),))] == model.num_blocks
+        assert samples[("edgesplit_controller_decisions_total", ())] >= 1
+        assert samples[("edgesplit_controller_device_bandwidth_bits_per_second", (("device", "cam1"),))] == 1000.0
+        assert all(runner.plan.thresholds[c] <= 1 for c in model.exit_cuts)
         sent = link.telemetry()  # what the device publishes: its estimate, battery, CPU and memory
         assert sent.link.bandwidth_mbit == 0.001 and sent.resources.memory_bytes > 0 and not sent.battery.simulated
+        # the gauges follow the estimate while the cluster controller decides (set only on the
+        # embedded controller's plan changes, they went stale), and its decisions are counted
+        assert registry.get_sample_value("edgesplit_device_estimated_bandwidth_bits_per_second") == 1000.0
+        assert registry.get_sample_value("edgesplit_device_controller_decisions_total") >= 1
         remote_plan = runner.plan
         answers = [runner.infer(x) for _ in range(5)]
         assert all(a.epoch == remote_plan.epoch and a.where == "device" for a in answers)
@@ -185,13 +207,13 @@ def test_a_restarted_controller_is_followed_though_it_counts_its_epochs_from_one
 def test_an_oversized_message_does_not_cut_the_device_off_from_its_controller(node):
     """ZeroMQ closes a connection that carries a frame over the size limit and does not
     reconnect it; the link now replaces its socket after a silence."""
-    from edgesplit.runtime.control.bus import DECISION_PREFIX, MAX_MESSAGE_BYTES, decision
+    from edgesplit.runtime.control.bus import MAX_MESSAGE_BYTES, decision, decision_topic
 
     model = node[0]
     with device_on_a_bus(node, silence_s=0.5) as (hub, link, runner, _embedded):
         hub.publish_decision(decision("cam1", 1, model.num_blocks, "int8"))
         wait_until(delivered(hub, lambda: runner.plan.cut == model.num_blocks), timeout=15, what="first decision")
-        hub.decisions.send_multipart([DECISION_PREFIX + b"cam1", b"\0" * (MAX_MESSAGE_BYTES + 1)])
+        hub.decisions.send_multipart([decision_topic("cam1"), b"\0" * (MAX_MESSAGE_BYTES + 1)])
         hub.publish_decision(decision("cam1", 2, 7, "fp16"))
         wait_until(delivered(hub, lambda: (runner.plan.cut, runner.plan.codec) == (7, "fp16")), timeout=30,
                    what="a decision after the oversized message")

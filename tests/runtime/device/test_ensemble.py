@@ -176,7 +176,10 @@ def test_a_member_answering_garbage_is_ignored_not_trusted(tiny_nonn, member_nod
         clients[0] = bad_client
         x = torch.randn(2, 1, 28, 28)
         answer = EnsembleClient(tiny_nonn, clients, deadline_s=10, input_codec="fp32").classify(x)
-        assert answer.missing == {0: "INVALID_ANSWER"} and answer.answered == (1, 2, 3)
+        # a NaN from the model is refused by the node itself (INTERNAL); other garbage is
+        # caught by the device's own check of the answer
+        assert answer.missing == {0: "INTERNAL" if kind == "nan" else "INVALID_ANSWER"}
+        assert answer.answered == (1, 2, 3)
         assert torch.isfinite(answer.logits).all()
         torch.testing.assert_close(answer.logits, expected(tiny_nonn, x, (1, 2, 3)), atol=1e-5, rtol=1e-5)
     finally:

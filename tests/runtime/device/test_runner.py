@@ -402,3 +402,21 @@ def test_without_a_plan_deadline_a_late_offload_is_abandoned_as_before(race_node
     assert answer.offload_error.startswith("DEADLINE_EXCEEDED")
     off = DeviceRunner(device_model(), plan=Plan(cut=1, offload_deadline_s=0.05), client=client, race=False)
     assert not off.infer(torch.ones(1, 4)).raced
+
+
+def test_an_observer_that_fails_does_not_lose_the_answer(trained_model, sample, caplog):
+    """A battery schedule the controller could not read made every runner.infer raise."""
+    x, _ = sample
+    runner = DeviceRunner(trained_model, cut=trained_model.num_blocks, client=None)
+    seen = []
+
+    def broken(answer):
+        seen.append(answer)
+        raise IndexError("tuple index out of range")
+
+    runner.observers.append(broken)
+    with caplog.at_level(logging.ERROR, logger="edgesplit.device"):
+        answers = [runner.infer(x[i : i + 1]) for i in range(3)]
+    assert all(a.where == WHERE_DEVICE for a in answers) and len(seen) == 3
+    assert runner.observer_errors == 3
+    assert sum("an observer of the runner failed" in r.getMessage() for r in caplog.records) == 1  # logged once

@@ -10,7 +10,7 @@ from edgesplit.protos import telemetry_pb2
 from edgesplit.runtime import codec
 from edgesplit.runtime.control.bus import ControllerSockets
 from edgesplit.runtime.control.policy import LeastLatency, PlanSpace
-from edgesplit.runtime.control.remote import Controller
+from edgesplit.runtime.control.remote import MAX_NODE_SEGMENTS, Controller
 from edgesplit.runtime.node.launcher import NodeProcess
 from edgesplit.runtime.node.settings import NodeSettings
 from edgesplit.runtime.transport.client import EdgeClient
@@ -53,7 +53,7 @@ def test_a_loaded_edge_moves_the_device_back_onto_itself_and_nonsense_load_is_dr
 
     def device_says(mbit: float) -> None:
         controller.handle(telemetry_pb2.Telemetry(source="device/cam1", link=telemetry_pb2.LinkObservation(
-            bandwidth_mbit=mbit, rtt_seconds=0.001)))
+            bandwidth_mbit=mbit, rtt_seconds=0.001, samples=3)))
 
     def node_says(name: str, depth: int, seconds: float) -> None:
         msg = telemetry_pb2.Telemetry(source=f"node/{name}")
@@ -75,7 +75,11 @@ def test_a_loaded_edge_moves_the_device_back_onto_itself_and_nonsense_load_is_dr
         bad = controller.sockets.malformed
         node_says("liar", -1, 0.01)
         node_says("liar", 1, float("nan"))
-        assert controller.sockets.malformed == bad + 2 and "liar" not in controller.nodes
+        huge = telemetry_pb2.Telemetry(source="node/liar")  # a map this size made every decision 56x dearer
+        for i in range(MAX_NODE_SEGMENTS + 1):
+            huge.node.segment_seconds[f"m.from.{i}"] = 0.01
+        controller.handle(huge)
+        assert controller.sockets.malformed == bad + 3 and "liar" not in controller.nodes
         now[0] = 10.0  # node telemetry older than 3 heartbeats is forgotten
         assert controller.edge_wait_s() == 0.0
         controller.max_devices = 2  # at the cap, stale nodes make room for a new one
