@@ -81,16 +81,26 @@ def _nonn_train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    import signal
+
     from .demo import render_summary, run_demo
 
+    def terminated(signum, _frame):
+        # Unwind like Ctrl-C, so the node, its workers and the link emulator are stopped and
+        # their folders removed: SIGTERM's default left the node serving, owned by init.
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         summary = run_demo(samples=args.samples, cut=args.cut, threshold=args.threshold, codec=args.codec,
                            deadline_s=args.deadline, kill=not args.no_kill, rate_hz=args.rate,
                            progress=not args.no_progress, device=args.device, trace=args.trace,
                            delay_ms=args.delay, compare=not args.no_compare)
-    except ValueError as exc:  # a bad flag or trace file: say what, not where
+    except (ValueError, OSError) as exc:  # a bad flag or trace file (a folder, unreadable): say what, not where
         print(f"edgesplit demo: {exc}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(render_summary(summary))
     if args.json:
         with open(args.json, "w") as f:
@@ -310,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--samples", type=int, default=300, help="requests per phase (at most 700)")
     d.add_argument("--cut", type=int, help="a fixed plan at this cut instead of the controller")
     d.add_argument("--threshold", type=float, default=0.9, help="with --cut: the exit threshold")
-    d.add_argument("--codec", default="int8", choices=["fp32", "fp16", "int8", "int8-channel"])
+    d.add_argument("--codec", default="int8", choices=["fp32", "fp16", "int8", "int8-channel"],
+                   help="with --cut: the fixed plan's codec; also the all-on-the-edge comparison's "
+                   "(the controller picks its own among fp32, fp16 and int8) (default: int8)")
     d.add_argument("--deadline", type=float, default=1.0, help="offload deadline in seconds")
     d.add_argument("--rate", type=float, default=25.0, help="requests per second, like a camera (0: flat out)")
     d.add_argument("--device", default="mcu", choices=["pi4", "pizero2", "mcu"],
@@ -318,9 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--trace", help="a '<seconds> <Mbit/s>' bandwidth trace to replay (default: a shipped 3G excerpt)")
     d.add_argument("--delay", type=float, default=2.0, help="one-way link delay in ms")
     d.add_argument("--no-compare", action="store_true", help="skip the fixed-plan replays")
-    d.add_argument("--no-kill", action="store_true", help="leave the node running")
-    d.add_argument("--no-progress", action="store_true")
-    d.add_argument("--json", help="write the summary here")
+    d.add_argument("--no-kill", action="store_true", help="do not kill and restart the node halfway")
+    d.add_argument("--no-progress", action="store_true",
+                   help="no progress bars; plan changes and node events are listed in the summary at the end")
+    d.add_argument("--json", type=output_file, help="write the summary here")
     d.set_defaults(func=_demo)
 
     b = sub.add_parser("bench", help="run a benchmark")

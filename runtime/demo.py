@@ -296,10 +296,13 @@ def run_demo(
                  for d in decisions}
     first = describe(last, codec, {}, last) if cut is None else describe(
         cut, codec, {c: threshold for c in model.exit_cuts}, last)
+    for d in decisions:  # a plan replaced before any request ran under it is listed too, with none
+        plans.setdefault(d.epoch, {"requests": 0, "where": Counter(), "ms": []})
     for epoch, entry in plans.items():
         entry["plan"] = described.get(epoch, first)
         entry["where"] = dict(entry["where"])
-        entry["mean_ms"] = statistics.fmean(entry.pop("ms"))
+        ms = entry.pop("ms")
+        entry["mean_ms"] = statistics.fmean(ms) if ms else None
     if compare:
         compared = {"adaptive" if controller else "this plan": {
             "mean_ms": summary["latency"]["total"]["mean_ms"], "where": summary["where"],
@@ -335,6 +338,9 @@ def render_summary(s: dict) -> str:
     for epoch, p in s["plans"].items():
         where = ", ".join(f"{w} {n}" for w, n in sorted(p["where"].items()))
         noun = "request" if p["requests"] == 1 else "requests"
+        if not p["requests"]:
+            lines.append(f"  plan {epoch}: {p['plan']}: no requests (replaced before the next one)")
+            continue
         lines.append(f"  plan {epoch}: {p['plan']}: {p['requests']} {noun} ({where}), mean {p['mean_ms']:.1f} ms")
     lines += ["", f"{'latency':<10}{'mean ms':>10}{'p50 ms':>10}{'p99 ms':>10}"]
     for part, v in s["latency"].items():

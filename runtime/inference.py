@@ -144,3 +144,6 @@ class OffloadResult:
     round_trip_seconds: float
     sent_bytes: int
     batch_size: int = 1  # rows in the node's batch this request ran in
+    # The call had to open the connection first (a new client, a node back from a restart):
+    # its round trip holds the TCP and HTTP/2 handshakes and says nothing of the link's rate.
+    cold: bool = False

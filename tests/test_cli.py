@@ -59,11 +59,57 @@ def test_demo_refuses_bad_flags_with_a_message_not_a_traceback(capsys, tmp_path)
 
     bad = tmp_path / "bad.txt"
     bad.write_text("0 1\nnot a sample\n")
+    binary = tmp_path / "bin.dat"
+    binary.write_bytes(b"0 1\n\xb7\xff\xfe\n")
+    long_line = tmp_path / "long.txt"
+    long_line.write_text("1" * 100_000)
     for argv, needle in ((["--samples", "0"], "samples must be within"), (["--rate", "-1"], "--rate >= 0"),
-                         (["--cut", "99"], "cut must be"), (["--trace", str(bad)], "bad.txt:2")):
+                         (["--cut", "99"], "cut must be"), (["--trace", str(bad)], "bad.txt:2"),
+                         (["--trace", str(tmp_path)], "Is a directory"),  # a traceback before
+                         (["--trace", str(binary)], "bin.dat: not a text trace"),  # the file was not named
+                         (["--trace", str(long_line)], "long.txt:1: a line longer than 4096")):  # echoed whole
         assert main(["demo", "--no-progress", *argv]) == 2
         err = capsys.readouterr().err
-        assert needle in err and "Traceback" not in err
+        assert needle in err and "Traceback" not in err and len(err) < 500, err[:300]
+    # --json is checked before a 45 s run, not after it
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--json", str(tmp_path / "no" / "such" / "x.json")])
+    assert exit_.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+def test_sigterm_stops_the_demo_and_its_node_as_ctrl_c_does(tmp_path):
+    """SIGTERM's default ended the demo and left its edge-node and workers serving, owned by init."""
+    import signal
+
+    import psutil
+
+    from tests.helpers import wait_until
+
+    demo = subprocess.Popen([sys.executable, "-m", "edgesplit.runtime.cli", "demo", "--cut", "4", "--samples", "700",
+                             "--rate", "5", "--no-compare", "--no-kill", "--no-progress"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        def node_serving():
+            for child in psutil.Process(demo.pid).children(recursive=True):
+                try:
+                    cmd = " ".join(child.cmdline())
+                except psutil.NoSuchProcess:
+                    continue
+                if "edgesplit.runtime.node" in cmd and any(
+                        c.status == psutil.CONN_LISTEN for c in child.net_connections("tcp")):
+                    return child
+            return None
+
+        node = wait_until(node_serving, timeout=120, what="the demo's edge-node listening")
+        family = [node, *node.children(recursive=True)]  # the node and its worker processes
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(60) == 128 + signal.SIGTERM
+        gone, alive = psutil.wait_procs(family, timeout=30)
+        assert not alive, [p.pid for p in alive]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
 
 
 @pytest.mark.parametrize(("argv", "needle"), [

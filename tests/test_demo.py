@@ -28,6 +28,7 @@ def test_the_controller_follows_a_swinging_link_and_the_fixed_plans_replay_it(tm
     assert 0 in cuts and 11 in cuts, s["decisions"]  # it offloaded the image and went back to the device
     assert all(d["bandwidth_mbit"] > 0 for d in s["decisions"])
     assert sum(p["requests"] for p in s["plans"].values()) == 150
+    assert set(s["plans"]) >= {str(d["epoch"]) for d in s["decisions"]}  # a plan no request ran under too
     assert any(p["where"].get("edge") for p in s["plans"].values())
     assert any(p["where"].get("device") for p in s["plans"].values())
     assert set(s["compare"]) == {"adaptive", "all on the device", "all on the edge"}

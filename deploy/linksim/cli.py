@@ -173,7 +173,8 @@ async def _serve(emulator: LinkEmulator) -> None:
                 f"(GET/PUT http://127.0.0.1:{emulator.control_port}/settings)",
                 flush=True,
             )
-        print(f"linksim settings {json.dumps(emulator.settings.to_dict())}", flush=True)
+        varying = " (then as the trace or schedule says)" if emulator.replaying else ""
+        print(f"linksim settings {json.dumps(emulator.settings.to_dict())}{varying}", flush=True)
         await stop.wait()
     finally:
         for sig in installed:

@@ -196,6 +196,11 @@ class LinkEmulator:
 
     # ----------------------------------------------------------------- settings
     @property
+    def replaying(self) -> bool:
+        """Whether a trace or schedule changes the settings over time."""
+        return self._plan is not None
+
+    @property
     def settings(self) -> LinkSettings:
         """The settings in force now."""
         return self._settings

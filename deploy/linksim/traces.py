@@ -13,6 +13,28 @@ from .settings import LinkSettings, number
 __all__ = ["load_schedule", "load_trace", "validate_schedule", "validate_trace"]
 
 
+MAX_LINE_CHARS = 4096  # a trace line is two numbers: a longer one is refused unread, not held whole
+
+
+def _lines(f, path: Path):
+    """The lines of text file ``f``, each at most ``MAX_LINE_CHARS``; ValueError naming ``path``
+    for a longer line (a 200 MB line took 1 GB and came back whole in the error) or bytes that
+    are not UTF-8 text."""
+    lineno = 0
+    while True:
+        try:
+            line = f.readline(MAX_LINE_CHARS + 1)
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not a text trace (byte {exc.start} of a line is not UTF-8)") from None
+        if not line:
+            return
+        lineno += 1
+        if len(line) > MAX_LINE_CHARS and not line.endswith("\n"):
+            raise ValueError(f"{path}:{lineno}: a line longer than {MAX_LINE_CHARS} characters; a trace line "
+                             "is '<seconds> <Mbit/s>'")
+        yield line
+
+
 def load_trace(path: str | Path) -> list[tuple[float, float]]:
     """Read a bandwidth trace: one ``<seconds> <Mbit/s>`` sample a line.
 
@@ -25,24 +47,21 @@ def load_trace(path: str | Path) -> list[tuple[float, float]]:
     path = Path(path)
     samples: list[tuple[float, float]] = []
     with path.open(encoding="utf-8-sig") as f:  # a byte-order mark (common from editors) is skipped
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in enumerate(_lines(f, path), 1):
             text = line.strip()
             if not text or text.startswith("#"):
                 continue
             parts = text.split()
             where = f"{path}:{lineno}"
+            shown = repr(text) if len(text) <= 80 else repr(text[:80]) + f" ... ({len(text):,} characters)"
             if len(parts) != 2:
-                raise ValueError(
-                    f"{where}: expected '<seconds> <Mbit/s>' (two numbers), got {text!r}"
-                )
+                raise ValueError(f"{where}: expected '<seconds> <Mbit/s>' (two numbers), got {shown}")
             try:
                 t, rate = float(parts[0]), float(parts[1])
             except ValueError:
-                raise ValueError(
-                    f"{where}: expected '<seconds> <Mbit/s>' (two numbers), got {text!r}"
-                ) from None
+                raise ValueError(f"{where}: expected '<seconds> <Mbit/s>' (two numbers), got {shown}") from None
             if not (math.isfinite(t) and math.isfinite(rate)) or t < 0 or rate < 0:
-                raise ValueError(f"{where}: time and rate must be finite and >= 0, got {text!r}")
+                raise ValueError(f"{where}: time and rate must be finite and >= 0, got {shown}")
             if samples and t <= samples[-1][0]:
                 raise ValueError(f"{where}: times must increase, {t} follows {samples[-1][0]}")
             samples.append((t, rate))

@@ -397,7 +397,8 @@ def serve(model_name: str, device_quota: float, telemetry: str, decisions: str, 
     if curve_dir:
         keys = CurveKeys.load(curve_dir, "controller")
         clients = CurveKeys.public_keys(curve_dir)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("edgesplit").setLevel(logging.INFO)
     model = load_trained(model_name)
     space = PlanSpace.for_model(model, device_quota=device_quota, exit_settings=shipped_exit_settings(model))
     metrics = http = None

@@ -94,6 +94,7 @@ class Answer:
     attempted_bytes: int = 0  # what an offload that failed tried to send
     cut: int = 0  # the plan's cut this request ran under
     raced: bool = False  # the offload was late: the device ran the tail meanwhile (see the module docstring)
+    cold: bool = False  # the offload opened the connection first: its transfer time holds the handshakes
 
 
 class DeviceRunner:
@@ -353,7 +354,8 @@ class DeviceRunner:
             self.metrics.sent_bytes.inc(result.sent_bytes)
         conf, pred = confidence(result.logits, self.confidence_kind)
         return Answer(request_id, int(pred[0]), float(conf[0]), "final", WHERE_EDGE, latency,
-                      logits=result.logits, epoch=plan.epoch, sent_bytes=result.sent_bytes, raced=raced)
+                      logits=result.logits, epoch=plan.epoch, sent_bytes=result.sent_bytes, raced=raced,
+                      cold=getattr(result, "cold", False))
 
     def close(self) -> None:
         """Stop the racing helper threads (late offloads still out end at their own deadlines)."""

@@ -124,7 +124,11 @@ class NodeProcess:
         self._dir.cleanup()
 
     def __enter__(self) -> NodeProcess:
-        return self.start()
+        try:
+            return self.start()
+        except BaseException:  # a failed or interrupted start (Ctrl-C, SIGTERM) must not leave a node behind
+            self.close()
+            raise
 
     def __exit__(self, *exc) -> None:
         self.close()

@@ -183,7 +183,12 @@ async def serve(settings: NodeSettings, security: Security | None = None) -> int
             executor.close()
         raise PortError(f"cannot listen on {where}: {exc}") from None
     auth = "bearer token required" if security.token else "no token"
+    # With --bundle the zoo models are not served (settings.models keeps its default): name the
+    # bundle's model, which the start-up line called resnet_fm whatever the bundle held.
     served = list(settings.models)
+    if settings.bundle:
+        split = next(iter(registry.split_models.values()), None)
+        served = [f"{split.name if split else 'nothing'} (bundle {settings.bundle})"]
     if settings.nonn:
         which = ", ".join(map(str, settings.members)) if settings.members else "all"
         served.append(f"NoNN {settings.nonn} (members {which})")
@@ -246,7 +251,9 @@ def _start_telemetry(settings: NodeSettings, plane, registry, stop: asyncio.Even
 
 def run(args: argparse.Namespace) -> int:
     """Run a node from parsed flags (``edgesplit node`` and ``edge-node``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # edgesplit's own INFO lines; other libraries' only from WARNING (torch's tracer logs at INFO)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("edgesplit").setLevel(logging.INFO)
     try:
         settings = NodeSettings.from_args(args)
         security = load_security(settings)  # before loading the model: a bad flag fails at once
@@ -258,6 +265,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, KeyError, ValueError, PortError) as exc:
         print(f"edge-node: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before the node's own handlers are in place: no traceback
+        print("edge-node: interrupted while starting", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

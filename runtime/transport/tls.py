@@ -276,6 +276,8 @@ def _read(path: str | os.PathLike, what: str) -> bytes:
         return Path(path).read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} {path} not found; make one with 'edgesplit certs'") from None
+    except OSError as exc:  # a folder, unreadable: a message, not a traceback
+        raise ValueError(f"{what} {path}: cannot read it ({exc.strerror or exc})") from None
 
 
 def _validity(days: int) -> tuple[datetime.datetime, datetime.datetime]:

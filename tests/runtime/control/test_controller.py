@@ -620,3 +620,32 @@ def test_the_machines_battery_is_read_at_most_once_per_read_interval(node, space
         assert len(reads) == 3
     finally:
         controller.close()
+
+
+def test_an_offload_that_opened_the_connection_does_not_time_the_link(node, space):
+    """The demo's first offload took 180 ms against 13 predicted (the TCP and HTTP/2
+    handshakes) and the device read its link as 30 times slower than it was."""
+    from edgesplit.runtime.codec import encode
+    from edgesplit.runtime.device.runner import Answer, Latency
+
+    model, running = node
+    runner, client = runner_for(model, running)
+    controller = EmbeddedController(runner, space, LeastLatency(), every=10**9)
+    try:
+        wait_until(lambda: client._ready, timeout=30, what="the client's eager connection")
+        result = client.infer(DeviceRunner.tail_model_name_for(model, 4),
+                              encode(torch.zeros(1, *model.cut_points()[4].shape), "int8"), timeout=10)
+        assert not result.cold  # the connection was up before the call
+        before = controller.estimator.samples
+
+        def answer(cold: bool) -> Answer:
+            return Answer(1, 0, 0.5, "final", WHERE_EDGE, Latency(device=0.001, transfer=0.18, edge=0.001),
+                          logits=torch.zeros(1, 10), sent_bytes=12544, cold=cold, cut=4)
+
+        controller.observe(answer(cold=True))
+        assert controller.estimator.samples == before  # the handshakes taught nothing
+        controller.observe(answer(cold=False))
+        assert controller.estimator.samples == before + 1
+    finally:
+        controller.close()
+        client.close()

@@ -47,6 +47,8 @@ def test_pruned_bundle_served_by_edge_node_matches_in_process(images):
             assert refused.value.reason == "INVALID_ARGUMENT" and "shape" in refused.value.message.lower()
             assert DeviceRunner(model, cut=4, thresholds=1.01, client=client, deadline_s=10).infer(
                 images[0]).where == WHERE_EDGE
+            # its start-up line names the bundle's model (it said "serving resnet_fm" for any bundle)
+            assert f"serving resnet_fm_pruned (bundle {bundle.path})" in node.log_path.read_text()
         finally:
             client.close()
 

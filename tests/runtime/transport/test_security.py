@@ -322,6 +322,7 @@ def test_edge_node_refuses_half_given_security_flags(certs, tmp_path, capsys, mo
         "is empty": ["--token-file", str(empty)],
         "token file": ["--token-file", str(tmp_path / "missing-token")],
         "is not a regular file": ["--token-file", str(tmp_path)],  # a directory: it was a traceback
+        "is not a PEM certificate": ["--tls-cert", str(tmp_path), "--tls-key", key],  # a folder: a traceback
     }
     for message, flags in cases.items():
         assert node_cli.main(["--random-weights", "--port", "0", *flags]) == 2, message
