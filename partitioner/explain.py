@@ -113,8 +113,9 @@ def plan_rows(model_name: str, bandwidth_mbit: float, device: str = "pi4", rtt_m
     all_device = next(r for r in rows if r["cut"] == last)
     all_edge = next(r for r in rows if r["cut"] == 0)
     if best.cut == last:
-        reason = (f"everything on the device: sending the input alone ({all_edge['bytes']} bytes) takes "
-                  f"{all_edge['transfer_ms']:.1f} ms, more than the {all_device['device_ms']:.1f} ms the device needs")
+        reason = (f"everything on the device: sending the input ({all_edge['bytes']} bytes, "
+                  f"{all_edge['transfer_ms']:.1f} ms) and running it on the edge takes {all_edge['total_ms']:.1f} ms, "
+                  f"more than the {all_device['device_ms']:.1f} ms the device needs")
     elif best.cut == 0:
         reason = (f"send the input ({all_edge['bytes']} bytes, {all_edge['transfer_ms']:.1f} ms) and run everything "
                   f"on the edge: the device would need {all_device['device_ms']:.1f} ms")

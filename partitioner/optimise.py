@@ -40,7 +40,11 @@ def choose(predictions: list[Prediction], objective: str = "latency") -> Predict
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
     key = (lambda p: (p.total_s, -p.cut)) if objective == "latency" else (lambda p: (p.energy_j, p.total_s))
-    return min(predictions, key=key)
+    # A prediction that is not a finite number must not win (NaN compares as neither less nor more)
+    finite = [p for p in predictions if math.isfinite(p.total_s) and math.isfinite(p.energy_j)]
+    if not finite:
+        raise ValueError("no cut has a finite predicted cost: check the profiles and the link")
+    return min(finite, key=key)
 
 
 def undominated_cuts(cuts: list[GraphCut], codec: str = "int8") -> list[int]:

@@ -100,6 +100,17 @@ class Profile:
         quota = data.get("cpu_quota")
         if quota is not None and not (isinstance(quota, (int, float)) and math.isfinite(quota) and quota > 0):
             raise ValueError(f"{source}: cpu_quota must be null or a fraction of a core above 0, not {quota!r}")
+        for key in ("encode_seconds_per_element", "decode_seconds_per_element", "pause_s"):
+            value = data.get(key, 0.0)  # a NaN here won the plan with "nan ms"; a negative one, negative totals
+            if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{source}: {key} must be a finite number >= 0, not {value!r:.40}")
+        for key in ("threads", "cpus", "repeats"):
+            value = data.get(key, 0)
+            if type(value) is not int or value < 0:
+                raise ValueError(f"{source}: {key} must be a whole number >= 0, not {value!r:.40}")
+        for key in ("model", "host", "torch", "statistic"):
+            if key in data and not isinstance(data[key], str):
+                raise ValueError(f"{source}: {key} must be a string, not {data[key]!r:.40}")
         data["seconds"] = _checked_seconds(data["seconds"], len(names), source)
         return cls(**data)
 

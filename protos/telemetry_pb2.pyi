@@ -70,7 +70,7 @@ class NodeLoad(_message.Message):
     def __init__(self, queue_depth: _Optional[int] = ..., segment_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("device", "controller", "epoch", "cut", "thresholds", "codec", "reason", "predicted_seconds", "time")
+    __slots__ = ("device", "controller", "epoch", "cut", "thresholds", "codec", "reason", "predicted_seconds", "time", "confidence")
     class ThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -87,6 +87,7 @@ class Decision(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     device: str
     controller: str
     epoch: int
@@ -96,4 +97,5 @@ class Decision(_message.Message):
     reason: str
     predicted_seconds: float
     time: float
-    def __init__(self, device: _Optional[str] = ..., controller: _Optional[str] = ..., epoch: _Optional[int] = ..., cut: _Optional[int] = ..., thresholds: _Optional[_Mapping[int, float]] = ..., codec: _Optional[str] = ..., reason: _Optional[str] = ..., predicted_seconds: _Optional[float] = ..., time: _Optional[float] = ...) -> None: ...
+    confidence: str
+    def __init__(self, device: _Optional[str] = ..., controller: _Optional[str] = ..., epoch: _Optional[int] = ..., cut: _Optional[int] = ..., thresholds: _Optional[_Mapping[int, float]] = ..., codec: _Optional[str] = ..., reason: _Optional[str] = ..., predicted_seconds: _Optional[float] = ..., time: _Optional[float] = ..., confidence: _Optional[str] = ...) -> None: ...

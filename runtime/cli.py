@@ -18,11 +18,13 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from .cli_args import (
     BENCHMARK_NAMES,
     batch_sizes,
     fraction,
+    image_file,
     json_output_file,
     non_negative_float,
     non_negative_int,
@@ -219,16 +221,17 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"edgesplit plan: cannot read {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(render(plan, limit=0 if args.all else 24))
-    try:
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(plan, f, indent=1)
-        if args.plot:
-            plot(plan, args.plot)
+    for path, write in ((args.json, lambda p: Path(p).write_text(json.dumps(plan, indent=1))),
+                        (args.plot, lambda p: plot(plan, p))):
+        if not path:
+            continue
+        try:
+            write(path)
+        except OSError as exc:  # exc.filename is None for a full disk: name the file ourselves
+            print(f"edgesplit plan: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+        if path == args.plot:
             print(f"plot written to {args.plot}")
-    except OSError as exc:
-        print(f"edgesplit plan: cannot write {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
-        return 2
     if args.out:
         from edgesplit.models import load_trained
         from edgesplit.partitioner.bundle import write_bundle
@@ -410,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "'edgesplit profile MODEL --device pi4' (default: this host's divided by the class's quota)")
     pl.add_argument("--exit-rates", help="share of inputs leaving at each early exit of the model, in order, "
                     "e.g. 0.4,0.2 (default: exits not counted)")
-    pl.add_argument("--plot", type=output_file, help="write stacked bars per cut to this PNG")
+    pl.add_argument("--plot", type=image_file, help="write stacked bars per cut to this image (.png, .svg, .pdf)")
     pl.add_argument("--json", type=output_file, help="write the table and the choice as JSON")
     pl.add_argument("--all", action="store_true", help="list every cut (default: about 24, evenly spread)")
     pl.add_argument("--out", type=output_dir,
@@ -466,6 +469,12 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `edgesplit info | head`: the reader left; nothing more to say
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - so the exit's own flush does not fail again
+        except OSError:
+            pass
+        return 141
     except FileNotFoundError as exc:
         print(f"edgesplit: {exc}", file=sys.stderr)
         return 2

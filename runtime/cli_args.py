@@ -70,6 +70,16 @@ def port_or_off(text: str) -> int:
     return value
 
 
+IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def image_file(text: str) -> str:
+    """argparse type: an image file to write (``output_file``) of a format the plots are written in."""
+    if Path(text).suffix.lower() not in IMAGE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f"{text}: give a {', '.join(IMAGE_SUFFIXES)} file name")
+    return output_file(text)
+
+
 def fraction(text: str) -> float:
     """argparse type: a number from 0 to 1 (a share, an accuracy, a battery level)."""
     value = _finite_float(text)
@@ -78,12 +88,18 @@ def fraction(text: str) -> float:
     return value
 
 
+MAX_PROFILE_BATCH = 256  # a batch of 200,000 tried to allocate 10 GB before failing
+
+
 def batch_sizes(text: str) -> tuple[int, ...]:
-    """argparse type: comma-separated batch sizes, each an integer >= 1 (e.g. ``1,4``)."""
+    """argparse type: comma-separated batch sizes, each an integer from 1 to 256 (e.g. ``1,4``)."""
     try:
-        return tuple(positive_int(part.strip()) for part in text.split(","))
+        sizes = tuple(positive_int(part.strip()) for part in text.split(","))
     except argparse.ArgumentTypeError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated integers >= 1, e.g. 1,4 ({exc})") from None
+    if max(sizes) > MAX_PROFILE_BATCH:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes go up to {MAX_PROFILE_BATCH}")
+    return sizes
 
 
 def zoo_model(name: str) -> str:

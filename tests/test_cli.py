@@ -147,6 +147,8 @@ def test_sigterm_stops_the_demo_and_its_node_as_ctrl_c_does(tmp_path):
     (["controller", "--accuracy-target", "7"], "--accuracy-target: must be from 0 to 1"),
     (["controller", "--low-battery", "nan"], "--low-battery: must be a finite number"),
     (["controller", "--port-file", "."], "--port-file: . is a folder"),
+    (["plan", "--plot", "p.xyz"], "--plot: p.xyz: give a .png, .svg, .pdf file name"),  # a traceback, after the table
+    (["profile", "resnet_fm", "--out", "p.json", "--batches", "1,200000"], "batch sizes go up to 256"),
     (["controller", "--metrics-port", "70000"], "--metrics-port: must be a port from 0 to 65535"),
 ])
 def test_user_mistakes_exit_2_with_one_line_before_any_work(argv, needle, capsys, tmp_path, monkeypatch):
@@ -191,3 +193,33 @@ def test_train_refuses_a_data_folder_without_the_dataset(capsys, tmp_path):
     err = capsys.readouterr().err
     assert f"{tmp_path / 'nowhere'} does not exist" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback():
+    """`edgesplit info resnet18 | head -3` printed a BrokenPipeError traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "edgesplit.runtime.cli", "info", "resnet18"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()  # the reader leaves after one line
+    err = proc.stderr.read().decode()
+    proc.wait(60)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_plan_refuses_a_profile_whose_codec_costs_are_not_numbers(tmp_path, capsys):
+    """A NaN encode cost won the plan with "nan ms"; a negative one gave negative totals."""
+    import json
+
+    from edgesplit.partitioner.explain import plan_rows
+
+    good = tmp_path / "good.json"
+    assert main(["profile", "resnet_fm", "--out", str(good), "--repeats", "1"]) == 0
+    plan_rows("resnet_fm", 5.0, device_profile=str(good))  # the untouched profile plans
+    for name, value in (("nan", float("nan")), ("neg", -1.0), ("str", "x"), ("list", [1])):
+        data = json.loads(good.read_text())
+        data["encode_seconds_per_element"] = value
+        bad = tmp_path / f"{name}.json"
+        bad.write_text(json.dumps(data))
+        assert main(["plan", "resnet_fm", "--device-profile", str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert "encode_seconds_per_element must be a finite number >= 0" in err and "Traceback" not in err

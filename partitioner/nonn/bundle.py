@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from edgesplit.partitioner.flops import macs_of
 from . import stats
 from .partition import Partition, PartitionError
 from .students import Aggregator, Student, StudentBank
+
+log = logging.getLogger("edgesplit.nonn")
 
 FORMAT = "edgesplit-nonn/1"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -88,7 +91,9 @@ def save_ensemble(out_dir: str | Path, name: str, bank: StudentBank, aggregator:
         state.update({f"member.{i}.{k}": v.detach().contiguous().clone() for k, v in student.state_dict().items()})
     state.update({f"aggregator.{k}": v.detach().contiguous().clone() for k, v in aggregator.state_dict().items()})
     weights = out_dir / f"{name}.safetensors"
-    write_safetensors(state, weights, metadata={"format": FORMAT, "name": name})
+    statistics = stats.summary(data.pooled, data.graph)
+    write_safetensors(state, weights, metadata={"format": FORMAT, "name": name,
+                                                **bound_to_weights(partition.to_dict(), statistics)})
     manifest = {
         "format": FORMAT,
         "name": name,
@@ -96,7 +101,7 @@ def save_ensemble(out_dir: str | Path, name: str, bank: StudentBank, aggregator:
         "input_shape": list(INPUT_SHAPE),
         "num_classes": int(aggregator.classifier.out_features),
         "partition": partition.to_dict(),
-        "statistics": stats.summary(data.pooled, data.graph),
+        "statistics": statistics,
         "student": {"widths": list(bank.widths), "members": students},
         **record,
         "weights": weights.name,
@@ -104,6 +109,46 @@ def save_ensemble(out_dir: str | Path, name: str, bank: StudentBank, aggregator:
     }
     (out_dir / f"{name}.json").write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def bound_to_weights(partition: dict, statistics: dict) -> dict[str, str]:
+    """Metadata that ties the manifest's partition and filter statistics to the weights file
+    (whose sha256 the manifest records): a manifest edited to another partition loaded and
+    classified at 10 % instead of 93 %, since the weights' hash alone did not cover it."""
+    kept = {k: statistics.get(k) for k in ("pooled_mean", "pooled_std")}
+    return {"partition": _canonical(partition),
+            "statistics_sha256": hashlib.sha256(_canonical(kept).encode()).hexdigest()}
+
+
+def _safetensors_metadata(raw: bytes) -> dict:
+    """The ``__metadata__`` of a safetensors file held in ``raw`` (empty when it has none)."""
+    try:
+        size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + size]) if 0 < size <= len(raw) - 8 else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    meta = header.get("__metadata__") if isinstance(header, dict) else None
+    return meta if isinstance(meta, dict) else {}
+
+
+def _check_statistics(manifest: dict, partition: Partition, path: Path) -> None:
+    """The manifest's filter statistics: one finite mean and std >= 0 per filter."""
+    import math
+
+    stats_ = manifest.get("statistics")
+    if not isinstance(stats_, dict):
+        raise NonnBundleError(f"{path}: 'statistics' must be an object")
+    for key in ("pooled_mean", "pooled_std"):
+        values = stats_.get(key)
+        if (not isinstance(values, list) or len(values) != partition.filters
+                or not all(type(v) in (int, float) and math.isfinite(v) for v in values)):
+            raise NonnBundleError(f"{path}: statistics.{key} must be {partition.filters} finite numbers")
+    if any(v < 0 for v in stats_["pooled_std"]):
+        raise NonnBundleError(f"{path}: statistics.pooled_std holds negative values")
 
 
 def _manifest_path(name_or_path: str | Path) -> Path:
@@ -168,6 +213,20 @@ def load_ensemble(name_or_path: str | Path, members: list[int] | None = None) ->
         num_classes = int(manifest["num_classes"])
     except (KeyError, TypeError, ValueError, PartitionError) as exc:
         raise NonnBundleError(f"{path}: malformed manifest: {exc}") from None
+    if manifest.get("input_shape") != list(INPUT_SHAPE):
+        raise NonnBundleError(f"{path}: input_shape must be {list(INPUT_SHAPE)}, not "
+                              f"{manifest.get('input_shape')!r:.60}")
+    _check_statistics(manifest, partition, path)
+    meta = _safetensors_metadata(raw)
+    if "partition" not in meta:  # saved before 2026-12-07: nothing to compare with
+        log.warning("%s: its weights do not record the partition they were trained with; the manifest's is "
+                    "taken unchecked (save the bundle again with this edgesplit)", path)
+    else:
+        expected = bound_to_weights(manifest["partition"], manifest["statistics"])
+        for key in ("partition", "statistics_sha256"):
+            if meta.get(key) != expected[key]:
+                raise NonnBundleError(f"{path}: its {key.split('_')[0]} is not the one its weights were trained "
+                                      "with (recorded in the weights file); refusing to load")
     wanted = list(range(partition.members)) if members is None else sorted(set(members))
     for i in wanted:
         if not 0 <= i < partition.members:

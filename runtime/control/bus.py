@@ -161,10 +161,11 @@ def decision_topic(device: str) -> bytes:
 
 def decision(device: str, epoch: int, cut: int, codec: str, thresholds: dict[int, float] | None = None,
              reason: str = "", predicted_seconds: float = 0.0,
-             controller: str = "controller") -> telemetry_pb2.Decision:
-    """A Decision message."""
+             controller: str = "controller", confidence: str = "max_softmax") -> telemetry_pb2.Decision:
+    """A Decision message; ``confidence`` is the kind the thresholds were calibrated on."""
     msg = telemetry_pb2.Decision(device=device, controller=controller, epoch=epoch, cut=cut, codec=codec,
-                                 reason=reason, predicted_seconds=predicted_seconds, time=time.time())
+                                 reason=reason, predicted_seconds=predicted_seconds, time=time.time(),
+                                 confidence=confidence)
     for k, v in (thresholds or {}).items():
         msg.thresholds[int(k)] = float(v)
     return msg

@@ -230,7 +230,8 @@ class EmbeddedController:
                 self._unoffloaded = False
             else:
                 self._unoffloaded = True
-                if answer.attempted_bytes and (answer.offload_error or "").startswith("DEADLINE_EXCEEDED"):
+                if (answer.attempted_bytes and not answer.cold
+                        and (answer.offload_error or "").startswith("DEADLINE_EXCEEDED")):
                     # The bytes did not get through in time: the link is at most this fast.
                     self.estimator.observe_timeout(answer.attempted_bytes, lat.transfer, at)
             if self.learn_device_time:

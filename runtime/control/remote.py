@@ -170,6 +170,12 @@ class Controller:
             # Nothing measured yet: the estimate is the device's starting guess. Deciding on it
             # sent fresh devices to offload everything on a link never seen; the device's own
             # controller starts all on the device and probes, and decides until this one can.
+            # A device that restarted measures afresh too: the decision made for its earlier
+            # life is no longer replayed to it (nor repeated by the heartbeat).
+            if view.current is not None:
+                view.current = None
+                view.policy = Hysteresis(self.policy_for(name))
+                self.sockets.forget(name)
             return
         option = view.policy.choose(self._spaces[name].options(state), state)
         if view.current is not None and option.key == view.current.key:
@@ -180,7 +186,8 @@ class Controller:
                   f"{100 * state.battery_level:.0f}%{' on battery' if state.on_battery else ''}"
                   + (f", edge queue {1000 * state.edge_wait_s:.0f} ms" if state.edge_wait_s else ""))
         self.sockets.publish_decision(decision(name, view.epoch, option.cut, option.codec,
-                                               dict(option.exits.thresholds), reason, option.latency_s, self.name))
+                                               dict(option.exits.thresholds), reason, option.latency_s, self.name,
+                                               option.exits.confidence))
         view.decisions.append({"epoch": view.epoch, "cut": option.cut, "codec": option.codec, "reason": reason})
         if self.metrics:
             self.metrics.decisions.inc()
@@ -227,6 +234,8 @@ class DeviceLink:
         self.applied: collections.deque[telemetry_pb2.Decision] = collections.deque(maxlen=HISTORY)
         self.applied_count = 0
         self.rejected = 0
+        self.kept_thresholds = 0  # decisions applied whose thresholds were for another confidence or other exits
+        self._keeps_thresholds = False  # the decision _plan_of read last
         self.reconnects = 0
         self.fallbacks = 0
         self.following = False  # a controller is deciding for this device
@@ -295,6 +304,7 @@ class DeviceLink:
                     self.runner.set_plan(plan)
                     self.applied.append(msg)
                     self.applied_count += 1
+                    self.kept_thresholds += self._keeps_thresholds
                     self._last_key = key
                     if self.runner.metrics:  # plan changes the device made, whoever decided them
                         self.runner.metrics.decisions.inc()
@@ -323,6 +333,18 @@ class DeviceLink:
                             "thresholds %s", self.rejected, msg.cut, msg.codec,
                             {c: t for c, t in thresholds.items() if not t >= 0})
             return None
+        # Thresholds calibrated on another confidence, or for exits at other cuts (a bundle's
+        # own heads), mean something else here: the cut and codec are followed, the device's
+        # own thresholds kept. An empty map is a decision too: no exits.
+        kind = msg.confidence or "max_softmax"
+        self._keeps_thresholds = bool(msg.thresholds) and (
+            kind != self.runner.confidence_kind or not set(msg.thresholds) <= set(model.exit_cuts))
+        if self._keeps_thresholds:
+            if not self.kept_thresholds:
+                log.warning("the controller's exit thresholds are for %s confidence at exits %s; this device measures "
+                            "%s at exits %s: it keeps its own thresholds", kind, sorted(msg.thresholds),
+                            self.runner.confidence_kind, list(model.exit_cuts))
+            thresholds = dict(self.runner.plan.thresholds)
         # The decision carries no offload deadline: the runner's own applies, not one an
         # embedded controller set for another cut.
         return self.runner.plan.with_changes(cut=msg.cut, codec=msg.codec, thresholds=thresholds,
@@ -424,17 +446,17 @@ def serve(model_name: str, device_quota: float, telemetry: str, decisions: str, 
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
-    if port_file:
-        with open(port_file + ".tmp", "w") as f:
-            json.dump({"telemetry": sockets.telemetry_endpoint, "decisions": sockets.decision_endpoint,
-                       "metrics_port": http.port if http else -1}, f)
-        os.replace(port_file + ".tmp", port_file)
-    admitted = f", CURVE admitting {len(clients)} client keys" if clients is not None else ""
-    where = f", metrics on {metrics_host}:{http.port}" if http else ""
-    print(f"controller: telemetry on {sockets.telemetry_endpoint}, decisions on {sockets.decision_endpoint}, "
-          f"policy {policy}, {model_name} on a {device_quota:g}-core device, "
-          f"{len(space.exit_settings)} exit settings{admitted}{where}", flush=True)
     try:
+        if port_file:
+            with open(port_file + ".tmp", "w") as f:
+                json.dump({"telemetry": sockets.telemetry_endpoint, "decisions": sockets.decision_endpoint,
+                           "metrics_port": http.port if http else -1}, f)
+            os.replace(port_file + ".tmp", port_file)
+        admitted = f", CURVE admitting {len(clients)} client keys" if clients is not None else ""
+        where = f", metrics on {metrics_host}:{http.port}" if http else ""
+        print(f"controller: telemetry on {sockets.telemetry_endpoint}, decisions on {sockets.decision_endpoint}, "
+              f"policy {policy}, {model_name} on a {device_quota:g}-core device, "
+              f"{len(space.exit_settings)} exit settings{admitted}{where}", flush=True)
         controller.run(stop)
     finally:
         sockets.close()

@@ -43,6 +43,12 @@ log = logging.getLogger("edgesplit.device.ensemble")
 ANSWER_BOUND_STDS = 50.0
 
 
+# Normalised Fashion-MNIST images lie within about -0.8..2.1; beyond this bound they are not
+# normalised (raw 0..255 pixels), and members' answers to them fail the plausibility check,
+# which counted against healthy members.
+MAX_NORMALISED = 100.0
+MAX_REQUEST_ID = 240  # of the nodes' 256, room for the member suffix
+
 def answer_bounds(ensemble) -> list[torch.Tensor]:
     """Per member, the largest plausible value of each answered feature (from the manifest's statistics)."""
     stats = ensemble.manifest.get("statistics", {})
@@ -158,6 +164,9 @@ class EnsembleClient:
         end in an error from deep inside the codec or the fallback student.
         """
         self._check_images(images)
+        if len(request_id) > MAX_REQUEST_ID:  # each member's call adds ".K": the nodes refuse ids over 256
+            raise ValueError(f"request_id of {len(request_id)} characters: at most {MAX_REQUEST_ID}")
+        images = images.float()  # float16/64 inputs: the local fallback student computes in float32
         started = time.perf_counter()
         request_id = request_id or f"nonn-{next(self._ids)}"
         encoded = codec.encode(images, self.input_codec)
@@ -238,6 +247,10 @@ class EnsembleClient:
             raise ValueError(f"{len(images)} images: send 1 to {self.max_batch} per call (the nodes' batch limit)")
         if not images.is_floating_point() or not torch.isfinite(images).all():
             raise ValueError("images must be finite floating-point values (normalised as in training)")
+        largest = float(images.abs().max())
+        if largest > MAX_NORMALISED:  # raw pixels (0..255) or worse: refused here, not by the members
+            raise ValueError(f"images hold values up to {largest:.4g}; normalised images (as to_tensor makes them) "
+                             f"stay within +-{MAX_NORMALISED:g}")
 
     def _checked(self, member: int, result: OffloadResult, rows: int) -> torch.Tensor:
         """A member's answer if it is plausible, else OffloadError(INVALID_ANSWER).

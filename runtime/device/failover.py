@@ -87,6 +87,13 @@ class FailoverClient:
     def targets(self) -> list[str]:
         return [self._target(i) for i in range(len(self.clients))]
 
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to the node a call goes to first is up (see EdgeClient.connected)."""
+        with self._lock:
+            client = self.clients[self._preferred]
+        return getattr(client, "connected", True)
+
     def infer(
         self,
         model_name: str,

@@ -94,7 +94,7 @@ class Answer:
     attempted_bytes: int = 0  # what an offload that failed tried to send
     cut: int = 0  # the plan's cut this request ran under
     raced: bool = False  # the offload was late: the device ran the tail meanwhile (see the module docstring)
-    cold: bool = False  # the offload opened the connection first: its transfer time holds the handshakes
+    cold: bool = False  # the offload (or its attempt) opened the connection first: its time holds the handshakes
 
 
 class DeviceRunner:
@@ -307,6 +307,8 @@ class DeviceRunner:
             return self._complete_locally(request_id, h, seen, latency, started, f"CODEC: {exc}", plan,
                                           skipped=skipped)
         latency.device = time.perf_counter() - started
+        # A call that must open the connection first times the handshakes too, success or not
+        cold = not getattr(self.client, "connected", True)
         call_started = time.perf_counter()
         expect = (h.shape[0], self.model.num_classes)  # the answer a node must give: logits, one row each
         try:
@@ -326,7 +328,7 @@ class DeviceRunner:
             self._count_failure(exc.reason)
             answer = self._complete_locally(request_id, h, seen, latency, started, exc.reason, plan, resumed=True,
                                             skipped=skipped)
-            answer.attempted_bytes = len(encoded.data)
+            answer.attempted_bytes, answer.cold = len(encoded.data), cold
             return answer
         except Exception as exc:  # a bug, not a network failure: say so loudly, still answer once
             latency.transfer = time.perf_counter() - call_started
@@ -342,7 +344,8 @@ class DeviceRunner:
             conf, pred = confidence(result.logits, self.confidence_kind)
             return Answer(request_id, int(pred[0]), float(conf[0]), "final", WHERE_FALLBACK, latency,
                           offload_error="DEADLINE_EXCEEDED: late; the device finished the tail first",
-                          logits=result.logits, epoch=plan.epoch, attempted_bytes=len(encoded.data), raced=True)
+                          logits=result.logits, epoch=plan.epoch, attempted_bytes=len(encoded.data), raced=True,
+                          cold=cold)
         raced = isinstance(result, _LateAnswer)
         if raced:
             result = result.result
@@ -355,7 +358,7 @@ class DeviceRunner:
         conf, pred = confidence(result.logits, self.confidence_kind)
         return Answer(request_id, int(pred[0]), float(conf[0]), "final", WHERE_EDGE, latency,
                       logits=result.logits, epoch=plan.epoch, sent_bytes=result.sent_bytes, raced=raced,
-                      cold=getattr(result, "cold", False))
+                      cold=cold or getattr(result, "cold", False))
 
     def close(self) -> None:
         """Stop the racing helper threads (late offloads still out end at their own deadlines)."""

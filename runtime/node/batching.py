@@ -306,16 +306,31 @@ def execute_batch(model: ServedModel, requests: list[InferRequest], max_elements
             rows_of = [y[offset:offset + n] for y in arrays]
             offset += n
             # NaN logits answered OK would be taken as a prediction by a client that does not
-            # check. INTERNAL, not INVALID_ARGUMENT: corrupted weights answer NaN to every input,
-            # and a device must count that node as failing and go elsewhere; an input beyond
-            # the range the model handles (int8 values at a scale of 1e36) lands here too.
-            if not all(math.isfinite(y.sum()) or np.isfinite(y).all() for y in rows_of):
-                answers[i] = InferError(InferError.INTERNAL,
-                                        f"{model.name} computed NaN or Inf outputs for this input (broken "
-                                        "weights, or input values beyond the range the model handles)")
+            # check. Whose fault: inputs beyond SANE_INPUT_MAGNITUDE (int8 values at a scale of
+            # 1e36) are the caller's, INVALID_ARGUMENT, which devices do not count against the
+            # node; NaN from ordinary inputs is the model's (weights gone bad), INTERNAL, which
+            # devices count as the node failing and take elsewhere.
+            with np.errstate(over="ignore", invalid="ignore"):
+                finite = all(math.isfinite(y.sum()) or np.isfinite(y).all() for y in rows_of)
+            if not finite:
+                answers[i] = _non_finite_error(model, tensors)
                 continue
             answers[i] = _result(model, requests[i], rows_of, compute, rows)
     return BatchOutcome(answers, rows, compute)  # type: ignore[arg-type]
+
+
+SANE_INPUT_MAGNITUDE = 1e6  # beyond this, an input that drives a model to NaN is the caller's doing
+
+
+def _non_finite_error(model: ServedModel, tensors: list[torch.Tensor]) -> InferError:
+    """The error for a request whose outputs came out NaN or infinite (see execute_batch)."""
+    largest = max(float(t.abs().max()) if t.numel() else 0.0 for t in tensors)
+    if largest > SANE_INPUT_MAGNITUDE:
+        return InferError(InferError.INVALID_ARGUMENT,
+                          f"{model.name} computed NaN or Inf outputs for input values up to {largest:.3g}: beyond "
+                          "the range the model handles")
+    return InferError(InferError.INTERNAL, f"{model.name} computed NaN or Inf outputs for ordinary input values "
+                                           f"(up to {largest:.3g}): the model is broken on this node")
 
 
 def _decode_inputs(model: ServedModel, request: InferRequest, max_elements: int) -> list[torch.Tensor]:
@@ -330,7 +345,9 @@ def _decode_inputs(model: ServedModel, request: InferRequest, max_elements: int)
         # A finite sum means finite values (the exact check runs only when it is not).
         # Checked in numpy, as the answers are encoded: each torch call outside the model
         # runs several microseconds of dispatcher code, more on a CPU gone cold while idle.
-        if not math.isfinite(x.sum()) and not np.isfinite(x).all():
+        with np.errstate(over="ignore", invalid="ignore"):  # a huge finite sum is checked exactly below
+            rough = math.isfinite(x.sum())
+        if not rough and not np.isfinite(x).all():
             raise InferError(InferError.INVALID_ARGUMENT, f"input {spec.name!r} holds NaN or Inf values")
         tensors.append(torch.from_numpy(x))
     return tensors

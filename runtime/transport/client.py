@@ -30,6 +30,11 @@ from .oip import DEFAULT_MAX_MESSAGE_BYTES, PUSHBACK_KEY, build_infer_request, p
 
 __all__ = ["CHANNEL_OPTIONS", "EdgeClient", "OffloadError", "OffloadResult", "PendingOffload", "fetch_graph_profile"]
 
+try:  # the core channel's connectivity codes as grpc's enum
+    from grpc._common import CYGRPC_CONNECTIVITY_STATE_TO_CHANNEL_CONNECTIVITY as _CONNECTIVITY
+except ImportError:  # pragma: no cover - another grpc layout: states unknown, calls counted warm
+    _CONNECTIVITY = {}
+
 # Reconnect quickly after a node comes back: gRPC's default backoff grows to 120 s.
 CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -54,6 +59,7 @@ class EdgeClient:
         target: str,
         credentials: grpc.ChannelCredentials | None = None,
         token: str | None = None,
+        connect_now: bool = True,
     ) -> None:
         self.target = target
         if credentials is not None:
@@ -65,11 +71,24 @@ class EdgeClient:
         # Connect now rather than on the first request, and know whether a call finds the
         # connection up: one that does not pays the handshakes (a first request measured
         # 180 ms against 13 predicted, and the device read the link as 30 times slower).
-        self._ready = False
-        self.channel.subscribe(self._watch, try_to_connect=True)
+        # The channel's state is read when asked, not watched: a subscription keeps a gRPC
+        # polling thread, and with it the client, alive until close().
+        if connect_now:
+            self._connectivity(try_to_connect=True)
 
-    def _watch(self, state: grpc.ChannelConnectivity) -> None:
-        self._ready = state is grpc.ChannelConnectivity.READY
+    def _connectivity(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity | None:
+        try:  # grpc's Channel keeps its core channel here; its own connectivity polling reads it so
+            state = self.channel._channel.check_connectivity_state(try_to_connect)
+        except AttributeError:  # another grpc: the state is unknown
+            return None
+        return _CONNECTIVITY.get(state)
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to the node is up now, so a call pays no handshakes (True
+        when this grpc cannot say)."""
+        state = self._connectivity()
+        return state is None or state is grpc.ChannelConnectivity.READY
 
     def infer(
         self,
@@ -91,7 +110,7 @@ class EdgeClient:
         from input name to encoded tensor, for segments that take several crossing tensors.
         """
         request, sent = _request(model_name, tensors, request_id)
-        cold = not self._ready
+        cold = not self.connected
         started = time.perf_counter()
         try:
             response = self.stub.ModelInfer(request, timeout=timeout, metadata=self.metadata,
@@ -111,7 +130,7 @@ class EdgeClient:
     ) -> PendingOffload:
         """Start ``infer`` without waiting; the :class:`PendingOffload` gives the result or the error."""
         request, sent = _request(model_name, tensors, request_id)
-        cold = not self._ready
+        cold = not self.connected
         future = self.stub.ModelInfer.future(request, timeout=timeout, metadata=self.metadata)
         return PendingOffload(future, time.perf_counter(), sent, cold)
 
@@ -129,7 +148,6 @@ class EdgeClient:
         return [h for h in info.weights_sha256.split(",") if h], list(info.served_models)
 
     def close(self) -> None:
-        self.channel.unsubscribe(self._watch)
         self.channel.close()
 
 

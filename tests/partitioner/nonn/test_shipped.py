@@ -55,3 +55,29 @@ def test_a_manifest_that_is_not_a_small_regular_file_is_refused_unread(tmp_path)
     for name in ("zero.json", "fifo.json"):
         with pytest.raises(NonnBundleError, match="not a regular file"):
             load_ensemble(tmp_path / name)
+
+
+@pytest.mark.parametrize("edit, message", [
+    # another partition of the same shape: it loaded and classified at 10 % instead of 93 %
+    (lambda m: m["partition"]["parts"].reverse(), "its partition is not the one its weights were trained with"),
+    (lambda m: m["statistics"]["pooled_std"].__setitem__(0, 1e-9), "its statistics is not the one"),
+    (lambda m: m["statistics"].update(pooled_mean=m["statistics"]["pooled_mean"][:-1]), "pooled_mean must be"),
+    (lambda m: m["statistics"]["pooled_std"].__setitem__(0, float("nan")), "pooled_std must be"),
+    (lambda m: m.update(statistics=[]), "'statistics' must be an object"),
+    (lambda m: m.update(input_shape=[3, 28, 28]), "input_shape must be"),
+    (lambda m: m.update(input_shape="abc"), "input_shape must be"),
+])
+def test_a_manifest_that_disagrees_with_its_weights_is_refused(tmp_path, edit, message):
+    import json
+    import shutil
+
+    from edgesplit.partitioner.nonn.bundle import NonnBundleError, _manifest_path
+
+    name = "nonn_resnet_fm_s4_enhanced"
+    source = _manifest_path(name)
+    manifest = json.loads(source.read_text())
+    shutil.copy(source.parent / manifest["weights"], tmp_path / manifest["weights"])
+    edit(manifest)
+    (tmp_path / f"{name}.json").write_text(json.dumps(manifest))
+    with pytest.raises(NonnBundleError, match=message):
+        load_ensemble(tmp_path / f"{name}.json")

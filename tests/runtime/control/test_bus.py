@@ -231,6 +231,12 @@ def test_the_controller_drops_nonsense_telemetry_and_bounds_the_devices_it_keeps
         assert "fresh" in fresh.devices and "fresh" not in hub.current
         fresh.handle(telemetry("device/fresh", 5.0, samples=1))
         assert hub.current["fresh"].epoch == 1
+        # restarted, it measures afresh: its old decision is no longer replayed or repeated,
+        # and once measured again it gets a new one
+        fresh.handle(telemetry("device/fresh", 1000.0, samples=0))
+        assert "fresh" not in hub.current
+        fresh.handle(telemetry("device/fresh", 5.0, samples=2))
+        assert hub.current["fresh"].epoch == 2
     finally:
         hub.close()
         ctx.term()

@@ -625,27 +625,44 @@ def test_the_machines_battery_is_read_at_most_once_per_read_interval(node, space
 def test_an_offload_that_opened_the_connection_does_not_time_the_link(node, space):
     """The demo's first offload took 180 ms against 13 predicted (the TCP and HTTP/2
     handshakes) and the device read its link as 30 times slower than it was."""
-    from edgesplit.runtime.codec import encode
-    from edgesplit.runtime.device.runner import Answer, Latency
+    model, running = node
+    client = EdgeClient(running.address, connect_now=False)  # idle until the first call: it must connect
+    runner = DeviceRunner(model, plan=Plan(cut=4, codec="int8"), client=client, deadline_s=10.0)
+    controller = EmbeddedController(runner, space, LeastLatency(), every=10**9)
+    x = torch.zeros(1, 1, 28, 28)
+    try:
+        assert not client.connected
+        first = runner.infer(x)
+        assert first.where == WHERE_EDGE and first.cold  # it opened the connection
+        assert controller.estimator.samples == 0  # and taught the estimator nothing
+        second = runner.infer(x)
+        assert second.where == WHERE_EDGE and not second.cold
+        assert controller.estimator.samples == 1
+        eager = EdgeClient(running.address)  # the default: connecting from the start
+        try:
+            wait_until(lambda: eager.connected, timeout=30, what="the eager connection")
+        finally:
+            eager.close()
+    finally:
+        controller.close()
+        client.close()
+
+
+def test_an_attempt_that_opened_the_connection_and_timed_out_does_not_bound_the_link(node, space):
+    from edgesplit.runtime.device.runner import WHERE_FALLBACK, Answer, Latency
 
     model, running = node
     runner, client = runner_for(model, running)
     controller = EmbeddedController(runner, space, LeastLatency(), every=10**9)
     try:
-        wait_until(lambda: client._ready, timeout=30, what="the client's eager connection")
-        result = client.infer(DeviceRunner.tail_model_name_for(model, 4),
-                              encode(torch.zeros(1, *model.cut_points()[4].shape), "int8"), timeout=10)
-        assert not result.cold  # the connection was up before the call
-        before = controller.estimator.samples
+        def timed_out(cold: bool) -> Answer:
+            return Answer(1, 0, 0.5, "final", WHERE_FALLBACK, Latency(device=0.001, transfer=0.2),
+                          offload_error="DEADLINE_EXCEEDED", attempted_bytes=12544, cold=cold, cut=4)
 
-        def answer(cold: bool) -> Answer:
-            return Answer(1, 0, 0.5, "final", WHERE_EDGE, Latency(device=0.001, transfer=0.18, edge=0.001),
-                          logits=torch.zeros(1, 10), sent_bytes=12544, cold=cold, cut=4)
-
-        controller.observe(answer(cold=True))
-        assert controller.estimator.samples == before  # the handshakes taught nothing
-        controller.observe(answer(cold=False))
-        assert controller.estimator.samples == before + 1
+        controller.observe(timed_out(cold=True))
+        assert controller.estimator.samples == 0 and controller.estimator.bandwidth_mbit == 10.0
+        controller.observe(timed_out(cold=False))
+        assert controller.estimator.samples == 1 and controller.estimator.bandwidth_mbit < 1.0
     finally:
         controller.close()
         client.close()

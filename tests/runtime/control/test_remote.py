@@ -232,3 +232,23 @@ def test_the_link_keeps_a_bounded_history_of_applied_decisions(node):
             wait_until(delivered(hub, lambda epoch=epoch: link.applied_count >= epoch), timeout=15,
                        what=f"decision {epoch} applied")
         assert link.applied_count == n and len(link.applied) == HISTORY and link.applied[-1].epoch == n
+
+
+def test_thresholds_calibrated_for_another_confidence_or_other_exits_are_not_applied(node):
+    """The cluster controller calibrates the zoo model's exits on max-softmax; a device running
+    a bundle's own heads on entropy applied those thresholds unchecked (exiting 0.36 of its
+    inputs where 0.74 were predicted). It follows the cut and codec and keeps its thresholds."""
+    from edgesplit.runtime.control.bus import decision
+
+    with device_on_a_bus(node) as (hub, link, runner, _embedded):
+        runner.set_plan(runner.plan.with_changes(thresholds={4: 0.95, 7: 0.95}))
+        own = dict(runner.plan.thresholds)
+        hub.publish_decision(decision("cam1", 1, 7, "int8", {4: 0.5, 7: 0.5}, confidence="entropy"))
+        wait_until(delivered(hub, lambda: runner.plan.cut == 7), timeout=15, what="the first decision applied")
+        assert dict(runner.plan.thresholds) == own and link.kept_thresholds == 1
+        hub.publish_decision(decision("cam1", 2, 8, "int8", {4: 0.5, 5: 0.5}))  # an exit this model lacks
+        wait_until(delivered(hub, lambda: runner.plan.cut == 8), timeout=15, what="the second decision applied")
+        assert dict(runner.plan.thresholds) == own and link.kept_thresholds == 2
+        hub.publish_decision(decision("cam1", 3, 4, "int8", {4: 0.6, 7: 0.7}))  # its own kind and exits
+        wait_until(delivered(hub, lambda: runner.plan.cut == 4), timeout=15, what="the third decision applied")
+        assert dict(runner.plan.thresholds) == {4: 0.6, 7: 0.7} and link.kept_thresholds == 2

@@ -317,6 +317,9 @@ def test_which_refusals_count_against_a_member(tiny_nonn, member_nodes, clients_
 @pytest.mark.parametrize("images", [
     torch.zeros(65, 1, 28, 28), torch.zeros(1, 3, 28, 28), torch.zeros(0, 1, 28, 28), torch.zeros(1, 28, 28),
     torch.full((1, 1, 28, 28), float("nan")), torch.zeros(1, 1, 28, 28, dtype=torch.int64),
+    # raw pixels, not normalised: members' answers failed the plausibility check and their
+    # breakers opened for the next, correct caller
+    torch.full((1, 1, 28, 28), 255.0),
 ])
 def test_images_it_cannot_classify_are_refused_before_anything_is_sent(tiny_nonn, images):
     """They once reached the members (whose refusals opened every breaker) or raised from
@@ -327,3 +330,24 @@ def test_images_it_cannot_classify_are_refused_before_anything_is_sent(tiny_nonn
         client.classify(images)
     assert all(m.calls == 0 for m in members)
     assert all(b.state == "closed" for b in client.breakers)
+
+
+def test_a_request_id_the_nodes_would_refuse_is_refused_before_anything_is_sent(tiny_nonn):
+    """At 300 characters every member refused it and every call quietly fell back."""
+    members = [NeverAnswers() for _ in range(tiny_nonn.members)]
+    client = EnsembleClient(tiny_nonn, members, deadline_s=0.2, input_codec="int8")
+    with pytest.raises(ValueError, match="request_id of 300 characters"):
+        client.classify(torch.zeros(1, 1, 28, 28), request_id="x" * 300)
+    assert all(m.calls == 0 for m in members)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.bfloat16])
+def test_the_local_fallback_answers_images_of_any_float_type(tiny_nonn, dtype):
+    """With every member down, float16/64 images raised from the float32 fallback student."""
+    from edgesplit.runtime.inference import OffloadError
+
+    members = [Refuses(OffloadError("UNAVAILABLE", "down")) for _ in range(tiny_nonn.members)]
+    client = EnsembleClient(tiny_nonn, members, deadline_s=1.0, input_codec="fp32")
+    answer = client.classify(torch.zeros(2, 1, 28, 28, dtype=dtype))
+    assert answer.how == "fallback" and answer.logits.shape == (2, tiny_nonn.aggregator.classifier.out_features)
+    assert torch.isfinite(answer.logits).all()
