@@ -70,13 +70,15 @@ def port_or_off(text: str) -> int:
     return value
 
 
-IMAGE_SUFFIXES = (".png", ".svg", ".pdf")
-
-
 def image_file(text: str) -> str:
-    """argparse type: an image file to write (``output_file``) of a format the plots are written in."""
-    if Path(text).suffix.lower() not in IMAGE_SUFFIXES:
-        raise argparse.ArgumentTypeError(f"{text}: give a {', '.join(IMAGE_SUFFIXES)} file name")
+    """argparse type: an image file to write (``output_file``) named with a format matplotlib
+    writes (.png, .svg, .pdf, .jpg, ...): an unknown one failed only after the table."""
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    if Path(text).suffix.lower().lstrip(".") not in formats:
+        raise argparse.ArgumentTypeError(f"{text}: give an image file name ending in one of "
+                                         f"{', '.join('.' + f for f in sorted(formats))}")
     return output_file(text)
 
 

@@ -126,6 +126,8 @@ class OffloadError(Exception):
         # With RESOURCE_EXHAUSTED from a node shedding load: the pushback it sent. None when
         # the refusal came from elsewhere (gRPC's own message-size limit, on either side).
         self.retry_after_s = retry_after_s
+        # The call had to open the connection first: a timeout then says nothing of the link's rate
+        self.cold = False
 
     @property
     def node_alive(self) -> bool:

@@ -119,7 +119,8 @@ def bound_to_weights(partition: dict, statistics: dict) -> dict[str, str]:
     """Metadata that ties the manifest's partition and filter statistics to the weights file
     (whose sha256 the manifest records): a manifest edited to another partition loaded and
     classified at 10 % instead of 93 %, since the weights' hash alone did not cover it."""
-    kept = {k: statistics.get(k) for k in ("pooled_mean", "pooled_std")}
+    # as floats: a manifest rewritten by another JSON tool (0.0 written as 0) still matches
+    kept = {k: [float(v) for v in statistics.get(k) or []] for k in ("pooled_mean", "pooled_std")}
     return {"partition": _canonical(partition),
             "statistics_sha256": hashlib.sha256(_canonical(kept).encode()).hexdigest()}
 

@@ -280,8 +280,12 @@ class DeviceLink:
         return msg
 
     def _publish_loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        # The first at once: a restarted device tells the controller it has measured nothing
+        # yet (so its earlier life's decision is dropped) as soon as it can, not interval_s later.
+        while True:
             self.publisher.publish(self.telemetry())
+            if self._stop.wait(self.interval_s):
+                return
 
     def _follow_loop(self) -> None:
         quiet_since = reconnected_at = time.monotonic()

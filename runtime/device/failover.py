@@ -89,10 +89,16 @@ class FailoverClient:
 
     @property
     def connected(self) -> bool:
-        """Whether the connection to the node a call goes to first is up (see EdgeClient.connected)."""
+        """Whether the connection to the node a call would go to first (the preferred one, or the
+        next whose breaker is not open) is up (see EdgeClient.connected)."""
         with self._lock:
-            client = self.clients[self._preferred]
-        return getattr(client, "connected", True)
+            start = self._preferred
+        n = len(self.clients)
+        for step in range(n):
+            i = (start + step) % n
+            if self.breakers[i].state != CircuitBreaker.OPEN:
+                return getattr(self.clients[i], "connected", True)
+        return True
 
     def infer(
         self,

@@ -307,11 +307,13 @@ class DeviceRunner:
             return self._complete_locally(request_id, h, seen, latency, started, f"CODEC: {exc}", plan,
                                           skipped=skipped)
         latency.device = time.perf_counter() - started
-        # A call that must open the connection first times the handshakes too, success or not
-        cold = not getattr(self.client, "connected", True)
         call_started = time.perf_counter()
         expect = (h.shape[0], self.model.num_classes)  # the answer a node must give: logits, one row each
+        cold = False  # the attempt opened the connection first: its time holds the handshakes
         try:
+            # Known before the call only for a late offload the device overtook; otherwise the
+            # client that made the attempt says so on its result or error.
+            cold = not getattr(self.client, "connected", True)
             deadline = self.offload_deadline(latency.device, plan.cut, plan)
             name = self.tail_model_name_for(self.model, plan.cut)
             if self._races(plan):
@@ -328,7 +330,7 @@ class DeviceRunner:
             self._count_failure(exc.reason)
             answer = self._complete_locally(request_id, h, seen, latency, started, exc.reason, plan, resumed=True,
                                             skipped=skipped)
-            answer.attempted_bytes, answer.cold = len(encoded.data), cold
+            answer.attempted_bytes, answer.cold = len(encoded.data), getattr(exc, "cold", False)
             return answer
         except Exception as exc:  # a bug, not a network failure: say so loudly, still answer once
             latency.transfer = time.perf_counter() - call_started
@@ -358,7 +360,7 @@ class DeviceRunner:
         conf, pred = confidence(result.logits, self.confidence_kind)
         return Answer(request_id, int(pred[0]), float(conf[0]), "final", WHERE_EDGE, latency,
                       logits=result.logits, epoch=plan.epoch, sent_bytes=result.sent_bytes, raced=raced,
-                      cold=cold or getattr(result, "cold", False))
+                      cold=getattr(result, "cold", False))
 
     def close(self) -> None:
         """Stop the racing helper threads (late offloads still out end at their own deadlines)."""

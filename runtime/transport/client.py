@@ -79,7 +79,7 @@ class EdgeClient:
     def _connectivity(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity | None:
         try:  # grpc's Channel keeps its core channel here; its own connectivity polling reads it so
             state = self.channel._channel.check_connectivity_state(try_to_connect)
-        except AttributeError:  # another grpc: the state is unknown
+        except (AttributeError, ValueError):  # another grpc, or a closed channel: the state is unknown
             return None
         return _CONNECTIVITY.get(state)
 
@@ -116,8 +116,14 @@ class EdgeClient:
             response = self.stub.ModelInfer(request, timeout=timeout, metadata=self.metadata,
                                             wait_for_ready=wait_for_ready)
         except grpc.RpcError as exc:
-            raise _offload_error(exc) from None
-        result = _offload_result(response, time.perf_counter() - started, sent, expect)
+            error = _offload_error(exc)
+            error.cold = cold  # a timeout that opened the connection first says nothing of the link
+            raise error from None
+        try:
+            result = _offload_result(response, time.perf_counter() - started, sent, expect)
+        except OffloadError as exc:
+            exc.cold = cold
+            raise
         result.cold = cold
         return result
 

@@ -240,7 +240,8 @@ def test_thresholds_calibrated_for_another_confidence_or_other_exits_are_not_app
     inputs where 0.74 were predicted). It follows the cut and codec and keeps its thresholds."""
     from edgesplit.runtime.control.bus import decision
 
-    with device_on_a_bus(node) as (hub, link, runner, _embedded):
+    # a long silence limit: a stall of the test must not make the link resume (and count again)
+    with device_on_a_bus(node, silence_s=30) as (hub, link, runner, _embedded):
         runner.set_plan(runner.plan.with_changes(thresholds={4: 0.95, 7: 0.95}))
         own = dict(runner.plan.thresholds)
         hub.publish_decision(decision("cam1", 1, 7, "int8", {4: 0.5, 7: 0.5}, confidence="entropy"))

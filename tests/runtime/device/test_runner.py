@@ -420,3 +420,30 @@ def test_an_observer_that_fails_does_not_lose_the_answer(trained_model, sample, 
     assert all(a.where == WHERE_DEVICE for a in answers) and len(seen) == 3
     assert runner.observer_errors == 3
     assert sum("an observer of the runner failed" in r.getMessage() for r in caplog.records) == 1  # logged once
+
+
+def test_a_runner_whose_client_was_closed_still_answers_locally(node, trained_model, sample):
+    """Reading the closed channel's state before the call raised out of infer()."""
+    x, _ = sample
+    client = EdgeClient(node.address)
+    client.close()
+    runner = DeviceRunner(trained_model, cut=4, client=client, deadline_s=5.0)
+    answer = runner.infer(x[0])
+    assert answer.where == WHERE_FALLBACK
+
+
+def test_an_attempt_that_opened_the_connection_says_so_on_its_error(node, trained_model, sample):
+    """A timeout on a call that had to connect first says nothing of the link's rate: the
+    error says it was cold (the client that made the attempt, not another node's state)."""
+    from edgesplit.runtime.codec import encode
+    from edgesplit.runtime.transport.client import OffloadError
+
+    x, _ = sample
+    client = EdgeClient(node.address, connect_now=False)
+    try:
+        h = torch.zeros(1, *trained_model.cut_points()[4].shape)
+        with pytest.raises(OffloadError) as late:
+            client.infer(DeviceRunner.tail_model_name_for(trained_model, 4), encode(h, "fp32"), timeout=1e-4)
+        assert late.value.reason == "DEADLINE_EXCEEDED" and late.value.cold
+    finally:
+        client.close()
