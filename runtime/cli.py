@@ -221,17 +221,18 @@ def _plan(args: argparse.Namespace) -> int:
         print(f"edgesplit plan: cannot read {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(render(plan, limit=0 if args.all else 24))
-    for path, write in ((args.json, lambda p: Path(p).write_text(json.dumps(plan, indent=1))),
-                        (args.plot, lambda p: plot(plan, p))):
-        if not path:
-            continue
-        try:
-            write(path)
-        except OSError as exc:  # exc.filename is None for a full disk: name the file ourselves
-            print(f"edgesplit plan: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
-            return 2
-        if path == args.plot:
+    writing = None
+    try:
+        if args.json:
+            writing = args.json
+            Path(args.json).write_text(json.dumps(plan, indent=1))
+        if args.plot:
+            writing = args.plot
+            plot(plan, args.plot)
             print(f"plot written to {args.plot}")
+    except OSError as exc:  # exc.filename is None for a full disk: name the file ourselves
+        print(f"edgesplit plan: cannot write {writing}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     if args.out:
         from edgesplit.models import load_trained
         from edgesplit.partitioner.bundle import write_bundle

@@ -38,7 +38,7 @@ from edgesplit.partitioner.explain import DEVICE_QUOTAS
 
 from .control.controller import Decision, EmbeddedController
 from .control.estimators import LinkEstimator
-from .control.exits import calibrate_exits
+from .control.exits import SAMPLE_CALIBRATION_IMAGES, calibrate_on_sample
 from .control.policy import Hysteresis, LeastLatency, PlanSpace
 from .device.runner import WHERE_EDGE, Answer, DeviceRunner
 from .device.slowed import slowed
@@ -47,7 +47,7 @@ from .plan import NEVER, Plan
 from .transport.client import EdgeClient
 
 DEMO_TRACE = Path(__file__).with_name("data") / "demo-trace.txt"
-CALIBRATION_IMAGES = 300  # the first images of the sample calibrate the exits; the demo runs on the rest
+CALIBRATION_IMAGES = SAMPLE_CALIBRATION_IMAGES  # the first images of the sample calibrate the exits
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -214,7 +214,7 @@ def run_demo(
 
     space, target = None, 0.0
     if cut is None:  # before the node starts, so its start does not slow the timing of the blocks
-        table = calibrate_exits(model, to_tensor(images[:CALIBRATION_IMAGES]), labels[:CALIBRATION_IMAGES])
+        table = calibrate_on_sample(model)
         space = PlanSpace.for_model(model, device_quota=quota, exit_settings=table)
         target = table[0].accuracy - 0.01
         say(f"device class {device} ({quota:g} of a core, emulated); exits calibrated on {CALIBRATION_IMAGES} "

@@ -65,6 +65,22 @@ def calibrate_exits(model: SplitModel, x: torch.Tensor, labels: Sequence[int],
     return table
 
 
+SAMPLE_CALIBRATION_IMAGES = 300  # the first images of the shipped sample; the demo runs on the rest
+
+
+def calibrate_on_sample(model: SplitModel) -> list[ExitSetting]:
+    """Exit settings for ``model`` calibrated on the first ``SAMPLE_CALIBRATION_IMAGES`` of the
+    shipped Fashion-MNIST sample (what the demo and ``edgesplit controller`` decide with), when
+    it has exits and takes those images; else none."""
+    if not model.exit_cuts or tuple(model.input_shape) != (1, 28, 28):
+        return []
+    from edgesplit.models.datasets import load_sample, to_tensor
+
+    images, labels = load_sample()
+    n = SAMPLE_CALIBRATION_IMAGES
+    return calibrate_exits(model, to_tensor(images[:n]), [int(v) for v in labels[:n]])
+
+
 def settings_from_manifest(manifest: Mapping, exit_cuts: Sequence[int] | None = None) -> list[ExitSetting]:
     """The calibrated exit settings a bundle from ``edgesplit compress`` carries (validation
     rates and accuracy per accuracy budget), as the controller's exit settings, each with the

@@ -377,26 +377,6 @@ def policy_named(name: str, slo_s: float, accuracy_target: float, low_battery: f
     raise ValueError(f"unknown policy {name!r}; choose latency, energy, accuracy or battery")
 
 
-CALIBRATION_IMAGES = 300  # of the shipped sample, as the demo calibrates
-
-
-def shipped_exit_settings(model) -> list:
-    """Exit settings for ``model`` calibrated on the shipped Fashion-MNIST sample, when it has
-    exits and takes those images; else none (its plans have no exits to set).
-
-    Without them every decision carried empty thresholds, which switched off the exits of
-    every device that followed the controller, and an accuracy target was met by anything."""
-    if not model.exit_cuts or tuple(model.input_shape) != (1, 28, 28):
-        return []
-    from edgesplit.models.datasets import load_sample, to_tensor
-
-    from .exits import calibrate_exits
-
-    images, labels = load_sample()
-    return calibrate_exits(model, to_tensor(images[:CALIBRATION_IMAGES]),
-                           [int(v) for v in labels[:CALIBRATION_IMAGES]])
-
-
 def serve(model_name: str, device_quota: float, telemetry: str, decisions: str, policy: str = "battery",
           slo_s: float = 0.2, accuracy_target: float = 0.0, low_battery: float = 0.3, heartbeat_s: float = 1.0,
           curve_dir: str | None = None, port_file: str | None = None, stop: threading.Event | None = None,
@@ -413,6 +393,7 @@ def serve(model_name: str, device_quota: float, telemetry: str, decisions: str, 
 
     from .bus import CurveKeys
     from .endpoint import check_endpoint
+    from .exits import calibrate_on_sample
 
     if not (heartbeat_s > 0 and slo_s > 0 and 0 <= accuracy_target <= 1 and 0 <= low_battery <= 1):  # NaN fails
         raise ValueError(f"need heartbeat and SLO > 0, accuracy target and low battery in 0..1; got "
@@ -426,7 +407,9 @@ def serve(model_name: str, device_quota: float, telemetry: str, decisions: str, 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("edgesplit").setLevel(logging.INFO)
     model = load_trained(model_name)
-    space = PlanSpace.for_model(model, device_quota=device_quota, exit_settings=shipped_exit_settings(model))
+    # Calibrated exits: without them every decision carried empty thresholds, which switched
+    # off the exits of every device that followed, and an accuracy target was met by anything.
+    space = PlanSpace.for_model(model, device_quota=device_quota, exit_settings=calibrate_on_sample(model))
     metrics = http = None
     if metrics_port >= 0:  # before the bus: a port already taken fails with nothing to undo
         from prometheus_client import CollectorRegistry

@@ -311,12 +311,12 @@ class DeviceRunner:
         expect = (h.shape[0], self.model.num_classes)  # the answer a node must give: logits, one row each
         cold = False  # the attempt opened the connection first: its time holds the handshakes
         try:
-            # Known before the call only for a late offload the device overtook; otherwise the
-            # client that made the attempt says so on its result or error.
-            cold = not getattr(self.client, "connected", True)
             deadline = self.offload_deadline(latency.device, plan.cut, plan)
             name = self.tail_model_name_for(self.model, plan.cut)
             if self._races(plan):
+                # A late offload the device overtook has no result to say so: read it before the
+                # call. Otherwise the client that made the attempt says so on its result or error.
+                cold = not getattr(self.client, "connected", True)
                 result = self._offload_racing(name, encoded, deadline, request_id, h, plan.cut, expect)
             else:
                 result = self.client.infer(name, encoded, deadline, str(request_id), expect=expect)

@@ -301,21 +301,20 @@ def execute_batch(model: ServedModel, requests: list[InferRequest], max_elements
         compute = time.perf_counter() - started
         arrays = [_float32_array(y) for y in outputs]  # once per batch; split below as numpy views
         offset = 0
-        for i, tensors in decoded:
-            n = tensors[0].shape[0]
-            rows_of = [y[offset:offset + n] for y in arrays]
-            offset += n
-            # NaN logits answered OK would be taken as a prediction by a client that does not
-            # check. Whose fault: inputs beyond SANE_INPUT_MAGNITUDE (int8 values at a scale of
-            # 1e36) are the caller's, INVALID_ARGUMENT, which devices do not count against the
-            # node; NaN from ordinary inputs is the model's (weights gone bad), INTERNAL, which
-            # devices count as the node failing and take elsewhere.
-            with np.errstate(over="ignore", invalid="ignore"):
-                finite = all(math.isfinite(y.sum()) or np.isfinite(y).all() for y in rows_of)
-            if not finite:
-                answers[i] = _non_finite_error(model, tensors)
-                continue
-            answers[i] = _result(model, requests[i], rows_of, compute, rows)
+        with np.errstate(over="ignore", invalid="ignore"):  # a sum that overflows is checked exactly
+            for i, tensors in decoded:
+                n = tensors[0].shape[0]
+                rows_of = [y[offset:offset + n] for y in arrays]
+                offset += n
+                # NaN logits answered OK would be taken as a prediction by a client that does not
+                # check. Whose fault: inputs beyond SANE_INPUT_MAGNITUDE (int8 values at a scale of
+                # 1e36) are the caller's, INVALID_ARGUMENT, which devices do not count against the
+                # node; NaN from ordinary inputs is the model's (weights gone bad), INTERNAL, which
+                # devices count as the node failing and take elsewhere.
+                if not all(math.isfinite(y.sum()) or np.isfinite(y).all() for y in rows_of):
+                    answers[i] = _non_finite_error(model, tensors)
+                    continue
+                answers[i] = _result(model, requests[i], rows_of, compute, rows)
     return BatchOutcome(answers, rows, compute)  # type: ignore[arg-type]
 
 
