@@ -10,8 +10,11 @@ it through, as long as the deadline leaves time:
   failure is counted;
 - INVALID_ANSWER (the node answered NaN or infinite logits) and INTERNAL (its model failed,
   or computed NaN, which an edgesplit node refuses to answer): count a failure, try the next;
+- UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED and NOT_FOUND (this node wants another
+  token, is not an edgesplit node, or does not serve that segment): count a failure, try the
+  next: these are one node's settings, and another node may serve the call;
 - DEADLINE_EXCEEDED: count a failure and give up: the time is spent, a retry cannot help;
-- anything else (INVALID_ARGUMENT, NOT_FOUND, ...): give up at once: every node would say so.
+- anything else (INVALID_ARGUMENT, ...): give up at once: every node would say so.
 
 When every breaker is open the call fails at once with reason ``CIRCUIT_OPEN``. Every
 call a breaker let through reports its outcome to that breaker, whatever happens, so a
@@ -38,8 +41,12 @@ from .breaker import CircuitBreaker
 # INVALID_ANSWER: the node answered NaN or infinite logits (corrupted weights, say); INTERNAL:
 # the node's model failed, or computed NaN and refused to answer it: a failure of that node,
 # and another one may answer properly.
-RETRY_ELSEWHERE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INVALID_ANSWER", "INTERNAL"})
-COUNTS_AS_FAILURE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "INVALID_ANSWER"})
+# The refusals of one node's settings: its token, its services, its models. A breaker opened by
+# them spares every later call the round trip until the node is probed again.
+NODE_SETTINGS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "UNIMPLEMENTED", "NOT_FOUND"})
+RETRY_ELSEWHERE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INVALID_ANSWER", "INTERNAL"}) | NODE_SETTINGS
+COUNTS_AS_FAILURE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN",
+                               "INVALID_ANSWER"}) | NODE_SETTINGS
 # Below this, a further attempt cannot finish in time; fail fast and complete locally.
 MIN_ATTEMPT_SECONDS = 0.005
 

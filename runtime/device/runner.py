@@ -97,6 +97,12 @@ class Answer:
     cold: bool = False  # the offload (or its attempt) opened the connection first: its time holds the handshakes
 
 
+def _seconds(name: str, value: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a positive, finite number of seconds, not {value!r}")
+    return float(value)
+
+
 class DeviceRunner:
     """Runs a split model's head on this device and offloads its tail, under a swappable plan."""
 
@@ -132,10 +138,12 @@ class DeviceRunner:
         if client is not None and not isinstance(client, FailoverClient):
             client = FailoverClient([client])
         self.client = client
-        self.deadline_s = deadline_s
+        self.deadline_s = _seconds("deadline_s", deadline_s)
         self.fallback = fallback
         self.metrics = metrics
-        self.latency_target_s = latency_target_s
+        self.latency_target_s = None if latency_target_s is None else _seconds("latency_target_s", latency_target_s)
+        if race_limit_s is not None and race_limit_s != 0:
+            race_limit_s = _seconds("race_limit_s", race_limit_s)
         self.race = race
         # how long a late offload may go on after its deadline (None: as long again as the deadline)
         self.race_limit_s = race_limit_s
@@ -247,9 +255,8 @@ class DeviceRunner:
     # -- requests -------------------------------------------------------------------------
     def infer(self, x: torch.Tensor) -> Answer:
         """Answer one input (shape [1, *input_shape] or [*input_shape])."""
+        x = self._checked_input(x)
         request_id = next(self._ids)
-        if x.dim() == len(self.model.input_shape):
-            x = x.unsqueeze(0)
         state = self._state
         answer = self._infer(request_id, x, *state)
         answer.cut = state[0].cut
@@ -269,6 +276,23 @@ class DeviceRunner:
                 self.metrics.latency.labels(part=part).observe(getattr(answer.latency, part))
             self.metrics.latency.labels(part="total").observe(answer.latency.total)
         return answer
+
+    def _checked_input(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` as one float32 row [1, *input_shape], or a ValueError (TypeError) saying what
+        is wrong, before any work: one answer is about one input (its exits decide for it)."""
+        shape = tuple(self.model.input_shape)
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"infer() takes a torch.Tensor of shape {list(shape)} or [1, *that], "
+                            f"not {type(x).__module__}.{type(x).__name__}")
+        if tuple(x.shape) == shape:
+            x = x.unsqueeze(0)
+        elif tuple(x.shape) != (1, *shape):
+            raise ValueError(f"infer() answers one input of shape {list(shape)} (or [1, *that]), not "
+                             f"{list(x.shape)}: give a batch one row at a time")
+        if not x.is_floating_point():
+            raise ValueError(f"infer() needs floating-point values (the normalised input), not {x.dtype}")
+        # NaN or infinite values are answered (locally where the codec cannot carry them)
+        return x if x.dtype == torch.float32 else x.float()
 
     def _infer(self, request_id: int, x: torch.Tensor, plan: Plan, active: frozenset[int],
                skippable: frozenset[int]) -> Answer:

@@ -242,7 +242,11 @@ class ModelQueue:
         started = time.perf_counter()
         self._running += 1
         try:
-            work = self._workers.submit(self.model, [p.request for p in batch], alone=self._slots.busy == 1)
+            # alone: nothing else runs and nothing waits here, so the loop is idle and a thread
+            # of this process costs no contention; with a queue (always, under load with one
+            # worker) the batch goes to a worker process and the loop stays free to admit
+            alone = self._slots.busy == 1 and not self._queue
+            work = self._workers.submit(self.model, [p.request for p in batch], alone=alone)
         except BaseException as exc:  # the executor is shut down, or broken: answer, never strand
             self._finish(batch, exc, started)
             return

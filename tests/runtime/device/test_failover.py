@@ -1,5 +1,6 @@
-"""Failover across nodes: retries only on UNAVAILABLE / RESOURCE_EXHAUSTED, never on a spent
-deadline or a bad request; deadlines derived from a latency target."""
+"""Failover across nodes: retries on UNAVAILABLE / RESOURCE_EXHAUSTED and on one node's own
+refusals (token, model), never on a spent deadline or a bad request; deadlines derived from a
+latency target."""
 
 from __future__ import annotations
 
@@ -142,10 +143,34 @@ def test_bad_request_is_not_retried(slow_nodes):
     a, b = slow_nodes
     client = FailoverClient([EdgeClient(a.address), EdgeClient(b.address)])
     with pytest.raises(OffloadError) as err:
-        client.infer("nope", X, timeout=5)
-    assert err.value.reason == "NOT_FOUND"
+        client.infer("slow", encode(torch.ones(1, 5), "fp32"), timeout=5)  # 5 values for a 4-wide model
+    assert err.value.reason == "INVALID_ARGUMENT"
     assert client.attempts == {a.address: 1, b.address: 0}
     client.close()
+
+
+def test_a_node_refusing_the_token_or_the_model_is_passed_over_for_one_that_serves():
+    """Defect: UNAUTHENTICATED (and NOT_FOUND, UNIMPLEMENTED) from the first node was taken as
+    what every node would say: each call gave up there, never reached the node that serves it,
+    and kept the refusing node's breaker closed."""
+    model, gate = gated_model("slow")
+    gate.release.set()
+    locked, locked_thread = start_in_thread(model, server_kwargs={"token": "s3cret-token"})
+    other, other_thread = start_in_thread(gated_model("other")[0])
+    open_, open_thread = start_in_thread(model)
+    client = FailoverClient([EdgeClient(locked.address), EdgeClient(other.address), EdgeClient(open_.address)],
+                            failure_threshold=1, reset_seconds=60)
+    try:
+        assert torch.equal(client.infer("slow", X, timeout=5).logits, torch.ones(1, 4))
+        assert client.attempts == {locked.address: 1, other.address: 1, open_.address: 1}
+        assert [b.state for b in client.breakers] == [CircuitBreaker.OPEN, CircuitBreaker.OPEN,
+                                                      CircuitBreaker.CLOSED]
+        client.infer("slow", X, timeout=5)  # straight to the node that served
+        assert client.attempts[open_.address] == 2 and client.attempts[locked.address] == 1
+    finally:
+        client.close()
+        for node, thread in ((locked, locked_thread), (other, other_thread), (open_, open_thread)):
+            stop_in_thread(node, thread)
 
 
 def test_device_runner_fails_over_between_real_nodes(trained_model):

@@ -447,3 +447,32 @@ def test_an_attempt_that_opened_the_connection_says_so_on_its_error(node, traine
         assert late.value.reason == "DEADLINE_EXCEEDED" and late.value.cold
     finally:
         client.close()
+
+
+def test_inputs_other_than_one_float_row_are_refused_before_any_work(trained_model, sample):
+    """Defect: a batch of two was answered as one, every row exiting on row 0's confidence;
+    an empty batch, integer images and numpy arrays raised torch's or numpy's errors."""
+    x, _ = sample
+    runner = DeviceRunner(trained_model, cut=4, thresholds=0.5)
+    with pytest.raises(ValueError, match="one input"):
+        runner.infer(x[:2])
+    with pytest.raises(ValueError, match="one input"):
+        runner.infer(x[:0])
+    with pytest.raises(ValueError, match="floating-point"):
+        runner.infer((x[:1] * 100).to(torch.uint8))
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        runner.infer(x[:1].numpy())
+    twin = runner.infer(x[0].double())  # float64 (and [C, H, W]) is taken as float32
+    same = runner.infer(x[:1])
+    assert (twin.prediction, twin.exit) == (same.prediction, same.exit)
+
+
+@pytest.mark.parametrize("settings", [{"deadline_s": float("inf")}, {"deadline_s": float("nan")},
+                                      {"deadline_s": -1}, {"deadline_s": "0.5"}, {"deadline_s": 0},
+                                      {"latency_target_s": -1.0}, {"latency_target_s": float("nan")},
+                                      {"race_limit_s": float("inf")}])
+def test_deadlines_that_are_not_positive_finite_seconds_are_refused(trained_model, settings):
+    """Defect: an infinite deadline failed every offload at once and opened the breaker of a
+    healthy node; NaN or negative ones silently never offloaded; a string failed each request."""
+    with pytest.raises(ValueError, match=next(iter(settings))):
+        DeviceRunner(trained_model, cut=4, **settings)

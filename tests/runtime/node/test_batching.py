@@ -226,3 +226,34 @@ def test_requests_whose_outputs_overflow_are_refused_and_the_rest_of_the_batch_a
     lin.weight.data[1] = float("nan")
     broken = execute_batch(served, [req([1.0, 1.0, 0.0, 0.0])], 1 << 20).answers[0]
     assert isinstance(broken, InferError) and broken.code == InferError.INTERNAL and "broken" in broken.message
+
+
+def test_with_one_worker_process_a_queue_runs_in_it_and_only_an_idle_node_runs_in_process():
+    from edgesplit.runtime.node.workers import ProcessWorkers
+
+    model, gate = gated_model()
+    registry = registry_of(model, batching=BatchingConfig(preferred_batch=2, max_batch=2, max_delay_s=0.0))
+    gate.release.set()  # the forked worker's copy of the gate stays open: only this process's batches wait
+    executor = ProcessWorkers(registry, workers=1, threads=1, max_elements=1 << 20)
+    gate.release.clear()
+
+    async def main():
+        plane = DataPlane(registry, NodeMetrics(CollectorRegistry()), executor=executor)
+        try:
+            first = await occupy(plane, gate)  # an idle node: runs on a thread of this process
+            tasks = [asyncio.ensure_future(plane.infer(request(torch.full((1, 4), float(i))))) for i in range(5)]
+            await wait_for(lambda: plane.inflight == 6, 10, "five requests queued")
+            gate.release.set()
+            await first
+            return await asyncio.gather(*tasks)
+        finally:
+            gate.release.set()
+            await plane.aclose()
+
+    results = asyncio.run(main())
+    for i, r in enumerate(results):
+        assert values(r).tolist() == [[float(i)] * 4]
+    # with a queue the batch went to the worker process (before, one worker's process never
+    # ran anything: every batch ran "alone" on the node's own thread, beside the event loop)
+    assert executor.process_batches >= 1 and executor.local_batches >= 1
+    assert gate.rows[0] == 1 and sum(gate.rows) < 6  # rows that passed this process's gate
