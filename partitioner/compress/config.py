@@ -50,6 +50,10 @@ class PruneConfig:
     global_pruning: bool = True
     isomorphic: bool = False  # global ranking only among groups of the same structure
     removed: float | str = 0.9  # fraction of parameters removed, or "knee"
+    # Hand-set widths instead of a removed fraction: a convolution's module path (a
+    # "blocks.4.conv1" key) to its output channels; its coupled group follows. Set, it
+    # replaces removed, the importance ranking across layers and the sweep.
+    widths: dict[str, int] = field(default_factory=dict)
     sweep_rates: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95])
     steps: int = 3  # iterative prune-and-fine-tune steps
     finetune_epochs: int = 1  # after each step
@@ -145,6 +149,10 @@ def _check(value, hint, where: str):
             except ValueError:
                 continue
         raise ValueError(f"{where} = {value!r} has the wrong type (expected {hint})")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} must be a table")
+        return {_check(k, args[0], f"{where} key"): _check(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):
             raise ValueError(f"{where} must be a list")
@@ -208,6 +216,10 @@ def parse(table: dict, root: Path = Path(".")) -> CompressConfig:
     if not cfg.exits.cuts:
         raise ValueError("exits.cuts must name at least one cut")
     _check_values(cfg)
+    if cfg.prune.widths and cfg.prune.start_from is not None:
+        raise ValueError("prune.widths prunes the base model; prune.start_from continues a pruned one: set one")
+    if any(w < 1 for w in cfg.prune.widths.values()):
+        raise ValueError(f"prune.widths must be at least 1 channel each, not {cfg.prune.widths}")
     if cfg.prune.start_from is not None:
         cfg.prune.start_from = str(_relative_to(cfg.prune.start_from, root))
         if not (Path(cfg.prune.start_from) / "manifest.json").is_file():

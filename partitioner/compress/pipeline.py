@@ -30,7 +30,7 @@ from .checkpoint import read_progress, remove_checkpoints
 from .config import CompressConfig, PruneConfig
 from .data import Splits, load_splits
 from .distill import distill
-from .prune import adapt_bn, count_params, knee, prune_to, sweep
+from .prune import adapt_bn, count_params, interpolated_widths, knee, prune_to, prune_to_widths, sweep
 
 STEPS = ("prune", "int8", "bottleneck", "exits", "rate")
 
@@ -91,6 +91,7 @@ def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bo
         "importance": earlier.get("importance") if earlier else cfg.importance,
         "global_pruning": earlier.get("global_pruning") if earlier else cfg.global_pruning,
         "isomorphic": earlier.get("isomorphic") if earlier else cfg.isomorphic,
+        "widths": earlier.get("widths") if earlier else (cfg.widths or None),
         "sweep": curve,
         "knee_removed": curve[knee_index]["removed"] if knee_index is not None else None,
         "rate": rate,
@@ -109,13 +110,16 @@ def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bo
     write_bundle(student, out / f"{base}_pruned", base=base,
                  extra={"compression": {"pruning": {k: results[k] for k in (
                      "params_before", "params_after", "removed_fraction", "acc_before", "acc_after",
-                     "importance", "global_pruning", "isomorphic", "hints", "train_seconds")}}})
+                     "importance", "global_pruning", "isomorphic", "widths", "hints", "train_seconds")}}})
     return results
 
 
 def _pruned_student(cfg: PruneConfig, base: str, teacher, data: Splits, out: Path, progress: bool):
-    """Sweep, pick the rate, then prune iteratively with a short distillation after each step."""
+    """Sweep, pick the rate, then prune iteratively with a short distillation after each step
+    (with ``cfg.widths``: no sweep; each step goes a geometric share of the way to them)."""
     calibration = _calibration(data)
+    if cfg.widths:
+        return _student_of_widths(cfg, base, teacher, data, out, progress, calibration)
     curve = sweep(teacher, cfg.sweep_rates, lambda m: _val_accuracy(m, data), data.x, cfg.importance,
                   cfg.global_pruning, calibration, isomorphic=cfg.isomorphic)
     knee_index = knee([p["removed"] for p in curve], [p["accuracy"] for p in curve]) if len(curve) >= 3 else None
@@ -150,6 +154,34 @@ def _pruned_student(cfg: PruneConfig, base: str, teacher, data: Splits, out: Pat
                       "val_after_adaptive_bn": one_shot, "val_after_finetune": result["history"][-1]["val_accuracy"],
                       "seconds": result["seconds"]})
     return student, pruning, curve, knee_index, rate, steps
+
+
+def _student_of_widths(cfg: PruneConfig, base: str, teacher, data: Splits, out: Path, progress: bool,
+                       calibration):
+    before = count_params(teacher)
+    student = copy.deepcopy(teacher)
+    student.name = f"{base}_pruned"
+    finetune = replace(cfg.distill, epochs=cfg.finetune_epochs)
+    pruning = {"importance": cfg.importance, "widths": cfg.widths, "steps": cfg.steps}
+    steps = []
+    for i in range(cfg.steps):
+        checkpoint = out / "checkpoints" / f"prune-step{i + 1}"
+        saved = read_progress(checkpoint)
+        if saved is not None:
+            student = rebuild(build_model(base), saved["layers"])
+            student.name = f"{base}_pruned"
+        else:
+            student = prune_to_widths(student, interpolated_widths(student, cfg.widths, 1 / (cfg.steps - i)),
+                                      cfg.importance, calibration)
+            adapt_bn(student, data.x)
+        one_shot = _val_accuracy(student, data) if saved is None else None
+        result = distill(student, teacher, data, finetune, checkpoint, progress, desc=f"prune step {i + 1}",
+                         context=pruning)
+        steps.append({"removed": round(1 - count_params(student) / before, 4), "params": count_params(student),
+                      "val_after_adaptive_bn": one_shot, "val_after_finetune": result["history"][-1]["val_accuracy"],
+                      "seconds": result["seconds"]})
+    rate = round(1 - count_params(student) / before, 4)
+    return student, pruning, [], None, rate, steps
 
 
 def _continued_student(path: str, base: str, data: Splits):

@@ -139,6 +139,26 @@ def test_a_second_cycle_continues_from_a_pruned_bundle_with_an_ensemble_teacher(
     assert "not a pruned bundle" in capsys.readouterr().err
 
 
+def test_pruning_to_hand_set_widths_goes_there_in_steps_and_the_bundle_rebuilds_them(tmp_path):
+    from torch import nn
+
+    head = TINY.split("[int8]")[0].replace("steps = 1", "steps = 2")
+    off = "[int8]\nenabled = false\n[bottleneck]\nenabled = false\n[exits]\nenabled = false\n[rate]\nenabled = false\n"
+    widths = '[prune.widths]\n"blocks.0.0" = 6\n"blocks.4.conv2" = 10\n"blocks.7.conv2" = 16\n"blocks.8.conv1" = 4\n'
+    config = tmp_path / "widths.toml"
+    config.write_text(head.replace("[prune.distill]", widths + "[prune.distill]") + off)
+    assert main(["compress", str(config), "--quiet"]) == 0
+    result = json.loads((tmp_path / "out" / "prune.json").read_text())
+    assert result["widths"] == {"blocks.0.0": 6, "blocks.4.conv2": 10, "blocks.7.conv2": 16, "blocks.8.conv1": 4}
+    assert result["sweep"] == [] and len(result["steps"]) == 2
+    first, second = result["steps"]
+    assert 0 < first["removed"] < second["removed"] == result["removed_fraction"]  # halfway, then there
+    bundle = load_bundle(tmp_path / "out" / "resnet_fm_pruned")
+    convs = {n: m.out_channels for n, m in bundle.model.named_modules() if isinstance(m, nn.Conv2d)}
+    assert [convs[k] for k in result["widths"]] == [6, 10, 16, 4]
+    assert bundle.manifest["compression"]["pruning"]["widths"] == result["widths"]
+
+
 @pytest.mark.parametrize("text, message", [
     ("[prune]\nremove = 0.9\n", "unknown key prune.remove"),
     ("[prune]\nremoved = \"lots\"\n", "prune.removed"),
@@ -153,6 +173,9 @@ def test_a_second_cycle_continues_from_a_pruned_bundle_with_an_ensemble_teacher(
     ("[prune\n", "not valid TOML"),
     ("[prune]\nstart_from = \"nothing\"\n", "prune.start_from"),
     ("[prune]\nextra_teachers = [\"missing.safetensors\"]\n", "prune.extra_teachers"),
+    ("[prune.widths]\n\"blocks.1.conv1\" = 0\n", "at least 1 channel"),
+    ("[prune.widths]\n\"blocks.1.conv1\" = \"wide\"\n", "prune.widths.blocks.1.conv1"),
+    ("[prune.widths]\n\"blocks.1.bn1\" = 4\n", "not a convolution"),
     # these once failed deep inside the run with a traceback, or ran and did something else
     ("[compress]\nbase = \"resnet_nope\"\n", "compress.base"),
     ("[prune.distill]\nhints = [99]\n", "prune.distill.hints: cut 99"),

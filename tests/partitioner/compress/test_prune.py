@@ -7,7 +7,15 @@ import torch
 from torch import nn
 
 from edgesplit.models.train import evaluate_exits
-from edgesplit.partitioner.compress.prune import adapt_bn, count_params, knee, prune_to, sweep
+from edgesplit.partitioner.compress.prune import (
+    adapt_bn,
+    count_params,
+    interpolated_widths,
+    knee,
+    prune_to,
+    prune_to_widths,
+    sweep,
+)
 
 
 @pytest.mark.parametrize("importance", ["magnitude", "bn_scale", "taylor"])
@@ -37,6 +45,60 @@ def test_isomorphic_ranking_allocates_the_same_budget_differently(trained_model,
     assert 0.9 <= 1 - count_params(iso) / count_params(trained_model) < 0.91
     assert _widths(iso) != _widths(free)
     assert [tuple(o.shape) for o in iso.eval().forward_exits(tiny_splits.x[:2])] == [(2, 10)] * 3
+
+
+HAND_WIDTHS = {"blocks.0.0": 8, "blocks.1.conv1": 6, "blocks.4.conv2": 12, "blocks.5.conv1": 5,
+               "blocks.7.conv2": 20, "blocks.9.conv1": 7, "exits.7.0": 9}
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_pruning_to_hand_set_widths_prunes_each_coupled_group_to_them(trained_model, tiny_splits, importance):
+    import copy
+
+    calibration = (tiny_splits.x[:64], tiny_splits.y[:64])
+    pruned = prune_to_widths(copy.deepcopy(trained_model), HAND_WIDTHS, importance, calibration)
+    convs = {name: m for name, m in pruned.named_modules() if isinstance(m, nn.Conv2d)}
+    for name, width in HAND_WIDTHS.items():
+        assert convs[name].out_channels == width
+    # a residual stage's width is its whole group's: every block's second convolution, the
+    # shortcut, the next stage's inputs and the exit head that reads the stage
+    assert {convs[f"blocks.{b}.conv2"].out_channels for b in (1, 2, 3)} == {8}
+    assert convs["blocks.4.shortcut.0"].out_channels == 12 == convs["blocks.7.conv1"].in_channels
+    assert convs["exits.4.0"].in_channels == 8 and convs["exits.7.0"].in_channels == 12
+    assert convs["blocks.2.conv1"].out_channels == 16  # an unnamed inner width stays whole
+    outs = pruned.eval().forward_exits(tiny_splits.x[:3])
+    assert [tuple(o.shape) for o in outs] == [(3, 10)] * 3
+    assert count_params(trained_model) == 296398  # the original is untouched
+    if importance == "magnitude":  # the channels kept are the group's most important, in order
+        import torch_pruning as tp
+
+        from edgesplit.partitioner.compress.prune import _all_outputs, _importance, _sum_outputs
+
+        graph = tp.DependencyGraph().build_dependency(trained_model, torch.zeros(2, 1, 28, 28),
+                                                      forward_fn=_all_outputs, output_transform=_sum_outputs)
+        conv = trained_model.get_submodule("blocks.1.conv1")
+        scores = _importance("magnitude")(graph.get_pruning_group(conv, tp.prune_conv_out_channels, list(range(16))))
+        keep = sorted(torch.argsort(scores, descending=True)[:6].tolist())
+        alone = prune_to_widths(copy.deepcopy(trained_model), {"blocks.1.conv1": 6})
+        assert torch.equal(alone.get_submodule("blocks.1.conv1").weight, conv.weight[keep])
+        assert torch.equal(alone.get_submodule("blocks.1.conv2").weight, trained_model.blocks[1].conv2.weight[:, keep])
+
+
+def test_hand_set_widths_are_checked_and_steps_approach_them_geometrically(trained_model):
+    import copy
+
+    model = copy.deepcopy(trained_model)
+    with pytest.raises(ValueError, match="not a convolution"):
+        prune_to_widths(model, {"blocks.1.bn1": 4})
+    with pytest.raises(ValueError, match="cannot widen"):
+        prune_to_widths(model, {"blocks.1.conv1": 17})
+    with pytest.raises(ValueError, match="at least 1"):
+        prune_to_widths(model, {"blocks.1.conv1": 0})
+    with pytest.raises(ValueError, match="disagree"):  # two members of the stem's group
+        prune_to_widths(model, {"blocks.0.0": 8, "blocks.1.conv2": 4})
+    half = interpolated_widths(trained_model, {"blocks.7.conv2": 16, "blocks.1.conv1": 4}, 0.5)
+    assert half == {"blocks.7.conv2": 32, "blocks.1.conv1": 8}
+    assert interpolated_widths(trained_model, {"blocks.7.conv2": 16}, 1.0) == {"blocks.7.conv2": 16}
 
 
 def test_taylor_needs_data(trained_model):
