@@ -152,6 +152,10 @@ def _check(value, hint, where: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{where} must be a table")
+        nested = next((k for k, v in value.items() if isinstance(v, dict) and args[1] is not dict), None)
+        if nested is not None:  # TOML reads an unquoted dotted key as tables
+            raise ValueError(f"{where}.{nested} is a table, not a value: quote a dotted key "
+                             f"(\"{nested}.…\" = …)")
         return {_check(k, args[0], f"{where} key"): _check(v, args[1], f"{where}.{k}") for k, v in value.items()}
     if origin is list:
         if not isinstance(value, list):

@@ -89,8 +89,9 @@ def run_prune(cfg: PruneConfig, base: str, data: Splits, out: Path, progress: bo
         "macs_after": sum(block_macs(student)),
         # how the student was pruned: this run's settings, or the earlier run's record
         "importance": earlier.get("importance") if earlier else cfg.importance,
-        "global_pruning": earlier.get("global_pruning") if earlier else cfg.global_pruning,
-        "isomorphic": earlier.get("isomorphic") if earlier else cfg.isomorphic,
+        # (ranking across layers: not used where the widths were set by hand)
+        "global_pruning": earlier.get("global_pruning") if earlier else (None if cfg.widths else cfg.global_pruning),
+        "isomorphic": earlier.get("isomorphic") if earlier else (None if cfg.widths else cfg.isomorphic),
         "widths": earlier.get("widths") if earlier else (cfg.widths or None),
         "sweep": curve,
         "knee_removed": curve[knee_index]["removed"] if knee_index is not None else None,

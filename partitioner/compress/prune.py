@@ -16,7 +16,8 @@ only against groups of the same structure instead (isomorphic pruning, Torch-Pru
 ``isomorphic=True``, ECCV 2024). :func:`adapt_bn` re-estimates the batch-norm
 statistics after a pruning step (adaptive BN). :func:`sweep` measures the accuracy of
 one-shot pruning at several rates and :func:`knee` picks the rate at the knee of that curve
-(Kneedle).
+(Kneedle). :func:`prune_to_widths` prunes to widths set by hand instead (a convolution's
+module path to its channels, its coupled group following).
 
 Example::
 
@@ -184,7 +185,7 @@ def prune_to_widths(model: SplitModel, widths: dict[str, int], importance: str =
             raise ValueError(f"widths: {name} must be a whole number of channels of at least 1, not {width!r}")
         if width > layer.out_channels:
             raise ValueError(f"widths: {name} has {layer.out_channels} output channels; cannot widen it to {width}")
-    if importance == "taylor" and not _has_gradients(model):
+    if importance == "taylor":  # always fresh: a student straight from training holds its last batch's
         if calibration is None:
             raise ValueError("the taylor importance needs calibration images and labels")
         _gradients(model, calibration)

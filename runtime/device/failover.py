@@ -10,9 +10,11 @@ it through, as long as the deadline leaves time:
   failure is counted;
 - INVALID_ANSWER (the node answered NaN or infinite logits) and INTERNAL (its model failed,
   or computed NaN, which an edgesplit node refuses to answer): count a failure, try the next;
-- UNAUTHENTICATED, PERMISSION_DENIED, UNIMPLEMENTED and NOT_FOUND (this node wants another
-  token, is not an edgesplit node, or does not serve that segment): count a failure, try the
-  next: these are one node's settings, and another node may serve the call;
+- UNAUTHENTICATED, PERMISSION_DENIED and UNIMPLEMENTED (this node was given another token,
+  say after a rotation that missed it, or is not an edgesplit node): count a failure, try the
+  next: it is one node's setting, and the node is of no use to this client for any model;
+- NOT_FOUND (this node does not serve that segment): try the next, no failure counted: the
+  node is alive and may serve the client's other segments, so its breaker stays as it was;
 - DEADLINE_EXCEEDED: count a failure and give up: the time is spent, a retry cannot help;
 - anything else (INVALID_ARGUMENT, ...): give up at once: every node would say so.
 
@@ -41,10 +43,12 @@ from .breaker import CircuitBreaker
 # INVALID_ANSWER: the node answered NaN or infinite logits (corrupted weights, say); INTERNAL:
 # the node's model failed, or computed NaN and refused to answer it: a failure of that node,
 # and another one may answer properly.
-# The refusals of one node's settings: its token, its services, its models. A breaker opened by
-# them spares every later call the round trip until the node is probed again.
-NODE_SETTINGS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "UNIMPLEMENTED", "NOT_FOUND"})
-RETRY_ELSEWHERE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INVALID_ANSWER", "INTERNAL"}) | NODE_SETTINGS
+# One node's settings refuse this client whatever it asks (its token, its services): a breaker
+# opened by them spares later calls the round trip until the node is probed again. NOT_FOUND
+# is one node's models: retried elsewhere, but the node is alive for the segments it serves.
+NODE_SETTINGS = frozenset({"UNAUTHENTICATED", "PERMISSION_DENIED", "UNIMPLEMENTED"})
+RETRY_ELSEWHERE = frozenset({"UNAVAILABLE", "RESOURCE_EXHAUSTED", "INVALID_ANSWER", "INTERNAL",
+                             "NOT_FOUND"}) | NODE_SETTINGS
 COUNTS_AS_FAILURE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN",
                                "INVALID_ANSWER"}) | NODE_SETTINGS
 # Below this, a further attempt cannot finish in time; fail fast and complete locally.

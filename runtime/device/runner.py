@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -98,9 +99,13 @@ class Answer:
 
 
 def _seconds(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
         raise ValueError(f"{name} must be a positive, finite number of seconds, not {value!r}")
     return float(value)
+
+
+def _is_zero(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == 0
 
 
 class DeviceRunner:
@@ -142,10 +147,11 @@ class DeviceRunner:
         self.fallback = fallback
         self.metrics = metrics
         self.latency_target_s = None if latency_target_s is None else _seconds("latency_target_s", latency_target_s)
-        if race_limit_s is not None and race_limit_s != 0:
-            race_limit_s = _seconds("race_limit_s", race_limit_s)
+        if race_limit_s is not None:
+            race_limit_s = 0.0 if _is_zero(race_limit_s) else _seconds("race_limit_s", race_limit_s)
         self.race = race
-        # how long a late offload may go on after its deadline (None: as long again as the deadline)
+        # how long a late offload may go on after its deadline (None: as long again as the
+        # deadline; 0: no longer, as without racing)
         self.race_limit_s = race_limit_s
         self._racing = threading.BoundedSemaphore(RACE_THREADS)
         self._racing_count = 0  # offloads handed to the race pool and not yet ended

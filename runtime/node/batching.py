@@ -117,7 +117,7 @@ class ModelQueue:
     def submit(self, item: Pending) -> None:
         """Queue ``item``; its future gets the result or an :class:`InferError`."""
         if not self._queue and self._slots.busy == 0 and self._slots.try_acquire():
-            self._launch([item])  # an idle node: straight to a worker, no dispatcher round
+            self._launch([item], alone=True)  # an idle node: straight to a worker, no dispatcher round
             return
         self._queue.append(item)
         self._rows += item.rows
@@ -237,15 +237,16 @@ class ModelQueue:
         self._rows -= item.rows
         return item
 
-    def _launch(self, batch: list[Pending]) -> None:
-        """Run ``batch`` on a worker (the caller holds a slot); answers arrive via the loop."""
+    def _launch(self, batch: list[Pending], alone: bool = False) -> None:
+        """Run ``batch`` on a worker (the caller holds a slot); answers arrive via the loop.
+
+        ``alone``: the request came to an idle node (nothing running, nothing queued), so the
+        loop is idle too and a thread of this process costs no contention. A batch taken from
+        the queue is not alone, however short the queue: requests waited, so the node is
+        loaded, and the batch goes to a worker process to leave the loop free to admit."""
         started = time.perf_counter()
         self._running += 1
         try:
-            # alone: nothing else runs and nothing waits here, so the loop is idle and a thread
-            # of this process costs no contention; with a queue (always, under load with one
-            # worker) the batch goes to a worker process and the loop stays free to admit
-            alone = self._slots.busy == 1 and not self._queue
             work = self._workers.submit(self.model, [p.request for p in batch], alone=alone)
         except BaseException as exc:  # the executor is shut down, or broken: answer, never strand
             self._finish(batch, exc, started)

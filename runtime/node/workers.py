@@ -334,8 +334,8 @@ class ProcessWorkers:
     def submit(self, model: ServedModel, requests: list[InferRequest], alone: bool = False) -> Future:
         """Queue a batch on the worker with the fewest jobs (the node runs at most ``workers`` at once).
 
-        ``alone``: nothing else is running on the node and nothing is queued. Then the batch
-        runs on a thread of this process instead, which saves the two pipe crossings (about
+        ``alone``: the batch is a request that came to an idle node (nothing running, none
+        queued). Then it runs on a thread of this process instead, which saves the two pipe crossings (about
         0.15 ms) and costs nothing in contention, since the event loop is idle too.
         ``local_batches`` and ``process_batches`` count where batches ran.
         """

@@ -150,7 +150,7 @@ def test_pruning_to_hand_set_widths_goes_there_in_steps_and_the_bundle_rebuilds_
     assert main(["compress", str(config), "--quiet"]) == 0
     result = json.loads((tmp_path / "out" / "prune.json").read_text())
     assert result["widths"] == {"blocks.0.0": 6, "blocks.4.conv2": 10, "blocks.7.conv2": 16, "blocks.8.conv1": 4}
-    assert result["sweep"] == [] and len(result["steps"]) == 2
+    assert result["sweep"] == [] and len(result["steps"]) == 2 and result["global_pruning"] is None
     first, second = result["steps"]
     assert 0 < first["removed"] < second["removed"] == result["removed_fraction"]  # halfway, then there
     bundle = load_bundle(tmp_path / "out" / "resnet_fm_pruned")
@@ -176,6 +176,7 @@ def test_pruning_to_hand_set_widths_goes_there_in_steps_and_the_bundle_rebuilds_
     ("[prune.widths]\n\"blocks.1.conv1\" = 0\n", "at least 1 channel"),
     ("[prune.widths]\n\"blocks.1.conv1\" = \"wide\"\n", "prune.widths.blocks.1.conv1"),
     ("[prune.widths]\n\"blocks.1.bn1\" = 4\n", "not a convolution"),
+    ("[prune.widths]\nblocks.1.conv1 = 4\n", "quote a dotted key"),
     # these once failed deep inside the run with a traceback, or ran and did something else
     ("[compress]\nbase = \"resnet_nope\"\n", "compress.base"),
     ("[prune.distill]\nhints = [99]\n", "prune.distill.hints: cut 99"),

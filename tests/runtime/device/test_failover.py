@@ -156,21 +156,38 @@ def test_a_node_refusing_the_token_or_the_model_is_passed_over_for_one_that_serv
     model, gate = gated_model("slow")
     gate.release.set()
     locked, locked_thread = start_in_thread(model, server_kwargs={"token": "s3cret-token"})
-    other, other_thread = start_in_thread(gated_model("other")[0])
+    other_model, other_gate = gated_model("other")
+    other_gate.release.set()
+    other, other_thread = start_in_thread(other_model)
     open_, open_thread = start_in_thread(model)
     client = FailoverClient([EdgeClient(locked.address), EdgeClient(other.address), EdgeClient(open_.address)],
                             failure_threshold=1, reset_seconds=60)
     try:
         assert torch.equal(client.infer("slow", X, timeout=5).logits, torch.ones(1, 4))
         assert client.attempts == {locked.address: 1, other.address: 1, open_.address: 1}
-        assert [b.state for b in client.breakers] == [CircuitBreaker.OPEN, CircuitBreaker.OPEN,
+        # the refused token makes the node useless to this client; the missing model does not
+        assert [b.state for b in client.breakers] == [CircuitBreaker.OPEN, CircuitBreaker.CLOSED,
                                                       CircuitBreaker.CLOSED]
         client.infer("slow", X, timeout=5)  # straight to the node that served
         assert client.attempts[open_.address] == 2 and client.attempts[locked.address] == 1
+        assert torch.equal(client.infer("other", X, timeout=5).logits, torch.ones(1, 4))  # other's own model
     finally:
         client.close()
         for node, thread in ((locked, locked_thread), (other, other_thread), (open_, open_thread)):
             stop_in_thread(node, thread)
+
+
+def test_a_segment_a_lone_node_does_not_serve_leaves_its_breaker_closed_for_those_it_does(slow_nodes):
+    client = FailoverClient([EdgeClient(slow_nodes[0].address)], failure_threshold=1, reset_seconds=60)
+    try:
+        for _ in range(3):
+            with pytest.raises(OffloadError) as err:
+                client.infer("slow.from.99", X, timeout=5)
+            assert err.value.reason == "NOT_FOUND"
+        assert client.breakers[0].state == CircuitBreaker.CLOSED
+        assert client.infer("slow", X, timeout=5).logits.shape == (1, 4)
+    finally:
+        client.close()
 
 
 def test_device_runner_fails_over_between_real_nodes(trained_model):

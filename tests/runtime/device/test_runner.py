@@ -470,9 +470,16 @@ def test_inputs_other_than_one_float_row_are_refused_before_any_work(trained_mod
 @pytest.mark.parametrize("settings", [{"deadline_s": float("inf")}, {"deadline_s": float("nan")},
                                       {"deadline_s": -1}, {"deadline_s": "0.5"}, {"deadline_s": 0},
                                       {"latency_target_s": -1.0}, {"latency_target_s": float("nan")},
-                                      {"race_limit_s": float("inf")}])
+                                      {"race_limit_s": float("inf")}, {"race_limit_s": False}])
 def test_deadlines_that_are_not_positive_finite_seconds_are_refused(trained_model, settings):
     """Defect: an infinite deadline failed every offload at once and opened the breaker of a
     healthy node; NaN or negative ones silently never offloaded; a string failed each request."""
     with pytest.raises(ValueError, match=next(iter(settings))):
         DeviceRunner(trained_model, cut=4, **settings)
+
+
+def test_deadlines_take_any_real_number_and_a_race_limit_of_zero(trained_model):
+    import numpy as np
+
+    runner = DeviceRunner(trained_model, cut=4, deadline_s=np.float32(0.25), race_limit_s=0)
+    assert runner.deadline_s == 0.25 and runner.race_limit_s == 0.0
