@@ -245,7 +245,13 @@ def test_the_shipped_configuration_is_valid():
 
     cfg = load_config(WEIGHTS_DIR.parent / "configs" / "resnet_fm.toml")
     assert cfg.out_dir.resolve() == WEIGHTS_DIR.resolve()
-    assert cfg.prune.removed == 0.9 and cfg.bottleneck.candidates
+    assert cfg.prune.widths and cfg.bottleneck.candidates
+    # the committed pruned bundle is what the configuration's widths make
+    pruned = load_bundle(WEIGHTS_DIR / "resnet_fm_pruned")
+    assert pruned.manifest["compression"]["pruning"]["widths"] == cfg.prune.widths
+    convs = dict(pruned.model.named_modules())
+    assert all(convs[name].out_channels == width for name, width in cfg.prune.widths.items())
+    assert json.loads((WEIGHTS_DIR / "prune.json").read_text())["config"]["widths"] == cfg.prune.widths
     # the exits' backbone never saw the validation split; the committed bundle was made on it
     backbone = json.loads(Path(cfg.exits.backbone).with_suffix(".json").read_text())
     assert backbone["dataset"]["train_images"] == 60000 - cfg.compress.validation
