@@ -129,41 +129,41 @@ def _pruned_student(cfg: PruneConfig, base: str, teacher, data: Splits, out: Pat
         at = curve[knee_index]["removed"] if knee_index is not None else None
         tqdm.write(f"one-shot pruning curve (validation): {curve}; knee at {at}; pruning {rate:.0%}")
     before = count_params(teacher)
-    student = copy.deepcopy(teacher)
-    student.name = f"{base}_pruned"
-    finetune = replace(cfg.distill, epochs=cfg.finetune_epochs)
     # how the student was pruned: a checkpoint of a student pruned otherwise is refused
     pruning = {"importance": cfg.importance, "global_pruning": cfg.global_pruning, "isomorphic": cfg.isomorphic,
                "rate": rate, "steps": cfg.steps}
-    steps = []
-    for i in range(cfg.steps):
-        checkpoint = out / "checkpoints" / f"prune-step{i + 1}"
+
+    def prune_step(student, i: int):
         goal = 1 - (1 - rate) ** ((i + 1) / cfg.steps)
-        saved = read_progress(checkpoint)
-        if saved is not None:
-            student = rebuild(build_model(base), saved["layers"])
-            student.name = f"{base}_pruned"
-        else:
-            relative = 1 - (1 - goal) * before / count_params(student)
-            student = prune_to(student, relative, cfg.importance, cfg.global_pruning, calibration,
-                               isomorphic=cfg.isomorphic)
-            adapt_bn(student, data.x)
-        one_shot = _val_accuracy(student, data) if saved is None else None
-        result = distill(student, teacher, data, finetune, checkpoint, progress, desc=f"prune step {i + 1}",
-                         context=pruning)
-        steps.append({"removed": round(1 - count_params(student) / before, 4), "params": count_params(student),
-                      "val_after_adaptive_bn": one_shot, "val_after_finetune": result["history"][-1]["val_accuracy"],
-                      "seconds": result["seconds"]})
+        relative = 1 - (1 - goal) * before / count_params(student)
+        return prune_to(student, relative, cfg.importance, cfg.global_pruning, calibration, isomorphic=cfg.isomorphic)
+
+    student, steps = _prune_in_steps(cfg, base, teacher, data, out, progress, pruning, prune_step)
     return student, pruning, curve, knee_index, rate, steps
 
 
 def _student_of_widths(cfg: PruneConfig, base: str, teacher, data: Splits, out: Path, progress: bool,
                        calibration):
+    pruning = {"importance": cfg.importance, "widths": cfg.widths, "steps": cfg.steps}
+
+    def prune_step(student, i: int):
+        return prune_to_widths(student, interpolated_widths(student, cfg.widths, 1 / (cfg.steps - i)),
+                               cfg.importance, calibration)
+
+    student, steps = _prune_in_steps(cfg, base, teacher, data, out, progress, pruning, prune_step)
+    rate = round(1 - count_params(student) / count_params(teacher), 4)
+    return student, pruning, [], None, rate, steps
+
+
+def _prune_in_steps(cfg: PruneConfig, base: str, teacher, data: Splits, out: Path, progress: bool, pruning: dict,
+                    prune_step) -> tuple:
+    """``cfg.steps`` rounds of ``prune_step(student, round)``, adaptive BN and a short
+    distillation (resumed from a round's checkpoint where one is finished); the student and
+    each round's record."""
     before = count_params(teacher)
     student = copy.deepcopy(teacher)
     student.name = f"{base}_pruned"
     finetune = replace(cfg.distill, epochs=cfg.finetune_epochs)
-    pruning = {"importance": cfg.importance, "widths": cfg.widths, "steps": cfg.steps}
     steps = []
     for i in range(cfg.steps):
         checkpoint = out / "checkpoints" / f"prune-step{i + 1}"
@@ -172,8 +172,7 @@ def _student_of_widths(cfg: PruneConfig, base: str, teacher, data: Splits, out: 
             student = rebuild(build_model(base), saved["layers"])
             student.name = f"{base}_pruned"
         else:
-            student = prune_to_widths(student, interpolated_widths(student, cfg.widths, 1 / (cfg.steps - i)),
-                                      cfg.importance, calibration)
+            student = prune_step(student, i)
             adapt_bn(student, data.x)
         one_shot = _val_accuracy(student, data) if saved is None else None
         result = distill(student, teacher, data, finetune, checkpoint, progress, desc=f"prune step {i + 1}",
@@ -181,8 +180,7 @@ def _student_of_widths(cfg: PruneConfig, base: str, teacher, data: Splits, out: 
         steps.append({"removed": round(1 - count_params(student) / before, 4), "params": count_params(student),
                       "val_after_adaptive_bn": one_shot, "val_after_finetune": result["history"][-1]["val_accuracy"],
                       "seconds": result["seconds"]})
-    rate = round(1 - count_params(student) / before, 4)
-    return student, pruning, [], None, rate, steps
+    return student, steps
 
 
 def _continued_student(path: str, base: str, data: Splits):
