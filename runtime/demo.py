@@ -47,7 +47,6 @@ from .plan import NEVER, Plan
 from .transport.client import EdgeClient
 
 DEMO_TRACE = Path(__file__).with_name("data") / "demo-trace.txt"
-CALIBRATION_IMAGES = SAMPLE_CALIBRATION_IMAGES  # the first images of the sample calibrate the exits
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -187,9 +186,9 @@ def run_demo(
     """
     if device not in DEVICE_QUOTAS:
         raise ValueError(f"unknown device class {device!r}; choose one of {sorted(DEVICE_QUOTAS)}")
-    if samples < 1 or samples > 1000 - CALIBRATION_IMAGES:
-        raise ValueError(f"samples must be within 1..{1000 - CALIBRATION_IMAGES} (the shipped sample holds 1,000 "
-                         f"images; {CALIBRATION_IMAGES} calibrate the exits)")
+    if samples < 1 or samples > 1000 - SAMPLE_CALIBRATION_IMAGES:
+        raise ValueError(f"samples must be within 1..{1000 - SAMPLE_CALIBRATION_IMAGES} (the shipped sample holds "
+                         f"1,000 images; {SAMPLE_CALIBRATION_IMAGES} calibrate the exits)")
     if not rate_hz >= 0 or not deadline_s > 0 or not delay_ms >= 0:
         raise ValueError(f"need --rate >= 0, --deadline > 0 and --delay >= 0 (got {rate_hz}, {deadline_s}, {delay_ms})")
     torch.set_num_threads(1)
@@ -198,8 +197,8 @@ def run_demo(
     if cut is not None:
         model.check_cut(cut)
     images, labels = load_images("sample")
-    x = to_tensor(images[CALIBRATION_IMAGES : CALIBRATION_IMAGES + samples])
-    ys = [int(v) for v in labels[CALIBRATION_IMAGES : CALIBRATION_IMAGES + samples]]
+    x = to_tensor(images[SAMPLE_CALIBRATION_IMAGES : SAMPLE_CALIBRATION_IMAGES + samples])
+    ys = [int(v) for v in labels[SAMPLE_CALIBRATION_IMAGES : SAMPLE_CALIBRATION_IMAGES + samples]]
     quota = DEVICE_QUOTAS[device]
     device_model = slowed(model, quota)
     bandwidth = load_trace(trace or DEMO_TRACE)
@@ -217,7 +216,7 @@ def run_demo(
         table = calibrate_on_sample(model)
         space = PlanSpace.for_model(model, device_quota=quota, exit_settings=table)
         target = table[0].accuracy - 0.01
-        say(f"device class {device} ({quota:g} of a core, emulated); exits calibrated on {CALIBRATION_IMAGES} "
+        say(f"device class {device} ({quota:g} of a core, emulated); exits calibrated on {SAMPLE_CALIBRATION_IMAGES} "
             f"images: " + ", ".join(f"{s.name} {100 * s.accuracy:.1f}%" for s in table)
             + f"; accuracy target {100 * target:.1f}%")
     with NodeProcess(model="resnet_fm", threads=1) as node, \

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 from edgesplit.protos import telemetry_pb2
 from edgesplit.runtime import codec as codecs
+from edgesplit.runtime.logs import log_to_stderr
 from edgesplit.runtime.metrics import ControllerMetrics
 from edgesplit.runtime.plan import NEVER
 
@@ -404,8 +405,7 @@ def serve(model_name: str, device_quota: float, telemetry: str, decisions: str, 
     if curve_dir:
         keys = CurveKeys.load(curve_dir, "controller")
         clients = CurveKeys.public_keys(curve_dir)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("edgesplit").setLevel(logging.INFO)
+    log_to_stderr()
     model = load_trained(model_name)
     # Calibrated exits: without them every decision carried empty thresholds, which switched
     # off the exits of every device that followed, and an accuracy target was met by anything.

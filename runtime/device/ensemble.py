@@ -49,6 +49,7 @@ ANSWER_BOUND_STDS = 50.0
 MAX_NORMALISED = 100.0
 MAX_REQUEST_ID = 240  # of the nodes' 256, room for the member suffix
 
+
 def answer_bounds(ensemble) -> list[torch.Tensor]:
     """Per member, the largest plausible value of each answered feature (from the manifest's statistics)."""
     stats = ensemble.manifest.get("statistics", {})

@@ -31,6 +31,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgesplit.runtime.logs import log_to_stderr
 from edgesplit.runtime.transport.auth import read_token
 
 from .settings import NodeSettings, configure_parser
@@ -251,9 +252,7 @@ def _start_telemetry(settings: NodeSettings, plane, registry, stop: asyncio.Even
 
 def run(args: argparse.Namespace) -> int:
     """Run a node from parsed flags (``edgesplit node`` and ``edge-node``)."""
-    # edgesplit's own INFO lines; other libraries' only from WARNING (torch's tracer logs at INFO)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    logging.getLogger("edgesplit").setLevel(logging.INFO)
+    log_to_stderr()
     try:
         settings = NodeSettings.from_args(args)
         security = load_security(settings)  # before loading the model: a bad flag fails at once

@@ -335,8 +335,9 @@ class ProcessWorkers:
         """Queue a batch on the worker with the fewest jobs (the node runs at most ``workers`` at once).
 
         ``alone``: the batch is a request that came to an idle node (nothing running, none
-        queued). Then it runs on a thread of this process instead, which saves the two pipe crossings (about
-        0.15 ms) and costs nothing in contention, since the event loop is idle too.
+        queued). Then it runs on a thread of this process instead, which saves the two pipe
+        crossings (about 0.15 ms) and costs nothing in contention, since the event loop is idle
+        too.
         ``local_batches`` and ``process_batches`` count where batches ran.
         """
         live = [w for w in self._workers if w.conn is not None]

@@ -113,16 +113,14 @@ class EdgeClient:
         cold = not self.connected
         started = time.perf_counter()
         try:
-            response = self.stub.ModelInfer(request, timeout=timeout, metadata=self.metadata,
-                                            wait_for_ready=wait_for_ready)
-        except grpc.RpcError as exc:
-            error = _offload_error(exc)
-            error.cold = cold  # a timeout that opened the connection first says nothing of the link
-            raise error from None
-        try:
+            try:
+                response = self.stub.ModelInfer(request, timeout=timeout, metadata=self.metadata,
+                                                wait_for_ready=wait_for_ready)
+            except grpc.RpcError as exc:
+                raise _offload_error(exc) from None
             result = _offload_result(response, time.perf_counter() - started, sent, expect)
         except OffloadError as exc:
-            exc.cold = cold
+            exc.cold = cold  # a timeout that opened the connection first says nothing of the link
             raise
         result.cold = cold
         return result
