@@ -195,6 +195,7 @@ def prune_to_widths(model: SplitModel, widths: dict[str, int], importance: str =
         graph = tp.DependencyGraph().build_dependency(
             model, torch.zeros(2, *model.input_shape), forward_fn=_all_outputs, output_transform=_sum_outputs,
             verbose=False)
+        _check_groups_agree(graph, modules, widths)
         for name, width in widths.items():
             layer = modules[name]
             surplus = layer.out_channels - width
@@ -204,13 +205,25 @@ def prune_to_widths(model: SplitModel, widths: dict[str, int], importance: str =
             scores = scorer(whole)
             weakest = torch.argsort(scores)[:surplus].tolist()
             graph.get_pruning_group(layer, tp.prune_conv_out_channels, weakest).prune()
-    for name, width in widths.items():
-        if modules[name].out_channels != width:  # a later entry in the same group narrowed it further
-            raise ValueError(f"widths: {name} ended {modules[name].out_channels} channels wide, not {width}: "
-                             "two entries of one coupled group disagree")
     model.zero_grad(set_to_none=True)
     model._cuts = None
     return model
+
+
+def _check_groups_agree(graph, modules: dict[str, nn.Module], widths: dict[str, int]) -> None:
+    """Refuse, before anything is pruned, two entries of ``widths`` that name convolutions of
+    one coupled group with different widths (the model would be left half pruned)."""
+    tp = _tp()
+    seen: dict[frozenset[int], tuple[str, int]] = {}
+    for name, width in widths.items():
+        layer = modules[name]
+        group = graph.get_pruning_group(layer, tp.prune_conv_out_channels, list(range(layer.out_channels)))
+        members = frozenset(id(item.dep.target.module) for item in group.items
+                            if item.dep.handler == tp.prune_conv_out_channels)
+        other = seen.setdefault(members, (name, width))
+        if other[1] != width:
+            raise ValueError(f"widths: {other[0]} = {other[1]} and {name} = {width} are one coupled group "
+                             "(they lose the same channels): two entries of one group disagree")
 
 
 def interpolated_widths(model: nn.Module, widths: dict[str, int], fraction: float) -> dict[str, int]:

@@ -94,8 +94,11 @@ def test_hand_set_widths_are_checked_and_steps_approach_them_geometrically(train
         prune_to_widths(model, {"blocks.1.conv1": 17})
     with pytest.raises(ValueError, match="at least 1"):
         prune_to_widths(model, {"blocks.1.conv1": 0})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match="disagree"):  # two members of the stem's group
         prune_to_widths(model, {"blocks.0.0": 8, "blocks.1.conv2": 4})
+    after = model.state_dict()  # refused before anything was pruned
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     half = interpolated_widths(trained_model, {"blocks.7.conv2": 16, "blocks.1.conv1": 4}, 0.5)
     assert half == {"blocks.7.conv2": 32, "blocks.1.conv1": 8}
     assert interpolated_widths(trained_model, {"blocks.7.conv2": 16}, 1.0) == {"blocks.7.conv2": 16}
