@@ -59,6 +59,7 @@ MIN_RATE_MBIT = 0.05  # a trace's zero (link down for that moment) is shaped to 
 GAIN_FLOOR = 0.05  # gain_captured counts traces where the oracle beats the best static by this share
 
 
+MODELS = ("mobilenet_v2", "resnet18", "resnet_fm")  # the zoo's models the test bed can split
 MIN_WINDOW_S = 5.0  # shorter, a window holds too few requests to compare plans (and 0.05 s held none)
 MAX_WINDOW_S = 24 * 3600.0
 
@@ -79,7 +80,7 @@ def trace_files(folder: str | Path) -> list[Path]:
 
 
 def check_options(quick: bool = False, traces: str | None = None, device: str | None = None,
-                  window_s: float | None = None, count: int | None = None) -> list[Path]:
+                  window_s: float | None = None, count: int | None = None, model: str | None = None) -> list[Path]:
     """Check the options and read every trace the run would replay, before any test bed is
     built: a malformed trace or window is found in a second, not after the profiles and the
     table (minutes) with the traces before it thrown away. Returns the chosen traces."""
@@ -87,6 +88,8 @@ def check_options(quick: bool = False, traces: str | None = None, device: str | 
 
     from . import BenchmarkArgumentError
 
+    if model is not None and model not in MODELS:
+        raise BenchmarkArgumentError(f"--model must be one of {', '.join(MODELS)}, not {model!r}")
     if window_s is not None and not MIN_WINDOW_S <= window_s <= MAX_WINDOW_S:
         raise BenchmarkArgumentError(f"--window-s must be {MIN_WINDOW_S:g} to {MAX_WINDOW_S:g} seconds, "
                                      f"not {window_s:g}")
@@ -344,7 +347,7 @@ class Replay:
 
 
 def run(quick: bool = False, progress: bool = True, config: dict | None = None, traces: str | None = None,
-        device: str | None = None, window_s: float | None = None) -> dict:
+        device: str | None = None, window_s: float | None = None, model: str | None = None) -> dict:
     """``window_s``: seconds of each trace replayed (default 45, quick 10). Per-window means
     rest on 25-45 requests at 45 s, and one window's ``gain_captured`` moved by about 1
     between two runs: longer windows narrow it (the run time grows about in proportion)."""
@@ -358,8 +361,10 @@ def run(quick: bool = False, progress: bool = True, config: dict | None = None, 
         config["device"] = device
     if window_s is not None:
         config["duration_s"] = float(window_s)
+    if model is not None:
+        config["model"] = model
     folder = traces_folder(traces)
-    chosen = check_options(quick, traces, device, window_s, count=config["traces"])  # before any test bed
+    chosen = check_options(quick, traces, device, window_s, count=config["traces"], model=model)  # before any test bed
     work = Path(tempfile.mkdtemp(prefix="edgesplit-controller-"))
     q = DEVICE_QUOTAS[config["device"]]
     pause_s = 2 * smooth_period_us(q) / 1e6
@@ -488,7 +493,10 @@ def render(result: dict) -> str:
     s = result["summary"]
     gain = "n/a (no trace where the oracle beats the best static by 5%)" if s["gain_captured"] is None \
         else f"{s['gain_captured']:.2f} over {s['gain_traces']} traces"
-    return "\n".join([table(headers, body), "",
+    c = result.get("config")
+    heading = [] if c is None else [f"{c['model']} on the {c['device']} device class ({c['cpu_quota']:g} of a "
+                                    f"core), {c['duration_s']:g} s of each trace"]
+    return "\n".join([*heading, table(headers, body), "",
                       f"adaptive / oracle: {s['adaptive_over_oracle']:.2f} (goal <= 1.10)",
                       f"gain captured: {gain} (goal >= 0.8)",
                       f"lost: {s['lost']} (goal 0); traces: {s['traces']} (goal >= 10)",

@@ -182,6 +182,7 @@ class Device:
                 {"t": round(d.at - started, 3), "epoch": d.epoch, "cut": d.cut, "codec": d.codec,
                  "bandwidth_mbit": round(d.bandwidth_mbit, 3), "rtt_ms": round(d.rtt_ms, 2),
                  "predicted_ms": round(d.predicted_ms, 2), "device_scale": round(d.device_scale, 3),
+                 "edge_extra_ms": round(d.edge_extra_ms, 2),
                  "explore": d.explore, "ends_trial": d.ends_trial,
                  "offload_deadline_ms": None if d.offload_deadline_s is None else round(1000 * d.offload_deadline_s, 1)}
                 for d in controller.decisions]

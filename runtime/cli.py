@@ -115,7 +115,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     try:
         run_benchmark(args.name, quick=args.quick, json_path=args.json, progress=not args.no_progress,
-                      traces=args.traces, device=args.device, window_s=args.window_s)
+                      traces=args.traces, device=args.device, window_s=args.window_s, model=args.model)
     except BenchmarkArgumentError as exc:  # found before the run: say what, not where
         print(f"edgesplit bench {args.name}: {exc}", file=sys.stderr)
         return 2
@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: ../shared/traces)")
     b.add_argument("--device", choices=["pi4", "pizero2", "mcu"],
                    help="controller: the device class (CPU quota) to throttle the device to (default: mcu)")
+    b.add_argument("--model", choices=["mobilenet_v2", "resnet18", "resnet_fm"],
+                   help="controller: the model split between device and edge (default: mobilenet_v2 at "
+                   "224x224; resnet_fm is the shipped Fashion-MNIST model's architecture)")
     b.add_argument("--window-s", type=positive_float,
                    help="controller: seconds of each trace replayed (default 45, --quick 10; longer windows "
                    "give narrower figures, the run time grows in proportion)")

@@ -41,6 +41,11 @@ def test_bench_flags_are_checked_before_the_run(tmp_path, capsys):
         capsys.readouterr()
     assert main(["bench", "accuracy", "--device", "pi4"]) == 2  # a TypeError traceback before
     assert "--device does not apply to this benchmark" in capsys.readouterr().err
+    assert main(["bench", "accuracy", "--model", "resnet_fm"]) == 2
+    assert "--model does not apply to this benchmark" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "controller", "--model", "vgg16"])
+    assert exit_.value.code == 2
 
 
 def test_console_scripts_start():

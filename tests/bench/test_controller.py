@@ -172,6 +172,13 @@ def test_a_malformed_trace_is_found_before_any_test_bed_is_built(tmp_path):
         run_benchmark("controller", quick=True, progress=False, traces=str(tmp_path))
 
 
+def test_a_model_the_test_bed_cannot_split_is_refused_before_anything_starts():
+    from edgesplit.bench import BenchmarkArgumentError, run_benchmark
+
+    with pytest.raises(BenchmarkArgumentError, match="--model must be one of mobilenet_v2, resnet18, resnet_fm"):
+        run_benchmark("controller", quick=True, progress=False, model="vgg16")
+
+
 @pytest.mark.root
 @pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("taskset"),
