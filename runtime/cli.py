@@ -115,7 +115,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     try:
         run_benchmark(args.name, quick=args.quick, json_path=args.json, progress=not args.no_progress,
-                      traces=args.traces, device=args.device, window_s=args.window_s, model=args.model)
+                      traces=args.traces, device=args.device, window_s=args.window_s, model=args.model,
+                      window=args.window)
     except BenchmarkArgumentError as exc:  # found before the run: say what, not where
         print(f"edgesplit bench {args.name}: {exc}", file=sys.stderr)
         return 2
@@ -353,6 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", choices=["mobilenet_v2", "resnet18", "resnet_fm"],
                    help="controller: the model split between device and edge (default: mobilenet_v2 at "
                    "224x224; resnet_fm is the shipped Fashion-MNIST model's architecture)")
+    b.add_argument("--window", choices=["gain", "widest", "start"],
+                   help="controller: which stretch of each trace to replay: where the oracle beats the best fixed "
+                   "plan by most in the measured table (gain), where the bandwidth swings most (widest), or "
+                   "its start")
     b.add_argument("--window-s", type=positive_float,
                    help="controller: seconds of each trace replayed (default 45, --quick 10; longer windows "
                    "give narrower figures, the run time grows in proportion)")

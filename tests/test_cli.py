@@ -43,9 +43,11 @@ def test_bench_flags_are_checked_before_the_run(tmp_path, capsys):
     assert "--device does not apply to this benchmark" in capsys.readouterr().err
     assert main(["bench", "accuracy", "--model", "resnet_fm"]) == 2
     assert "--model does not apply to this benchmark" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as exit_:
-        main(["bench", "controller", "--model", "vgg16"])
-    assert exit_.value.code == 2
+    for flags in (["--model", "vgg16"], ["--window", "middle"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(["bench", "controller", *flags])
+        assert exit_.value.code == 2
+        capsys.readouterr()
 
 
 def test_console_scripts_start():

@@ -5,6 +5,7 @@ answers every request (root only)."""
 
 import os
 import shutil
+import statistics
 
 import pytest
 
@@ -20,6 +21,7 @@ from edgesplit.bench.controller import (
     summarise,
     table_at,
     trace_files,
+    window_by_gain,
     window_start,
 )
 
@@ -163,6 +165,43 @@ def test_the_widest_window_in_one_pass_matches_the_definition():
     assert window_start(long, 45.0) >= 0.0
 
 
+FITS = {"0:int8": (25.0, 1249.0), "5:int8": (190.0, 243.0), "8:int8": (311.0, 97.0), "20:int8": (525.0, 0.0)}
+
+
+def _gain_by_every_window(samples, fits, duration_s, step_s=0.1):
+    """The definition, at every start on the grid: the oracle's share below the best fixed plan."""
+    best, best_share = 0.0, -1.0
+    for i in range(int(samples[-1][0] / step_s) + 1):
+        t0 = i * step_s
+        if t0 + duration_s > samples[-1][0] + 1e-9:
+            break
+        moments = [rate_at(samples, t0 + j * step_s) for j in range(int(round(duration_s / step_s)))]
+        static = min(statistics.fmean(table_at(fits, p, b) for b in moments) for p in fits)
+        oracle = statistics.fmean(min(table_at(fits, p, b) for p in fits) for b in moments)
+        if (static - oracle) / static > best_share + 1e-9:
+            best, best_share = t0, (static - oracle) / static
+    return best
+
+
+def test_the_window_where_adapting_gains_most_matches_the_definition():
+    import random
+
+    rng = random.Random(11)
+    for _ in range(40):
+        t, trace = 0.0, []
+        for _ in range(rng.randint(2, 25)):
+            trace.append((t, rng.choice([0.0, rng.uniform(0.05, 10.0), rng.uniform(0.05, 10.0)])))
+            t += rng.choice([0.5, 1.0, 2.0])
+        duration = rng.choice([1.0, 3.0, 5.0])
+        assert window_by_gain(trace, FITS, duration) == pytest.approx(_gain_by_every_window(trace, FITS, duration))
+    # a steady stretch, then a swing across the plans' crossovers: the window covers the swing
+    trace = [(float(t), 1.0) for t in range(60)] + [(60.0 + t, 8.0 if t % 10 < 5 else 0.2) for t in range(40)]
+    assert window_by_gain(trace, FITS, 20.0) >= 40.0
+    assert window_by_gain([(0.0, 1.0), (5.0, 0.1)], FITS, 30.0) == 0.0  # shorter than the window
+    long = [(i * 0.5, 1.0 + (i % 97) / 10) for i in range(200_000)]
+    assert window_by_gain(long, FITS, 45.0) >= 0.0
+
+
 def test_a_malformed_trace_is_found_before_any_test_bed_is_built(tmp_path):
     from edgesplit.bench import BenchmarkArgumentError, run_benchmark
 
@@ -177,6 +216,8 @@ def test_a_model_the_test_bed_cannot_split_is_refused_before_anything_starts():
 
     with pytest.raises(BenchmarkArgumentError, match="--model must be one of mobilenet_v2, resnet18, resnet_fm"):
         run_benchmark("controller", quick=True, progress=False, model="vgg16")
+    with pytest.raises(BenchmarkArgumentError, match="--window must be one of gain, widest, start"):
+        run_benchmark("controller", quick=True, progress=False, window="middle")
 
 
 @pytest.mark.root
