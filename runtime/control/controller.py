@@ -87,6 +87,9 @@ DECISION_HISTORY = 1000  # decisions an embedded controller keeps (None in the c
 DEADLINE_SLACK = 1.5  # a plan is remade when the offload deadline it wants is off by more than this factor
 SYSTEM_BATTERY_READ_S = 5.0  # the machine's battery is read (through psutil, from /sys) at most this often
 EDGE_EXTRA_WINDOW = 16  # offloaded answers whose edge time beyond the profile is kept (their median is used)
+# Older ones are forgotten: a plan moved onto the device by a slow edge offloads no more and
+# would otherwise keep the slowness for good; forgotten, the edge is tried again.
+EDGE_EXTRA_MAX_AGE_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -184,7 +187,7 @@ class EmbeddedController:
         # tail (the node's queue, its serving, a slower edge): the profile alone, timed
         # in-process, predicted a whole resnet_fm offload at 3.2 ms where it took 5.9, and the
         # controller kept that plan for a whole trace against a 4 ms device.
-        self._edge_extra: collections.deque[float] = collections.deque(maxlen=EDGE_EXTRA_WINDOW)
+        self._edge_extra: collections.deque[tuple[float, float]] = collections.deque(maxlen=EDGE_EXTRA_WINDOW)
         self._last_offload_at = clock()
         # Whether an answer was given without an offload since the last offload (True at the
         # start: nothing offloaded yet). Probes run only then: a plan that offloads every
@@ -222,11 +225,18 @@ class EmbeddedController:
         scales = self.device_times.scales() if self.learn_device_time else {}
         unseen = self.device_times.unseen_scale() if self.learn_device_time else 1.0
         return State(est.bandwidth_mbit, est.rtt_s, reading.level, reading.on_battery,
-                     edge_wait_s=self.edge_extra_s(), device_scale=unseen, device_scales=scales)
+                     edge_wait_s=self._edge_extra_at(at), device_scale=unseen, device_scales=scales)
 
-    def edge_extra_s(self) -> float:
-        """The median time recent offloads spent at the edge beyond its profile (0 before any)."""
-        extra = sorted(self._edge_extra)
+    def edge_extra_s(self, at: float | None = None) -> float:
+        """The median time recent offloads spent at the edge beyond its profile (those older
+        than EDGE_EXTRA_MAX_AGE_S at ``at`` forgotten; 0 when none is left)."""
+        with self._lock:
+            return self._edge_extra_at(self.clock() if at is None else at)
+
+    def _edge_extra_at(self, at: float) -> float:  # the caller holds the lock
+        while self._edge_extra and at - self._edge_extra[0][0] > EDGE_EXTRA_MAX_AGE_S:
+            self._edge_extra.popleft()
+        extra = sorted(x for _, x in self._edge_extra)
         if not extra:
             return 0.0
         mid = len(extra) // 2
@@ -242,7 +252,7 @@ class EmbeddedController:
                 if not answer.cold:  # a round trip that opened the connection does not time the link
                     self.estimator.observe(answer.sent_bytes, lat.transfer + lat.edge, lat.edge, at, answer_bytes)
                     profiled = self.space.edge.segment_seconds(answer.cut, self.space.last)
-                    self._edge_extra.append(max(0.0, lat.edge - profiled))
+                    self._edge_extra.append((at, max(0.0, lat.edge - profiled)))
                 self._last_offload_at = at
                 self._unoffloaded = False
             else:

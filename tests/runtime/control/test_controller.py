@@ -674,12 +674,14 @@ def test_time_the_edge_takes_beyond_its_profile_is_learned_and_the_plan_moves_ba
     """In the controller benchmark a whole resnet_fm offload was predicted at 3.2 ms by the
     edge's in-process profile and took 5.9: the controller kept sending the image for a whole
     trace against a 4 ms device. Offloads' edge time beyond the profile now counts."""
+    from edgesplit.runtime.control.controller import EDGE_EXTRA_MAX_AGE_S
     from edgesplit.runtime.device.runner import Answer, Latency
 
     model, running = node
     runner, client = runner_for(model, running, Plan(cut=0, codec="int8"))
     # a fast link: by the profiles alone sending the image beats the 0.05-core device
-    controller = EmbeddedController(runner, space, LeastLatency(), every=10**9,
+    now = [0.0]
+    controller = EmbeddedController(runner, space, LeastLatency(), every=10**9, clock=lambda: now[0],
                                     estimator=LinkEstimator(initial_mbit=100.0, initial_rtt_s=0.001))
     try:
         def offloaded(edge_s: float) -> Answer:
@@ -700,6 +702,8 @@ def test_time_the_edge_takes_beyond_its_profile_is_learned_and_the_plan_moves_ba
         assert controller.state().edge_wait_s == pytest.approx(2 * device_s)
         assert choice().cut == space.last  # waiting that long at the edge, the device is faster
         assert controller.decide() is not None and runner.plan.cut == space.last
+        now[0] += EDGE_EXTRA_MAX_AGE_S + 1  # on the device nothing refreshes it: it is forgotten,
+        assert controller.edge_extra_s() == 0.0 and choice().cut == 0  # and the edge is tried again
     finally:
         controller.close()
         client.close()
