@@ -2,15 +2,22 @@
 
 In the test bed: an ``edge-node --random-weights`` serving the model's tails in ``edge1``
 pinned to core 1, the device (:mod:`edgesplit.bench.controller_device`) in ``device`` pinned
-to core 0 under a CPU quota: the ``mcu`` class (0.05 of a core) by default, where
-MobileNetV2's best plan moves from all on the device below about 0.3 Mbit/s to intermediate
-cuts and to sending the image above about 4 Mbit/s, inside the traces' 0.05-8 Mbit/s
-(``--device pizero2``: 0.15 of a core, best all on the device up to about 2-3 Mbit/s; on the
-Pi-4 class all on the device wins throughout). Under the mcu quota a request waits out
-whole 100 ms CFS periods, so single latencies jump in 100 ms steps: every idle is jittered,
-and every comparison is of means over many requests.
-For each trace, a ``duration_s`` window (by default the one whose bandwidth swings most) is
-replayed on the device's link with tbf, once per live run:
+to core 0 under a CPU quota: the ``pizero2`` class (0.15 of a core, 33 ms CFS periods) by
+default, where MobileNetV2 is best all on the device below about 1 Mbit/s and at cut 5 or 8
+from about 2 Mbit/s (91-119 ms against 115-203 all on the device at 4-8 Mbit/s), inside the
+traces' 0.05-8 Mbit/s; ``--device mcu`` (0.05 of a core) moves the crossovers to about 0.3
+and 4 Mbit/s, but a request there waits out whole 100 ms CFS periods, so single latencies
+jump in 100 ms steps against the 5-15 % that adapting can win (on the Pi-4 class all on the
+device wins throughout). Every idle is jittered, and every comparison is of means over many
+requests.
+For each trace, a ``duration_s`` window is replayed on the device's link with tbf, once per
+live run: by default (``--window gain``) the one where the per-moment best plan beats the
+best fixed plan by the largest share in the measured table (:func:`window_by_gain`, chosen
+from the trace and the table before any live run); ``--window widest``, the one whose
+bandwidth swings most (the default before 2026-12-07; its windows left the oracle 0-11 %
+ahead of the best fixed plan); ``--window start``, the trace's first seconds.
+``--model resnet_fm`` (or ``resnet18``) splits another model (random weights: only times
+matter).
 
 - **adaptive** and **best static**, in turns: the embedded controller's runner (least
   latency with hysteresis, probing while idle, starting all on the device, choosing among
@@ -48,12 +55,12 @@ from . import machine_info, table
 from .split import TBF_LATENCY_S, DeviceProcess, tbf_burst
 
 DEFAULT_TRACES = Path(__file__).resolve().parents[1].parent / "shared" / "traces"
-FULL = {"model": "mobilenet_v2", "device": "mcu", "traces": 10, "duration_s": 45.0,
+FULL = {"model": "mobilenet_v2", "device": "pizero2", "traces": 10, "duration_s": 45.0,
         "grid": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0), "repeats": 5, "profile_repeats": 6, "slo_ms": 2000.0,
-        "window": "widest"}
-QUICK = {"model": "mobilenet_v2", "device": "mcu", "traces": 2, "duration_s": 10.0,
+        "window": "gain"}
+QUICK = {"model": "mobilenet_v2", "device": "pizero2", "traces": 2, "duration_s": 10.0,
          "grid": (0.5, 4.0), "repeats": 2, "profile_repeats": 3, "slo_ms": 2000.0,
-         "window": "widest"}
+         "window": "gain"}
 EDGE_PORT = 8001
 MIN_RATE_MBIT = 0.05  # a trace's zero (link down for that moment) is shaped to this
 GAIN_FLOOR = 0.05  # gain_captured counts traces where the oracle beats the best static by this share

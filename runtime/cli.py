@@ -350,14 +350,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--traces", help="controller: a folder of '<seconds> <Mbit/s>' bandwidth traces "
                    "(default: ../shared/traces)")
     b.add_argument("--device", choices=["pi4", "pizero2", "mcu"],
-                   help="controller: the device class (CPU quota) to throttle the device to (default: mcu)")
+                   help="controller: the device class (CPU quota) to throttle the device to (default: pizero2)")
     b.add_argument("--model", choices=["mobilenet_v2", "resnet18", "resnet_fm"],
                    help="controller: the model split between device and edge (default: mobilenet_v2 at "
                    "224x224; resnet_fm is the shipped Fashion-MNIST model's architecture)")
     b.add_argument("--window", choices=["gain", "widest", "start"],
                    help="controller: which stretch of each trace to replay: where the oracle beats the best fixed "
-                   "plan by most in the measured table (gain), where the bandwidth swings most (widest), or "
-                   "its start")
+                   "plan by most in the measured table (gain, the default), where the bandwidth swings most "
+                   "(widest), or its start")
     b.add_argument("--window-s", type=positive_float,
                    help="controller: seconds of each trace replayed (default 45, --quick 10; longer windows "
                    "give narrower figures, the run time grows in proportion)")
