@@ -213,14 +213,18 @@ def rate_at(samples: list[tuple[float, float]], t: float) -> float:
     return max(rate, MIN_RATE_MBIT)
 
 
-def fit_table(samples_ms: dict[float, dict[str, list[float]]]) -> dict[str, tuple[float, float]]:
+def fit_table(samples_ms: dict[float, dict[str, list[float]]],
+              local: tuple[str, ...] = ()) -> dict[str, tuple[float, float]]:
     """Each fixed plan's latency as ``fixed_ms + ms_per_inverse_mbit / bandwidth``, by least
     squares over every request timed at every grid bandwidth.
 
     Transfer time is linear in 1/bandwidth and the rest does not depend on it, so two
     numbers per plan describe the table; fitting them to all samples averages out the
-    CFS-period jumps of single requests (means, as the adaptive latency is a mean). A plan
-    that sends nothing (all on the device) gets a slope of zero, never a negative one."""
+    CFS-period jumps of single requests (means, as the adaptive latency is a mean). No plan
+    gets a negative slope, and the plans in ``local`` (all on the device: they send nothing)
+    none at all, their mean at every bandwidth: a slow spell of the host during the 0.25
+    Mbit/s row once gave all on the device 11 ms per inverse Mbit/s, 44 ms more at 0.25
+    Mbit/s than at 8 for a plan that never touches the link."""
     plans = list(next(iter(samples_ms.values())))
     fits = {}
     for plan in plans:
@@ -229,7 +233,7 @@ def fit_table(samples_ms: dict[float, dict[str, list[float]]]) -> dict[str, tupl
         mx, my = statistics.fmean(xs), statistics.fmean(ys)
         sxx = sum((x - mx) ** 2 for x in xs)
         slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx if sxx > 0 else 0.0
-        if slope < 0:
+        if slope < 0 or plan in local:
             slope = 0.0
         fits[plan] = (my - slope * mx, slope)
     return fits
@@ -471,7 +475,7 @@ def _run(config, folder, chosen, work, q, pause_s, progress) -> dict:
                     if progress:
                         print(f"controller: table at {mbit:g} Mbit/s: " + ", ".join(
                             f"{k} {statistics.fmean(v):.0f} ms" for k, v in samples_ms[mbit].items()), flush=True)
-                fits = fit_table(samples_ms)
+                fits = fit_table(samples_ms, local=(f"{last}:int8",))
                 modes = {"adaptive": "adaptive", "all_device": [last, "int8"], "all_edge": [0, "int8"]}
                 for path in chosen:
                     whole = load_trace(path)

@@ -30,6 +30,14 @@ SAMPLES = {1.0: {"0:int8": [900.0, 1100.0], "9:int8": [280.0, 320.0]},
 TABLE = fit_table(SAMPLES)
 
 
+def test_a_plan_that_sends_nothing_gets_no_slope_whatever_its_samples():
+    noisy = {0.25: {"0:int8": [5000.0], "20:int8": [190.0]}, 8.0: {"0:int8": [180.0], "20:int8": [110.0]}}
+    fits = fit_table(noisy, local=("20:int8",))
+    assert fits["20:int8"] == (150.0, 0.0)  # the mean, at every bandwidth
+    assert fit_table(noisy)["20:int8"][1] > 0  # fitted as if it sent something
+    assert fits["0:int8"][1] > 0
+
+
 def test_the_table_is_fitted_linear_in_inverse_bandwidth_over_all_samples():
     assert TABLE["0:int8"] == pytest.approx((0.0, 1000.0))  # all transfer: 1000 ms per 1/Mbit
     assert table_at(TABLE, "0:int8", 2.0) == pytest.approx(500.0)
