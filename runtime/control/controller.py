@@ -183,10 +183,11 @@ class EmbeddedController:
         self.deciding = True  # False while a cluster controller decides for this device (remote.DeviceLink)
         self._seen = 0
         self._moves = 0  # the estimator's drops + rises seen so far
-        # Seconds each recent offload spent at the edge beyond the edge profile's time for its
-        # tail (the node's queue, its serving, a slower edge): the profile alone, timed
-        # in-process, predicted a whole resnet_fm offload at 3.2 ms where it took 5.9, and the
-        # controller kept that plan for a whole trace against a 4 ms device.
+        # Seconds each recent offload's edge compute (the node's edge_compute_seconds: its
+        # run of the tail, or of the batch it rode in) took beyond the edge profile's time for
+        # that tail: the profile is timed in-process, and the node's worker ran resnet_fm in
+        # 2.6 ms against 1.5 profiled (a whole offload was predicted at 3.2 ms and took 5.9; the
+        # controller kept that plan for a whole window against a 4 ms device).
         self._edge_extra: collections.deque[tuple[float, float]] = collections.deque(maxlen=EDGE_EXTRA_WINDOW)
         self._last_offload_at = clock()
         # Whether an answer was given without an offload since the last offload (True at the

@@ -206,8 +206,14 @@ def test_the_window_where_adapting_gains_most_matches_the_definition():
     trace = [(float(t), 1.0) for t in range(60)] + [(60.0 + t, 8.0 if t % 10 < 5 else 0.2) for t in range(40)]
     assert window_by_gain(trace, FITS, 20.0) >= 40.0
     assert window_by_gain([(0.0, 1.0), (5.0, 0.1)], FITS, 30.0) == 0.0  # shorter than the window
-    long = [(i * 0.5, 1.0 + (i % 97) / 10) for i in range(200_000)]
-    assert window_by_gain(long, FITS, 45.0) >= 0.0
+    # a trace too long for the grid is sampled coarser, and still finds its swing
+    long = [(float(t), 1.0) for t in range(20_000)] + [(20_000.0 + t, 8.0 if t % 40 < 20 else 0.2)
+                                                        for t in range(400)] + [(20_400.0, 1.0), (21_000.0, 1.0)]
+    assert 19_700 <= window_by_gain(long, FITS, 300.0, max_points=10_000) <= 20_400
+    # the window ending exactly at the trace's end is a candidate (23 * 0.1 > 2.3 in floats)
+    assert window_by_gain([(0.0, 1.0), (2.0, 1.0), (2.3, 8.0), (4.3, 0.2), (4.6, 0.2)], FITS, 2.3) \
+        == pytest.approx(_gain_by_every_window([(0.0, 1.0), (2.0, 1.0), (2.3, 8.0), (4.3, 0.2), (4.6, 0.2)],
+                                               FITS, 2.3))
 
 
 def test_a_malformed_trace_is_found_before_any_test_bed_is_built(tmp_path):

@@ -684,9 +684,9 @@ def test_time_the_edge_takes_beyond_its_profile_is_learned_and_the_plan_moves_ba
     controller = EmbeddedController(runner, space, LeastLatency(), every=10**9, clock=lambda: now[0],
                                     estimator=LinkEstimator(initial_mbit=100.0, initial_rtt_s=0.001))
     try:
-        def offloaded(edge_s: float) -> Answer:
+        def offloaded(edge_s: float, cold: bool = False) -> Answer:
             return Answer(1, 0, 0.9, "final", WHERE_EDGE, Latency(device=0.0002, transfer=0.0005, edge=edge_s),
-                          sent_bytes=784, cut=0, epoch=runner.plan.epoch)
+                          sent_bytes=784, cut=0, epoch=runner.plan.epoch, cold=cold)
 
         def choice():
             state = controller.state()
@@ -696,9 +696,18 @@ def test_time_the_edge_takes_beyond_its_profile_is_learned_and_the_plan_moves_ba
                                           if o.cut == space.last)
         assert choice().cut == 0 and controller.edge_extra_s() == 0.0
         profiled = space.edge.segment_seconds(0, space.last)
-        for _ in range(5):
+        controller.observe(offloaded(profiled + 50.0, cold=True))  # opened the connection: not counted
+        assert controller.edge_extra_s() == 0.0
+        for extra in (0.0, 50.0, 2 * device_s):  # the median, not the mean nor the last
+            controller.observe(offloaded(profiled + extra))
+        assert controller.edge_extra_s() == pytest.approx(2 * device_s)
+        controller.observe(offloaded(profiled / 2))  # faster than profiled counts as 0
+        assert controller.edge_extra_s() == pytest.approx(device_s)  # median of 0, 0, 2d, 50
+        for _ in range(16):  # the last 16 only
             controller.observe(offloaded(profiled + 2 * device_s))
         assert controller.edge_extra_s() == pytest.approx(2 * device_s)
+        option = next(o for o in space.options(controller.state()) if o.cut == 0)
+        assert option.remote_s >= 2 * device_s  # the offload's deadline is made from it
         assert controller.state().edge_wait_s == pytest.approx(2 * device_s)
         assert choice().cut == space.last  # waiting that long at the edge, the device is faster
         assert controller.decide() is not None and runner.plan.cut == space.last
