@@ -12,6 +12,7 @@ from edgesplit.runtime.control.policy import (
     LeastEnergy,
     LeastLatency,
     MostAccurate,
+    Option,
     PlanSpace,
     State,
 )
@@ -88,6 +89,44 @@ def test_hysteresis_keeps_the_plan_while_the_estimate_wobbles():
     for st in (State(200.0, 0.01), State(200.0, 0.01)):
         choice = steady.choose(s.options(st), st)
     assert choice.cut == 0
+
+
+class Scripted:
+    """An inner policy that wants the option the test names (the state is that name)."""
+
+    def choose(self, options, state):
+        return next(o for o in options if o.cut == state)
+
+
+def options_at(device_ms: float, offload_ms: float) -> list[Option]:
+    off = ExitSetting({}, {}, 0.9, "off")
+    return [Option(4, "int8", off, device_ms / 1000, 1.0, 0.9), Option(2, "int8", off, offload_ms / 1000, 1.0, 0.9)]
+
+
+def run_hysteresis(policy: Hysteresis, steps: list[tuple[float, float, int]]) -> list[int]:
+    """The cut chosen at each (device ms, offload ms, wanted cut) step."""
+    return [policy.choose(options_at(dev, off), want).cut for dev, off, want in steps]
+
+
+def test_hysteresis_lets_a_small_steady_advantage_through_once_it_adds_up():
+    steady = Hysteresis(Scripted(), margin=0.1, hold=2)
+    assert run_hysteresis(steady, [(100, 100, 4)]) == [4]
+    # 5 % better each time: not by the margin, but four in a row add up to margin * hold
+    assert run_hysteresis(steady, [(100, 95, 2)] * 4) == [4, 4, 4, 2]
+    # 10 % better: twice in a row, as before
+    back = Hysteresis(Scripted(), margin=0.1, hold=2)
+    assert run_hysteresis(back, [(100, 100, 4), (100, 89, 2), (100, 89, 2)]) == [4, 4, 2]
+
+
+def test_hysteresis_does_not_add_up_a_wobble_or_an_advantage_within_the_noise():
+    wobble = Hysteresis(Scripted(), margin=0.1, hold=2)
+    # 6 % one way, then the current plan wanted again: the sum starts afresh each time
+    steps = [(100, 100, 4)] + [(100, 94, 2), (100, 94, 2), (100, 100, 4)] * 5
+    assert set(run_hysteresis(wobble, steps)) == {4}
+    tiny = Hysteresis(Scripted(), margin=0.1, hold=2)  # 2 % is below margin / 4: never adds up
+    assert set(run_hysteresis(tiny, [(100, 100, 4)] + [(100, 98, 2)] * 50)) == {4}
+    with pytest.raises(ValueError):
+        Hysteresis(Scripted(), margin=1.5)
 
 
 def test_battery_schedule_and_bounds():
