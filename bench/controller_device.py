@@ -14,11 +14,11 @@ JSON commands on stdin, one JSON answer per line on stdout:
   requests one after another for ``D`` seconds (idling ``P`` before each, like frames of a
   camera), each recorded with its time, latency, plan epoch, cut and where it ran; the
   adaptive mode also reports the controller's decisions;
-- ``{"op": "pair", "static": [cut, codec], "duration_s": D, "pause_s": P}``: the adaptive
-  runner and one fixed plan's runner take turns (a request of one, idle, a request of the
-  other) for ``D`` seconds, so both see the same link and the same host at the same
-  moments; the controller sees only its own runner's answers, and its probes are held off
-  while the fixed plan's request runs; answers ``{"adaptive": run, "static": run}``;
+- ``{"op": "turns", "plans": [[cut, codec], ...], "duration_s": D, "pause_s": P}``: the
+  adaptive runner and a runner of each fixed plan take turns (a request of one, idle, a
+  request of the next) for ``D`` seconds, so all see the same link and the same host within
+  a round; the controller sees only its own runner's answers, and its probes are held off
+  while a fixed plan's request runs; answers ``{"adaptive": run, "static": [run, ...]}``;
 
 every idle is jittered (:meth:`Device.idle`);
 - ``{"op": "quit"}``.
@@ -128,11 +128,17 @@ class Device:
         return out
 
     def adaptive(self) -> tuple[DeviceRunner, EmbeddedController]:
-        """A runner under the embedded controller, starting all on the device, probing."""
+        """A runner under the embedded controller, starting all on the device, probing.
+
+        Probes back off to 2 s at most while they change nothing, not the default 8 times the
+        interval: a rise after a long flat stretch is only seen by the next probe, and on an
+        amazon trace the controller offloaded 8 s after the link went from 0.9 to 4.5 Mbit/s
+        (a probe pair costs this device a few ms of CPU)."""
         runner = self.runner(Plan(cut=self.model.num_blocks, codec="int8"))
         controller = EmbeddedController(runner, self.space, Hysteresis(LeastLatency(), margin=0.1, hold=2),
                                         estimator=LinkEstimator(initial_mbit=1.0, initial_rtt_s=0.01),
-                                        every=2, probe_interval_s=1.0, history=None)  # the run's whole log
+                                        every=2, probe_interval_s=1.0, max_probe_interval_s=2.0,
+                                        history=None)  # the run's whole log
         controller.decide()
         controller.start_probing()
         return runner, controller
@@ -144,11 +150,11 @@ class Device:
             runner, controller = self.runner(Plan(cut=int(mode[0]), codec=mode[1])), None
         return self._drive([(runner, controller)], duration_s, pause_s)[0]
 
-    def pair(self, static, duration_s: float, pause_s: float) -> dict:
+    def turns(self, plans: list[list], duration_s: float, pause_s: float) -> dict:
         adaptive = self.adaptive()
-        fixed = self.runner(Plan(cut=int(static[0]), codec=static[1]))
-        runs = self._drive([adaptive, (fixed, None)], duration_s, pause_s, quiet=adaptive[1].probe_lock)
-        return {"adaptive": runs[0], "static": runs[1]}
+        fixed = [(self.runner(Plan(cut=int(cut), codec=codec)), None) for cut, codec in plans]
+        runs = self._drive([adaptive, *fixed], duration_s, pause_s, quiet=adaptive[1].probe_lock)
+        return {"adaptive": runs[0], "static": runs[1:]}
 
     def _drive(self, turns, duration_s: float, pause_s: float, quiet=None) -> list[dict]:
         """Requests for ``duration_s``, the runners of ``turns`` ([(runner, controller or
@@ -173,7 +179,8 @@ class Device:
                     answer = runner.infer(self.x)
                 run["records"].append({"t": round(at, 4), "ms": round(1000 * answer.latency.total, 3),
                                        "cut": answer.cut, "epoch": answer.epoch, "where": answer.where,
-                                       "error": answer.offload_error, "raced": answer.raced})
+                                       "error": answer.offload_error, "raced": answer.raced,
+                                       "exit": answer.exit})
         finally:
             for _, controller in turns:
                 if controller is not None:
@@ -215,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "profile": lambda c: {"heads_ms": device.profile(c["repeats"], c["pause_s"], c["edge"], c["cuts"])},
         "static": lambda c: {"samples_ms": device.static(c["plans"], c["repeats"], c["pause_s"])},
         "run": lambda c: device.run(c["mode"], c["duration_s"], c["pause_s"]),
-        "pair": lambda c: device.pair(c["static"], c["duration_s"], c["pause_s"]),
+        "turns": lambda c: device.turns(c["plans"], c["duration_s"], c["pause_s"]),
     })
 
 if __name__ == "__main__":

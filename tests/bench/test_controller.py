@@ -13,6 +13,7 @@ from edgesplit.bench.controller import (
     analyse,
     best_static_plan,
     fit_table,
+    live_rounds,
     paired_deltas,
     pick,
     rate_at,
@@ -21,6 +22,7 @@ from edgesplit.bench.controller import (
     summarise,
     table_at,
     trace_files,
+    turn_plans,
     window_by_gain,
     window_start,
 )
@@ -92,6 +94,56 @@ def test_the_live_best_static_run_anchors_the_oracle_at_its_level():
     assert edge["best_static_plan"] == "0:int8" and edge["best_static_plan_at_requests"] == "9:int8"
     assert edge["best_static_run_ms"] == 900.0 and edge["best_static_ms"] == pytest.approx(310.0 * level)
     assert edge["oracle_ms"] == pytest.approx(280.0 * level)
+
+
+def test_the_plans_in_turns_are_the_best_static_and_every_plan_near_the_best_at_some_moment():
+    fits = {**TABLE, "6:int8": (340.0, 0.0), "5:int8": (400.0, 0.0)}
+    samples = [(0.0, 1.0), (10.0, 4.0)]  # 1 Mbit/s for 10 s: 9 best (310), 6 within 15 % (340); 4 Mbit/s: 0 (250)
+    assert turn_plans(samples, fits, 30.0, best="9:int8", limit=3) == ["9:int8", "0:int8", "6:int8"]  # 5 never near
+    assert turn_plans(samples, fits, 30.0, best="9:int8") == ["9:int8", "0:int8"]  # two by default
+    assert turn_plans(samples, fits, 30.0, best="9:int8", near=0.05) == ["9:int8", "0:int8"]
+    assert turn_plans(samples, fits, 30.0, best="5:int8", limit=2) == ["5:int8", "0:int8"]  # more moments first
+    assert turn_plans([(0.0, 1.0)], fits, 30.0, best="9:int8", near=0.05) == ["9:int8"]
+
+
+def test_the_oracle_and_the_best_static_plan_are_chosen_by_live_fits_and_measured_in_the_same_rounds():
+    samples = [(0.0, 1.0), (10.0, 4.0)]
+    rec = lambda t, ms, cut=9: {"t": t, "ms": ms, "cut": cut, "epoch": 1, "where": "device", "error": None}  # noqa: E731
+    adaptive = [rec(1, 300.0), rec(5, 320.0), rec(11, 270.0), rec(15, 260.0), rec(19, 900.0)]
+    runs = {"9:int8": [rec(1.1, 330.0), rec(5.1, 290.0), rec(11.1, 340.0), rec(15.1, 300.0)],  # one round fewer
+            "0:int8": [rec(1.2, 1000.0, 0), rec(5.2, 1100.0, 0), rec(11.2, 240.0, 0), rec(15.2, 230.0, 0),
+                       rec(19.2, 250.0, 0)]}
+    out = live_rounds(samples, adaptive, runs, local=("9:int8",))
+    assert out["rounds"] == 4  # the adaptive request of an incomplete round is left out
+    assert out["adaptive_ms"] == pytest.approx((300 + 320 + 270 + 260) / 4)
+    # live fits: 9 flat at 315; 0 about 1050 at 1 Mbit/s and 235 at 4
+    assert out["oracle_plans"] == {"9:int8": 2, "0:int8": 2}
+    assert out["oracle_ms"] == pytest.approx((330 + 290 + 240 + 230) / 4)  # each round's own request
+    assert out["best_static_plan"] == "9:int8" and out["best_static_ms"] == pytest.approx(315.0)
+    assert out["turns_ms"]["0:int8"] == pytest.approx((1000 + 1100 + 240 + 230) / 4)
+    # live, 9 runs at 200 (the table has it at 310): the oracle takes it at 4 Mbit/s too,
+    # where by the table 0 (250) would win
+    faster = {**runs, "9:int8": [rec(t, ms) for t, ms in ((1.1, 190.0), (5.1, 210.0), (11.1, 200.0), (15.1, 200.0))]}
+    assert live_rounds(samples, adaptive, faster, local=("9:int8",))["oracle_plans"] == {"9:int8": 4}
+    live = {"adaptive": {"records": adaptive, "sent": 5, "decisions": []},
+            "all_device": {"records": runs["9:int8"], "sent": 5, "decisions": []},
+            "all_edge": {"records": runs["0:int8"], "sent": 5, "decisions": []}}
+    row = analyse("t", samples, TABLE, live, slo_ms=1000.0, model="m", best_static_live="all_edge",
+                  best_static="0:int8", rounds={"9:int8": "all_device", "0:int8": "all_edge"})
+    assert (row["oracle_ms"], row["best_static_ms"], row["adaptive_ms"]) == pytest.approx(
+        (out["oracle_ms"], out["best_static_ms"], out["adaptive_ms"]))
+    assert row["best_static_plan"] == "9:int8" and row["best_static_plan_table"] == "0:int8"
+    assert row["rounds"]["rounds"] == 4 and row["sent"] - row["answered"] == 1  # the 9:int8 run lost one
+    # the table scaled to the level of the table's best static plan's run is kept beside it
+    level = statistics.fmean([1000.0, 1100.0, 240.0, 230.0, 250.0]) / statistics.fmean(
+        table_at(TABLE, "0:int8", rate_at(samples, r["t"])) for r in adaptive)
+    scaled_oracle = statistics.fmean(min(table_at(TABLE, p, rate_at(samples, r["t"])) for p in TABLE)
+                                     for r in adaptive)
+    assert row["oracle_scaled_ms"] == pytest.approx(scaled_oracle * level)
+    s = summarise([row])
+    assert s["gain_captured"] == pytest.approx((out["best_static_ms"] - out["adaptive_ms"])
+                                               / (out["best_static_ms"] - out["oracle_ms"]))
+    assert s["gain_captured_scaled"] is not None and s["gain_captured_scaled"] != s["gain_captured"]
 
 
 def test_paired_deltas_compare_each_adaptive_request_with_its_fixed_neighbours_by_what_it_ran():
