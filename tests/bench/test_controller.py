@@ -1,7 +1,8 @@
-"""Controller benchmark: the oracle and the best static plan come from the table at the
-adaptive requests' bandwidths, gain captured counts only traces where adapting can pay,
-traces are picked deterministically from any folder; a short real run over the test bed
-answers every request (root only)."""
+"""Controller benchmark: the table chooses the window and the plans in turns, the oracle and
+the best static plan come from those plans' live fits and are measured in the same rounds
+as the adaptive runner (the scaled table kept beside), gain captured counts only traces
+where adapting can pay, traces are picked deterministically from any folder; a short real
+run over the test bed answers every request (root only)."""
 
 import os
 import shutil
