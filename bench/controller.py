@@ -23,8 +23,8 @@ matter).
   controller's runner (least latency with hysteresis, probing while idle, starting all on
   the device, choosing among the same candidate plans as the table: cut 0, every cut
   sending fewer bytes than all before it, all on the device), a runner of the best fixed
-  plan by the table and one of the plan the table puts nearest the best at most other
-  moments of the window (:func:`turn_plans`) take turns request by request, so within a
+  plan by the table and one of the plan the table makes best at the most other moments of
+  the window, or else puts near the best at the most (:func:`turn_plans`) take turns request by request, so within a
   round they all see the same link and the same host;
 - **all_device** and **all_edge** (the image, int8): fixed plans, in their own runs unless
   they were among the plans in turns.
@@ -39,7 +39,10 @@ least over the rounds (:func:`live_rounds`). Until 2026-12-07 the oracle was the
 scaled to the level of the live best static run, which is kept as ``oracle_scaled_ms``
 (and ``gain_captured_scaled``): plans drift away from their table by different shares. Each
 trace's ``paired_delta_ms`` (summed in the summary) says where the adaptive runner gained
-or lost against the best static plan's runner (:func:`paired_deltas`).
+or lost against the runner of the table's best static plan (``best_static_plan_table``,
+which the live fits may not confirm as best) (:func:`paired_deltas`). The oracle chooses
+only among the plans in turns (two): where the table's oracle would take a third plan, the
+live one cannot, which can only make it slower.
 
 Run as root: ``edgesplit bench controller --json bench/results/controller.json`` (``--quick``:
 two traces of 10 s, about 2 minutes; ``--traces DIR``: any folder of ``<seconds> <Mbit/s>`` traces).
@@ -275,18 +278,24 @@ def best_static_plan(samples, fits: dict[str, tuple[float, float]], records: lis
 def turn_plans(samples, fits: dict[str, tuple[float, float]], duration_s: float, best: str,
                limit: int = MAX_TURN_PLANS, near: float = NEAR_BEST) -> list[str]:
     """The fixed plans that take turns with the adaptive runner: ``best`` (the best static
-    plan by the table) first, then every plan the table puts within ``near`` (a share) of
-    the best plan at some moment of the window, those near it at more moments first, at
+    plan by the table) first, then the plans the table makes best at more moments of the
+    window, then those it puts within ``near`` (a share) of the best at more moments, at
     most ``limit`` in all (each adds a request to every round). The near ones are there
     because the table is minutes old and the host drifts: in one run cut 5 ran at 100 ms
-    through a stretch where the table had it at 134 against cut 8's 106, and cut 8 ran 113."""
+    through a stretch where the table had it at 134 against cut 8's 106, and cut 8 ran 113.
+    (Until 2026-12-07 12:30 UTC the near count alone ranked them, and in one run cut 15,
+    near all on the device at many moments, took the turns of cut 8, the table's best at 38
+    of the window's requests.)"""
     rates = [rate_at(samples, r["t"]) for r in window_times(duration_s)]
-    counts: collections.Counter[str] = collections.Counter()
+    best_at: collections.Counter[str] = collections.Counter()
+    near_at: collections.Counter[str] = collections.Counter()
     for b in rates:
         at = {p: table_at(fits, p, b) for p in fits}
         least = min(at.values())
-        counts.update(p for p, ms in at.items() if ms <= (1 + near) * least)
-    return [best, *(p for p, _ in counts.most_common() if p != best)][:limit]
+        best_at[min(at, key=at.get)] += 1
+        near_at.update(p for p, ms in at.items() if ms <= (1 + near) * least)
+    others = sorted((p for p in near_at if p != best), key=lambda p: (-best_at[p], -near_at[p]))
+    return [best, *others][:limit]
 
 
 def live_rounds(samples, adaptive: list[dict], runs: dict[str, list[dict]], local: tuple[str, ...] = ()) -> dict:
@@ -396,7 +405,7 @@ def paired_deltas(adaptive: list[dict], static: list[dict], last_cut: int, decis
     """Where the adaptive runner gained or lost against the fixed plan it took turns with.
 
     Each adaptive request is compared with the mean of the fixed plan's requests just
-    before and after it (the same link and host, a second apart), and counted by what it
+    before and after it (the same link and host, a round apart), and counted by what it
     ran: ``same_plan`` (the fixed plan's own cut, offloaded, or all on the device when that
     is the fixed plan), ``trial`` (an exploration), ``fallback`` (its offload failed or was
     late and the device answered) or ``other_plan`` (the policy chose another plan, or an
@@ -583,7 +592,9 @@ def _run(config, folder, chosen, work, q, pause_s, progress) -> dict:
                     # host at the same moments (single runs minutes apart differed by up to 30 %).
                     # That run is the level the oracle is anchored to (see analyse).
                     best = best_static_plan(samples, fits, window_times(config["duration_s"]))
-                    # ... and every plan the oracle takes in the window, all in the same rounds:
+                    # ... and the plan the table makes best (or near it) at most other moments, in
+                    # the same rounds (each of _drive's runners records every turn or the op fails,
+                    # so a run's i-th record is its request of round i):
                     # the oracle's latency at each round is its plan's request of that round.
                     in_turns = turn_plans(samples, fits, config["duration_s"], best)
                     same = {f"{mode[0]}:{mode[1]}": label for label, mode in modes.items() if label != "adaptive"}

@@ -105,6 +105,9 @@ def test_the_plans_in_turns_are_the_best_static_and_every_plan_near_the_best_at_
     assert turn_plans(samples, fits, 30.0, best="9:int8", near=0.05) == ["9:int8", "0:int8"]
     assert turn_plans(samples, fits, 30.0, best="5:int8", limit=2) == ["5:int8", "0:int8"]  # more moments first
     assert turn_plans([(0.0, 1.0)], fits, 30.0, best="9:int8", near=0.05) == ["9:int8"]
+    # a plan best at some moments comes before one merely near the best at more of them
+    steady = [(0.0, 1.0), (25.0, 4.0)]  # 1 Mbit/s for 25 s (9 best, 6 near), 4 Mbit/s for 5 s (0 best)
+    assert turn_plans(steady, fits, 30.0, best="9:int8") == ["9:int8", "0:int8"]
 
 
 def test_the_oracle_and_the_best_static_plan_are_chosen_by_live_fits_and_measured_in_the_same_rounds():

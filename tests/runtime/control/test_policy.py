@@ -2,6 +2,8 @@
 trade off, a low battery moves to a lower-energy plan with a predicted saving, and
 hysteresis stops a noisy estimate from flapping the plan."""
 
+import math
+
 import pytest
 
 from edgesplit.runtime.control.battery import SimulatedBattery
@@ -116,6 +118,20 @@ def test_hysteresis_lets_a_small_steady_advantage_through_once_it_adds_up():
     # 10 % better: twice in a row, as before
     back = Hysteresis(Scripted(), margin=0.1, hold=2)
     assert run_hysteresis(back, [(100, 100, 4), (100, 89, 2), (100, 89, 2)]) == [4, 4, 2]
+
+
+def test_one_advantage_as_large_as_the_whole_sum_switches_at_once_unless_the_sum_is_off():
+    assert run_hysteresis(Hysteresis(Scripted(), margin=0.1, hold=2), [(100, 100, 4), (100, 75, 2)]) == [4, 2]
+    off = Hysteresis(Scripted(), margin=0.1, hold=2, accrue=0)  # only the margin twice in a row
+    assert run_hysteresis(off, [(100, 100, 4)] + [(100, 95, 2)] * 6 + [(100, 75, 2)] * 2) == [4] * 8 + [2]
+    # the sum is for one option: wanting another starts it afresh
+    other = Hysteresis(Scripted(), margin=0.1, hold=2, least=0.01)
+    options = [*options_at(100, 95), Option(1, "int8", ExitSetting({}, {}, 0.9, "off"), 0.095, 1.0, 0.9)]
+    assert [other.choose(options, want).cut for want in (4, 2, 1, 2, 1, 2, 1)] == [4] * 7
+    # a prediction that is not a number breaks the run of decisions: 5 % three times, then
+    # once more after it, is not four in a row
+    nan = [(100, 100, 4)] + [(100, 95, 2)] * 3 + [(100, math.nan, 2), (100, 95, 2)]
+    assert run_hysteresis(Hysteresis(Scripted(), margin=0.1, hold=2), nan) == [4] * 6
 
 
 def test_hysteresis_does_not_add_up_a_wobble_or_an_advantage_within_the_noise():
