@@ -24,8 +24,8 @@ matter).
   the device, choosing among the same candidate plans as the table: cut 0, every cut
   sending fewer bytes than all before it, all on the device), a runner of the best fixed
   plan by the table and one of the plan the table makes best at the most other moments of
-  the window, or else puts near the best at the most (:func:`turn_plans`) take turns request by request, so within a
-  round they all see the same link and the same host;
+  the window, or else puts near the best at the most (:func:`turn_plans`) take turns
+  request by request, so within a round they all see the same link and the same host;
 - **all_device** and **all_edge** (the image, int8): fixed plans, in their own runs unless
   they were among the plans in turns.
 
@@ -714,8 +714,7 @@ def plot(result: dict, path: str) -> None:
         below.set_xlim(0, duration)
         exits = below.twinx()
         left = [str(x.get("exit", "final")).startswith("exit@") for x in recs]
-        rate = [sum(left[max(0, j - EXIT_RATE_OF + 1):j + 1]) / len(left[max(0, j - EXIT_RATE_OF + 1):j + 1])
-                for j in range(len(left))]
+        rate = [statistics.fmean(left[max(0, j - EXIT_RATE_OF + 1):j + 1]) for j in range(len(left))]
         exits.plot([x["t"] for x in recs], rate, color="tab:green")
         exits.set_ylim(-0.05, 1.05)
         exits.set_ylabel("exit rate", color="tab:green")
