@@ -37,45 +37,56 @@ def runner_for(model, running, plan=None):
 def test_plans_change_under_load_and_every_answer_carries_its_plans_epoch(node, space):
     model, running = node
     runner, client = runner_for(model, running)
-    controller = EmbeddedController(runner, space, LeastLatency(), every=1000)
+    # The space plays a 0.05-core device; learning its time from answers run at this host's
+    # speed would make it 20x faster than its profile: off here, so each forced decision
+    # follows the link set below.
+    controller = EmbeddedController(runner, space, LeastLatency(), every=1000, learn_device_time=False)
     controller.deciding = False  # decisions forced below only, not by what the answers measure
     epochs = {0: runner.plan}
     lock = threading.Lock()
+    stop = threading.Event()
     x = torch.randn(1, 1, 28, 28)
     answers = []
+    sent = [0] * 4
 
-    def load():
-        for _ in range(60):
+    def load(i):
+        # Until the flips are done (a fixed count of requests ran out before the third flip
+        # in one CI run of three: the answers came faster than this thread got the GIL).
+        while not stop.is_set() and sent[i] < 2000:
+            sent[i] += 1
             answer = runner.infer(x)
             with lock:
                 answers.append(answer)
 
-    workers = [CheckedThread(load, name=f"load{i}") for i in range(4)]
+    workers = [CheckedThread(lambda i=i: load(i), name=f"load{i}") for i in range(4)]
     for w in workers:
         w.start()
     # Alternate a hopeless link and a perfect one: the policy must swap device and edge plans
-    # while the requests run.
+    # while the requests run, each plan answering a few requests before the next.
     flips = 0
-    while any(w.is_alive() for w in workers) and flips < 12:
-        est = controller.estimator
-        est.bandwidth_mbit, est.rtt_s = (0.001, 5.0) if flips % 2 == 0 else (1000.0, 0.0001)
-        plan = controller.decide()
-        if plan is not None:
+    try:
+        while flips < 8:
+            est = controller.estimator
+            est.bandwidth_mbit, est.rtt_s = (0.001, 5.0) if flips % 2 == 0 else (1000.0, 0.0001)
+            plan = controller.decide()
+            assert plan is not None, f"flip {flips}: the link moved, the plan did not"
             epochs[plan.epoch] = plan
             flips += 1
-        seen = len(answers)
-        wait_until(lambda seen=seen: len(answers) > seen or not any(w.is_alive() for w in workers), timeout=30)
-    for w in workers:
-        w.result(timeout=120)
+            wait_until(lambda epoch=plan.epoch: sum(a.epoch == epoch for a in list(answers)) >= 3, timeout=30,
+                       what=f"answers under plan {plan.epoch}")
+    finally:
+        stop.set()
+        for w in workers:
+            w.result(timeout=120)
     try:
-        assert flips >= 4, "the plan must have changed several times under load"
-        assert len(answers) == 240 and len({a.request_id for a in answers}) == 240
+        assert len(answers) == sum(sent) and len({a.request_id for a in answers}) == len(answers)
         for a in answers:
             plan = epochs[a.epoch]
             assert a.cut == plan.cut
             assert (a.where == WHERE_EDGE) == (plan.cut < model.num_blocks and a.exit == "final"
                                                 and a.offload_error is None)
-        assert len({a.epoch for a in answers}) >= 3
+        assert {a.epoch for a in answers} >= set(epochs) - {0}
+        assert {a.where for a in answers} >= {WHERE_EDGE, WHERE_DEVICE}
         assert [d.epoch for d in controller.decisions] == sorted(d.epoch for d in controller.decisions)
     finally:
         controller.close()
