@@ -173,8 +173,18 @@ class Device:
                 run["sent"] += 1
                 at = time.monotonic() - started
                 if controller is None and quiet is not None:
-                    with quiet:
+                    if not quiet.acquire(blocking=False):
+                        # A probe is running (it starts right after the adaptive runner's
+                        # answer): wait it out, then a pause of one CFS period, so this request
+                        # does not start on the quota the probe used up (its own idle did not
+                        # cover that) and pay the adaptive runner's probing for it.
+                        quiet.acquire()
+                        run["probe_waits"] = run.get("probe_waits", 0) + 1
+                        time.sleep(pause_s / 2)
+                    try:
                         answer = runner.infer(self.x)
+                    finally:
+                        quiet.release()
                 else:
                     answer = runner.infer(self.x)
                 run["records"].append({"t": round(at, 4), "ms": round(1000 * answer.latency.total, 3),

@@ -343,6 +343,37 @@ def test_no_probes_while_every_request_offloads_however_sparse(node, host_space)
         client.close()
 
 
+def test_a_due_probe_waits_for_the_runners_next_answer_and_goes_right_after_it(node, host_space):
+    model, running = node
+    runner, client = runner_for(model, running, Plan(cut=model.num_blocks, codec="int8"))
+    now = [1000.0]  # the controller's clock, moved by hand: the probe loop decides on it
+    # An 8 s interval: the loop looks every 2 s, and a due probe waits up to 8 s for an answer.
+    controller = EmbeddedController(runner, host_space, LeastLatency(), probe_interval_s=8.0, every=10**9,
+                                    learn_device_time=False, clock=lambda: now[0])
+    controller.deciding = False  # this test is about probing only
+    x = torch.randn(1, 1, 28, 28)
+    try:
+        controller.start_probing(at_once=False)
+        assert runner.infer(x).where == WHERE_DEVICE  # the link goes unobserved
+        now[0] += 60.0  # a probe is due
+        wait_until(lambda: controller.awaiting_answer, timeout=20, what="the due probe waiting for an answer")
+        assert controller.probes == 0  # not sent in the middle of whatever the device is doing
+        assert runner.infer(x).where == WHERE_DEVICE
+        wait_until(lambda: controller.probes == 1, timeout=20, what="the probe right after the answer")
+        wait_until(lambda: controller.estimator.samples >= 1, timeout=20, what="the probe's reading")
+        # An answer that offloaded measured the link itself: the due probe is not sent.
+        now[0] += 60.0
+        wait_until(lambda: controller.awaiting_answer, timeout=20, what="the next due probe waiting")
+        runner.set_plan(Plan(cut=4, codec="int8", epoch=runner.plan.epoch + 1))
+        assert runner.infer(x).where == WHERE_EDGE
+        checks = controller.probe_checks
+        wait_until(lambda: controller.probe_checks >= checks + 2, timeout=20)
+        assert controller.probes == 1
+    finally:
+        controller.close()
+        client.close()
+
+
 def test_local_completions_after_failed_offloads_teach_nothing_about_the_device(node, host_space):
     import socket
 
