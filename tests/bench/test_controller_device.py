@@ -1,0 +1,53 @@
+"""The controller benchmark's device driver: how the adaptive runner's probes are kept out
+of the fixed plans' turns (stand-in runners: only the turn-taking is under test here; the
+real runners, link and node run in tests/bench/test_controller.py's short run)."""
+
+import random
+import threading
+from types import SimpleNamespace
+
+from edgesplit.bench.controller_device import Device
+
+
+class TurnRunner:
+    """Answers at once and notes whether the probe lock was held as its request ran."""
+
+    def __init__(self, name: str, lock: threading.Lock, seen: list) -> None:
+        self.name, self.lock, self.seen = name, lock, seen
+        self.observers = []
+
+    def infer(self, _x):
+        self.seen.append((self.name, self.lock.locked()))
+        answer = SimpleNamespace(latency=SimpleNamespace(total=0.001), cut=1, epoch=0, where="device",
+                                 offload_error=None, raced=False, exit="final")
+        for observe in self.observers:
+            observe(answer)
+        self.seen.append((f"{self.name} answered", self.lock.locked()))
+        return answer
+
+
+class StandInController:
+    probes = 0
+    decisions = ()
+
+    def close(self) -> None:
+        pass
+
+
+def test_the_probe_lock_is_held_from_the_adaptive_answer_until_its_next_turn():
+    lock, seen = threading.Lock(), []
+    device = Device.__new__(Device)  # no model, no node: the turns alone
+    device.x, device._rng = None, random.Random(0)
+    adaptive = TurnRunner("adaptive", lock, seen)
+    fixed = [TurnRunner(f"fixed{i}", lock, seen) for i in range(2)]
+    runs = device._drive([(adaptive, StandInController()), *((r, None) for r in fixed)], duration_s=0.05,
+                         pause_s=0.0, quiet=lock)
+    assert all(run["records"] for run in runs)
+    requests = [(name, locked) for name, locked in seen if not name.endswith("answered")]
+    assert {name for name, _ in requests} == {"adaptive", "fixed0", "fixed1"}
+    # A probe may run in the adaptive runner's own pause and beside its request, never in a fixed turn.
+    assert all(locked for name, locked in requests if name != "adaptive")
+    assert not any(locked for name, locked in requests if name == "adaptive")
+    # Taken again before the controller hears the answer (the controller's observer comes after).
+    assert all(locked for name, locked in seen if name == "adaptive answered")
+    assert not lock.locked() and adaptive.observers == []
