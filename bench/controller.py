@@ -686,7 +686,8 @@ def _paired_lines(paired: dict) -> list[str]:
 
 
 def plot(result: dict, path: str) -> None:
-    """Per trace, two panels: bandwidth and latency per request; the adaptive plan's cut and
+    """Per trace, two panels: bandwidth (and the controller's estimate after each of its
+    answers, where recorded) and latency per request; the adaptive plan's cut and
     the share of its answers that left at an early exit (over its last ``EXIT_RATE_OF``)."""
     import matplotlib
 
@@ -702,10 +703,15 @@ def plot(result: dict, path: str) -> None:
         ax, below = axes[2 * i, 0], axes[2 * i + 1, 0]
         trace = [(t, v) for t, v in r["trace"] if t <= duration]
         ax.step([t for t, _ in trace], [v for _, v in trace], where="post", color="0.4", label="bandwidth (Mbit/s)")
+        recs = r["adaptive_records"]
+        estimated = [(x["t"], x["est_mbit"]) for x in recs if "est_mbit" in x]
+        if estimated:
+            ax.step([t for t, _ in estimated], [v for _, v in estimated], where="post", color="tab:orange",
+                    linestyle="--", label="controller's estimate")
+            ax.legend(loc="upper left", fontsize=7)
         ax.set_ylabel("Mbit/s")
         ax.set_xlim(0, duration)
         lat = ax.twinx()
-        recs = r["adaptive_records"]
         lat.scatter([x["t"] for x in recs], [x["ms"] for x in recs], s=8, color="tab:red", label="latency (ms)")
         lat.set_ylabel("ms", color="tab:red")
         below.step([x["t"] for x in recs], [x["cut"] for x in recs], where="post", color="tab:blue")

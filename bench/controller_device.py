@@ -198,10 +198,12 @@ class Device:
                 answer = runner.infer(self.x)
                 if watched is not None:
                     take()  # (done by the observer already, unless the answer never reached it)
-                run["records"].append({"t": round(at, 4), "ms": round(1000 * answer.latency.total, 3),
-                                       "cut": answer.cut, "epoch": answer.epoch, "where": answer.where,
-                                       "error": answer.offload_error, "raced": answer.raced,
-                                       "exit": answer.exit})
+                record = {"t": round(at, 4), "ms": round(1000 * answer.latency.total, 3),
+                          "cut": answer.cut, "epoch": answer.epoch, "where": answer.where,
+                          "error": answer.offload_error, "raced": answer.raced, "exit": answer.exit}
+                if controller is not None:  # what it believed of the link once it had this answer
+                    record["est_mbit"] = round(controller.estimator.bandwidth_mbit, 3)
+                run["records"].append(record)
         finally:
             if watched is not None:
                 watched.observers.remove(take)

@@ -308,6 +308,7 @@ def test_a_short_run_answers_every_request_and_the_controller_decides(tmp_path):
     static_t = [r["t"] for r in row["best_static_records"]]
     adaptive_t = [r["t"] for r in row["adaptive_records"]]
     assert static_t and abs(len(static_t) - len(adaptive_t)) <= 1
+    assert all(r["est_mbit"] > 0 for r in row["adaptive_records"])  # the estimate after each answer
     assert all(a < b for a, b in zip(adaptive_t, static_t)) and all(b < a for b, a in zip(static_t, adaptive_t[1:]))
     assert set(row) >= {"name", "model", "adaptive_ms", "oracle_ms", "best_static_ms", "all_device_ms",
                         "all_edge_ms", "slo_miss_rate", "sent", "answered", "decisions"}

@@ -29,6 +29,7 @@ class TurnRunner:
 class StandInController:
     probes = 0
     decisions = ()
+    estimator = SimpleNamespace(bandwidth_mbit=1.5)
 
     def close(self) -> None:
         pass
@@ -43,6 +44,8 @@ def test_the_probe_lock_is_held_from_the_adaptive_answer_until_its_next_turn():
     runs = device._drive([(adaptive, StandInController()), *((r, None) for r in fixed)], duration_s=0.05,
                          pause_s=0.0, quiet=lock)
     assert all(run["records"] for run in runs)
+    assert {r.get("est_mbit") for r in runs[0]["records"]} == {1.5}  # the adaptive runner's records only
+    assert not any("est_mbit" in r for run in runs[1:] for r in run["records"])
     requests = [(name, locked) for name, locked in seen if not name.endswith("answered")]
     assert {name for name, _ in requests} == {"adaptive", "fixed0", "fixed1"}
     # A probe may run in the adaptive runner's own pause and beside its request, never in a fixed turn.
