@@ -386,8 +386,6 @@ def analyse(name: str, samples, fits: dict[str, tuple[float, float]], live: dict
         "decisions": sum(not (d.get("explore") or d.get("ends_trial")) for d in live["adaptive"]["decisions"]),
         "explorations": sum(bool(d.get("explore")) for d in live["adaptive"]["decisions"]),
         "probes": live["adaptive"].get("probes", 0),
-        # probes whose large call had one of the adaptive runner's requests beside it (read as a floor)
-        "probes_floor": live["adaptive"].get("probes_floor", 0),
         "decision_log": live["adaptive"]["decisions"],
         "adaptive_records": adaptive,
         "best_static_records": live[best_static_live]["records"] if best_static_live else [],

@@ -214,7 +214,6 @@ class Device:
                     controller.close()
         for (_, controller), run in zip(turns, runs):
             run["probes"] = 0 if controller is None else controller.probes
-            run["probes_floor"] = 0 if controller is None else controller.probes_floor
             run["decisions"] = [] if controller is None else [
                 {"t": round(d.at - started, 3), "epoch": d.epoch, "cut": d.cut, "codec": d.codec,
                  "bandwidth_mbit": round(d.bandwidth_mbit, 3), "rtt_ms": round(d.rtt_ms, 2),

@@ -157,7 +157,6 @@ class EmbeddedController:
                              f"({probe_interval_s})")
         self.probe_wait_s = probe_interval_s
         self.probes = 0
-        self.probes_floor = 0  # probes whose large call alone had a request beside it: read as a floor
         self.probe_checks = 0  # times the probe thread looked whether to probe
         self.device_times = device_times or DeviceTimeEstimator()
         self.learn_device_time = learn_device_time
@@ -456,14 +455,12 @@ class EmbeddedController:
         with self._lock:
             self.probes += 1
         name, payloads = self._probe_payload(elements)
-        runner = self.runner
         with self.probe_lock:
             # A pair in which a call opened the connection times the handshakes, not the link:
             # it is sent again (once) over the connection it opened.
             for _attempt in range(2):
-                timed, cold, beside = [], False, []
+                timed, cold = [], False
                 for encoded in payloads:
-                    begun, running = runner.requests_started, runner.requests_running
                     started = time.perf_counter()
                     try:
                         result = client.infer(name, encoded, timeout, "probe")
@@ -471,24 +468,14 @@ class EmbeddedController:
                         return False
                     cold = cold or getattr(result, "cold", False)
                     timed.append((len(encoded.data), time.perf_counter() - started - result.edge_seconds))
-                    beside.append(running > 0 or runner.requests_started != begun)
                 if not cold:
                     break
             else:
                 return False
         at = self.clock()
-        small_beside, large_beside = beside
-        # Where only the large probe shared the device with a request (a probe is due right
-        # after an answer, and the next request may begin while its second call is out),
-        # waiting for the CPU can only have lengthened it: its rate is a floor (taken as a
-        # rate, on a 0.15-core device the estimate read 0.69-0.90 of the link's). Where the
-        # small one did too, either could have waited: taken as a rate, as there is no
-        # better reading on a device that is never idle.
-        floor = large_beside and not small_beside
         with self._lock:
             (small, small_s), (large, large_s) = timed
-            self.estimator.observe_pair(small, small_s, large, large_s, at, lower_bound=floor)
-            self.probes_floor += floor
+            self.estimator.observe_pair(small, small_s, large, large_s, at)
             self._last_offload_at = at
         return True
 

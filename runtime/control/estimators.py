@@ -139,27 +139,15 @@ class LinkEstimator:
         return self._seen(at)
 
     def observe_pair(self, small_bytes: int, small_s: float, large_bytes: int, large_s: float,
-                     at: float = 0.0, lower_bound: bool = False) -> LinkEstimate:
+                     at: float = 0.0) -> LinkEstimate:
         """Two probes that differ only in size (same answer, edge time already taken out).
 
         Their difference in time is the difference in bytes at the link's rate, whatever the
         fixed costs (RTT, serving, the answer): the bandwidth without knowing the RTT first.
-        ``lower_bound``: the larger probe may have been slowed by something other than the
-        link (a request ran beside it on a device under a CPU quota, and the probe's thread
-        waited for the CPU), so the rate is only a floor: counted where it is above the
-        estimate, ignored where it is below, and no RTT is taken from it.
         """
         extra_bits, extra_s = 8 * (large_bytes - small_bytes), large_s - small_s
         if extra_bits <= 0:
             return self.estimate
-        if lower_bound:
-            rate = extra_bits / max(extra_s, MIN_TRANSFER_S)
-            if extra_s < MIN_TRANSFER_S:
-                rate = 8 * large_bytes / large_s if large_s > 0 else 0.0
-            if rate <= self.bandwidth_mbit * 1e6:
-                return self.estimate
-            self._add_rate(rate, at)
-            return self._seen(at)
         if extra_s < MIN_TRANSFER_S:
             # Too close to tell apart (or the larger came back first): the link is at least
             # as fast as the large probe's whole round trip shows, and that is all. (Not

@@ -157,11 +157,6 @@ class DeviceRunner:
         self._racing_count = 0  # offloads handed to the race pool and not yet ended
         self._race_pool: ThreadPoolExecutor | None = None
         self._ids = itertools.count()
-        # Requests begun and still running (before their observers hear of them): a probe
-        # of the link reads them to know whether a request ran beside it.
-        self._load_lock = threading.Lock()
-        self.requests_started = 0
-        self.requests_running = 0
         self._local_tail: dict[int, float] = {}
         self._tail_lock = threading.Lock()
         self._state = self._prepare(plan)
@@ -269,14 +264,7 @@ class DeviceRunner:
         x = self._checked_input(x)
         request_id = next(self._ids)
         state = self._state
-        with self._load_lock:
-            self.requests_started += 1
-            self.requests_running += 1
-        try:
-            answer = self._infer(request_id, x, *state)
-        finally:
-            with self._load_lock:
-                self.requests_running -= 1
+        answer = self._infer(request_id, x, *state)
         answer.cut = state[0].cut
         if answer.raced and self.metrics:
             self.metrics.races.labels(winner="edge" if answer.where == WHERE_EDGE else "device").inc()

@@ -27,7 +27,7 @@ class TurnRunner:
 
 
 class StandInController:
-    probes = probes_floor = 0
+    probes = 0
     decisions = ()
     estimator = SimpleNamespace(bandwidth_mbit=1.5)
 

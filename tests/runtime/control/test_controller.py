@@ -374,48 +374,6 @@ def test_a_due_probe_waits_for_the_runners_next_answer_and_goes_right_after_it(n
         client.close()
 
 
-class RequestBesideTheLargeProbe:
-    """The runner's real client; as the large (fp32) probe goes out, one of the runner's own
-    requests has begun beside it (as when the next request starts while a probe is out)."""
-
-    def __init__(self, client, runner, x) -> None:
-        self.client, self.runner, self.x = client, runner, x
-        self.threads: list[CheckedThread] = []
-
-    def infer(self, model_name, tensors, timeout, request_id="", **kwargs):
-        if request_id == "probe" and tensors.codec == "fp32":
-            begun = self.runner.requests_started
-            thread = CheckedThread(lambda: self.runner.infer(self.x), name="beside")
-            thread.start()
-            self.threads.append(thread)
-            wait_until(lambda: self.runner.requests_started > begun, timeout=20, what="the request beside the probe")
-        return self.client.infer(model_name, tensors, timeout, request_id, **kwargs)
-
-
-def test_a_probe_whose_large_call_had_a_request_beside_it_reads_only_as_a_floor(node, host_space):
-    model, running = node
-    runner, client = runner_for(model, running, Plan(cut=model.num_blocks, codec="int8"))
-    # An estimate far above anything loopback reads: a floor below it is no news.
-    controller = EmbeddedController(runner, host_space, LeastLatency(), learn_device_time=False,
-                                    estimator=LinkEstimator(initial_mbit=1e6, initial_rtt_s=0.001))
-    x = torch.randn(1, 1, 28, 28)
-    real = runner.client
-    try:
-        runner.client = beside = RequestBesideTheLargeProbe(real, runner, x)
-        assert controller.probe(timeout=10)
-        for thread in beside.threads:
-            thread.result(timeout=60)
-        assert controller.probes_floor == 1 and controller.estimator.samples == 0
-        assert controller.estimator.rtt_s == 0.001  # no RTT taken from it either
-        runner.client = real  # nothing beside it: not a floor
-        assert controller.probe(timeout=10)
-        assert controller.probes_floor == 1
-    finally:
-        runner.client = real
-        controller.close()
-        client.close()
-
-
 def test_local_completions_after_failed_offloads_teach_nothing_about_the_device(node, host_space):
     import socket
 

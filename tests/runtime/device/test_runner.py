@@ -66,19 +66,6 @@ def test_offloaded_answers_match_local_computation(node, trained_model, sample, 
     client.close()
 
 
-def test_the_runner_counts_requests_begun_and_running_and_none_runs_when_observers_hear(trained_model, sample):
-    runner = DeviceRunner(trained_model, plan=Plan(cut=trained_model.num_blocks))
-    heard = []
-    runner.observers.append(lambda answer: heard.append((runner.requests_started, runner.requests_running)))
-    x, _ = sample
-    for i in range(3):
-        runner.infer(x[i:i + 1])
-    assert heard == [(1, 0), (2, 0), (3, 0)]  # a probe started by an observer sees the device idle
-    with pytest.raises(ValueError):
-        runner.infer(torch.zeros(2, 1, 28, 28))  # refused before it begins: not counted
-    assert (runner.requests_started, runner.requests_running) == (3, 0)
-
-
 def test_confident_exit_answers_on_the_device(trained_model, sample):
     x, _ = sample
     runner = DeviceRunner(trained_model, cut=7, thresholds=0.0, client=None)
