@@ -201,7 +201,9 @@ class Device:
                 record = {"t": round(at, 4), "ms": round(1000 * answer.latency.total, 3),
                           "cut": answer.cut, "epoch": answer.epoch, "where": answer.where,
                           "error": answer.offload_error, "raced": answer.raced, "exit": answer.exit}
-                if controller is not None:  # what it believed of the link once it had this answer
+                if controller is not None:
+                    # what it believed of the link once it had this answer (a probe ending just
+                    # then may or may not be in it yet)
                     record["est_mbit"] = round(controller.estimator.bandwidth_mbit, 3)
                 run["records"].append(record)
         finally:

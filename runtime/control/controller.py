@@ -206,6 +206,7 @@ class EmbeddedController:
         self.probe_lock = threading.Lock()
         self._answered = threading.Event()  # set by every answer: a due probe waits for one
         self.awaiting_answer = False  # a due probe is waiting for the runner's next answer
+        self.last_wait_answered: bool | None = None  # whether the last such wait ended with an answer
         self._probe_payloads: dict[int, tuple[str, list]] = {}  # elements -> (tail, [as int8, as fp32])
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -252,6 +253,12 @@ class EmbeddedController:
 
     # -- observing -----------------------------------------------------------------------
     def observe(self, answer: Answer) -> None:
+        try:
+            self._observe(answer)
+        finally:
+            self._answered.set()  # a probe waiting for an answer goes now, even if this one failed
+
+    def _observe(self, answer: Answer) -> None:
         at = self.clock()
         with self._lock:
             lat = answer.latency
@@ -285,7 +292,6 @@ class EmbeddedController:
                 ended = self._trial is not None
                 self._trial = None
                 self._decide(at, ends_trial=ended)
-        self._answered.set()
 
     def _trial_answered(self, answer: Answer) -> bool:
         """Count an answer of the trial plan in force; True when the trial has all it needs."""
@@ -493,15 +499,19 @@ class EmbeddedController:
             self._probe_payloads[elements] = cached
         return cached
 
-    def _await_answer(self) -> None:
+    def _await_answer(self) -> bool:
         """Wait for the runner's next answer, at most the probe interval (a device that gets
-        no requests is probed all the same)."""
+        no requests is probed all the same); whether one came (``last_wait_answered``)."""
         self._answered.clear()
+        if self._stop.is_set():  # close() may have set the event just before it was cleared
+            return False
         self.awaiting_answer = True
         try:
-            self._answered.wait(self.probe_interval_s)  # close() sets it too
+            answered = self._answered.wait(self.probe_interval_s) and not self._stop.is_set()  # close() sets it too
         finally:
             self.awaiting_answer = False
+        self.last_wait_answered = answered
+        return answered
 
     def start_probing(self, at_once: bool = True) -> None:
         """Probe in a thread whenever no offload was seen for the probe interval (which

@@ -27,9 +27,16 @@ class TurnRunner:
 
 
 class StandInController:
+    """Hears its runner's answers after whatever the driver put first, as the real one does
+    (it appends its observer when made), and notes whether the probe lock was held then."""
+
     probes = 0
     decisions = ()
-    estimator = SimpleNamespace(bandwidth_mbit=1.5)
+
+    def __init__(self, runner: TurnRunner) -> None:
+        self.estimator = SimpleNamespace(bandwidth_mbit=1.5)
+        self.heard_locked: list[bool] = []
+        runner.observers.append(lambda _answer: self.heard_locked.append(runner.lock.locked()))
 
     def close(self) -> None:
         pass
@@ -40,8 +47,9 @@ def test_the_probe_lock_is_held_from_the_adaptive_answer_until_its_next_turn():
     device = Device.__new__(Device)  # no model, no node: the turns alone
     device.x, device._rng = None, random.Random(0)
     adaptive = TurnRunner("adaptive", lock, seen)
+    controller = StandInController(adaptive)
     fixed = [TurnRunner(f"fixed{i}", lock, seen) for i in range(2)]
-    runs = device._drive([(adaptive, StandInController()), *((r, None) for r in fixed)], duration_s=0.05,
+    runs = device._drive([(adaptive, controller), *((r, None) for r in fixed)], duration_s=0.05,
                          pause_s=0.0, quiet=lock)
     assert all(run["records"] for run in runs)
     assert {r.get("est_mbit") for r in runs[0]["records"]} == {1.5}  # the adaptive runner's records only
@@ -51,6 +59,7 @@ def test_the_probe_lock_is_held_from_the_adaptive_answer_until_its_next_turn():
     # A probe may run in the adaptive runner's own pause and beside its request, never in a fixed turn.
     assert all(locked for name, locked in requests if name != "adaptive")
     assert not any(locked for name, locked in requests if name == "adaptive")
-    # Taken again before the controller hears the answer (the controller's observer comes after).
+    # Taken again before the controller hears the answer: a probe it starts waits for the next turn.
+    assert controller.heard_locked and all(controller.heard_locked)
     assert all(locked for name, locked in seen if name == "adaptive answered")
-    assert not lock.locked() and adaptive.observers == []
+    assert not lock.locked() and len(adaptive.observers) == 1  # the driver's own observer is gone
