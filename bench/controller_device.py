@@ -195,9 +195,7 @@ class Device:
                 self.idle(pause_s)
                 run["sent"] += 1
                 at = time.monotonic() - started
-                answer = runner.infer(self.x)
-                if watched is not None:
-                    take()  # (done by the observer already, unless the answer never reached it)
+                answer = runner.infer(self.x)  # the watched runner's answer took the lock again
                 record = {"t": round(at, 4), "ms": round(1000 * answer.latency.total, 3),
                           "cut": answer.cut, "epoch": answer.epoch, "where": answer.where,
                           "error": answer.offload_error, "raced": answer.raced, "exit": answer.exit}

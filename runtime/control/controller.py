@@ -499,19 +499,18 @@ class EmbeddedController:
             self._probe_payloads[elements] = cached
         return cached
 
-    def _await_answer(self) -> bool:
+    def _await_answer(self) -> None:
         """Wait for the runner's next answer, at most the probe interval (a device that gets
-        no requests is probed all the same); whether one came (``last_wait_answered``)."""
+        no requests is probed all the same); ``last_wait_answered`` says whether one came."""
         self._answered.clear()
         if self._stop.is_set():  # close() may have set the event just before it was cleared
-            return False
+            return
         self.awaiting_answer = True
         try:
-            answered = self._answered.wait(self.probe_interval_s) and not self._stop.is_set()  # close() sets it too
+            answered = self._answered.wait(self.probe_interval_s)  # close() sets it too
         finally:
             self.awaiting_answer = False
-        self.last_wait_answered = answered
-        return answered
+        self.last_wait_answered = answered and not self._stop.is_set()
 
     def start_probing(self, at_once: bool = True) -> None:
         """Probe in a thread whenever no offload was seen for the probe interval (which
