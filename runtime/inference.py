@@ -149,3 +149,6 @@ class OffloadResult:
     # The call had to open the connection first (a new client, a node back from a restart):
     # its round trip holds the TCP and HTTP/2 handshakes and says nothing of the link's rate.
     cold: bool = False
+    # When the request reached the node, on the node's own monotonic clock (None if it did not
+    # say): the gap between two requests sent back to back is the second's time on the link.
+    edge_arrival_s: float | None = None

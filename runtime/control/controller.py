@@ -14,8 +14,10 @@ profile taken under a CPU quota can be a third off for a whole run; the requests
 themselves are the better measurement.
 
 While the plan keeps everything on the device nothing is offloaded and the link goes
-unobserved: :meth:`probe` sends a pair of real requests that differ only in size (the same
-tensor as int8 and as fp32) and takes the bandwidth from their difference;
+unobserved: :meth:`probe` sends two real requests back to back (a tensor as int8, then as
+fp32) and takes the bandwidth from the gap between their arrivals at the node (the node
+stamps each answer with when its request arrived), so the device's own CPU, which may be
+busy with a request when the answers come, is not in the timing;
 :meth:`start_probing` does that in a thread once at the start (the first plans then rest
 on a measured link, not on the estimator's initial guess) and whenever no offload was seen
 for the probe interval, provided some answer since the last offload was given without one
@@ -452,8 +454,11 @@ class EmbeddedController:
         """Measure the link with two real requests while nothing is offloaded; False if one failed.
 
         Both carry the same zeros to the same tail (the cut whose tensor is nearest
-        ``elements`` in size), once as int8 and once as fp32: their difference in time is
-        three bytes per element at the link's rate, free of the RTT and the node's work.
+        ``elements`` in size), first as int8, then as fp32 sent right behind it without
+        waiting for its answer: the second reached the node one fp32 tensor's time on the
+        link after the first. The node says when each arrived; from a node that does not,
+        the gap between the answers (with its compute taken out) is used, which a device
+        busy with its own work reads late.
         """
         client = self.runner.client
         if client is None:
@@ -462,26 +467,27 @@ class EmbeddedController:
             self.probes += 1
         name, payloads = self._probe_payload(elements)
         with self.probe_lock:
-            # A pair in which a call opened the connection times the handshakes, not the link:
-            # it is sent again (once) over the connection it opened.
+            # A train sent while the connection opened waited for the handshakes, and then its
+            # requests went in any order: it is sent again (once) over the connection it opened.
             for _attempt in range(2):
-                timed, cold = [], False
-                for encoded in payloads:
-                    started = time.perf_counter()
-                    try:
-                        result = client.infer(name, encoded, timeout, "probe")
-                    except OffloadError:
-                        return False
-                    cold = cold or getattr(result, "cold", False)
-                    timed.append((len(encoded.data), time.perf_counter() - started - result.edge_seconds))
-                if not cold:
+                try:
+                    first, second = client.infer_train(name, payloads, timeout, "probe")
+                except OffloadError:
+                    return False
+                if not (first.cold or second.cold):
                     break
             else:
                 return False
         at = self.clock()
+        lead_s = first.round_trip_seconds - first.edge_seconds
+        total_s = second.round_trip_seconds - second.edge_seconds
+        if first.edge_arrival_s is not None and second.edge_arrival_s is not None:
+            # no later than the second's own round trip: a node cannot make the link look slower
+            gap_s = min(second.edge_arrival_s - first.edge_arrival_s, total_s)
+        else:
+            gap_s = total_s - lead_s
         with self._lock:
-            (small, small_s), (large, large_s) = timed
-            self.estimator.observe_pair(small, small_s, large, large_s, at)
+            self.estimator.observe_train(len(payloads[0].data), lead_s, len(payloads[1].data), gap_s, total_s, at)
             self._last_offload_at = at
         return True
 

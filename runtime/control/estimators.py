@@ -131,34 +131,40 @@ class LinkEstimator:
         that bound is below the estimate (it can then start a drop); a bound above it says
         nothing. A deadline missed for another reason (a queue at the edge, a retry that ran
         out of time) reads as a slow link too: running locally is then right anyway, and the
-        probe pairs, free of the edge's time, bring the estimate back within two pairs."""
+        probes, free of the edge's time, bring the estimate back within two of them."""
         bound = 8 * sent_bytes / max(seconds - self.rtt_s, MIN_TRANSFER_S)
         if not (sent_bytes > 0 and bound < self.bandwidth_mbit * 1e6):
             return self.estimate
         self._add_rate(bound, at)
         return self._seen(at)
 
-    def observe_pair(self, small_bytes: int, small_s: float, large_bytes: int, large_s: float,
-                     at: float = 0.0) -> LinkEstimate:
-        """Two probes that differ only in size (same answer, edge time already taken out).
+    def observe_train(self, lead_bytes: int, lead_s: float, bytes_: int, gap_s: float, total_s: float,
+                      at: float = 0.0) -> LinkEstimate:
+        """Two requests sent back to back, without waiting between them (a probe).
 
-        Their difference in time is the difference in bytes at the link's rate, whatever the
-        fixed costs (RTT, serving, the answer): the bandwidth without knowing the RTT first.
+        The second's ``bytes_`` went onto the link right behind the first's, so it arrived
+        ``gap_s`` after it (best timed by the node, from the arrivals it saw): its time on the
+        link, whatever the fixed costs (RTT, serving, the answers) and whenever the device got
+        round to reading the answers (a device busy with its own work reads them late: timed
+        there, from the answers, a probe beside a head's compute read 0.5-0.75 of a 2-6 Mbit/s
+        link). ``lead_s``, the first's round trip with the node's compute taken out, gives an
+        RTT sample; ``total_s``, the second's, bounds the rate from below when the gap is too
+        short to time.
         """
-        extra_bits, extra_s = 8 * (large_bytes - small_bytes), large_s - small_s
-        if extra_bits <= 0:
+        bits = 8 * bytes_
+        if bits <= 0:
             return self.estimate
-        if extra_s < MIN_TRANSFER_S:
-            # Too close to tell apart (or the larger came back first): the link is at least
-            # as fast as the large probe's whole round trip shows, and that is all. (Not
-            # extra bits / 0.1 ms: under jitter that would read as gigabits.)
-            floor = 8 * large_bytes / large_s if large_s > 0 else 0.0
+        if gap_s < MIN_TRANSFER_S:
+            # Too close to tell apart (a buffer took both, or jitter): the link is at least as
+            # fast as the pair's whole round trip shows, and that is all. (Not bits / 0.1 ms:
+            # under jitter that would read as gigabits.)
+            floor = 8 * (lead_bytes + bytes_) / total_s if total_s > 0 else 0.0
             if floor <= self.bandwidth_mbit * 1e6:
                 return self.estimate
             self._add_rate(floor, at)
             return self._seen(at)
-        rate = extra_bits / extra_s
-        self._overheads.append(max(0.0, small_s - 8 * small_bytes / rate))
+        rate = bits / gap_s
+        self._overheads.append(max(0.0, lead_s - 8 * lead_bytes / rate))
         self.rtt_s = self._low_overhead()
         self._add_rate(rate, at)
         return self._seen(at)

@@ -127,6 +127,29 @@ class FailoverClient:
         to come back instead of failing at once while gRPC is still in reconnect backoff;
         otherwise a node that has just restarted would be probed too early and stay shunned.
         """
+        return self._first_answer(
+            lambda client, remaining, wait: client.infer(model_name, tensors, remaining, request_id,
+                                                         wait_for_ready=wait, expect=expect),
+            timeout, wait_for_ready)
+
+    def infer_train(
+        self,
+        model_name: str,
+        payloads: Sequence[codec.EncodedTensor],
+        timeout: float,
+        request_id: str = "",
+    ) -> list[OffloadResult]:
+        """Send ``payloads`` to ``model_name`` on one node back to back, each without waiting
+        for the answer to the one before (a train, for timing the link), and give the answers
+        in order; the node is chosen, and failures move on, as for :meth:`infer`. A node
+        client without ``infer_async`` gets them one after another."""
+        return self._first_answer(
+            lambda client, remaining, wait: send_train(client, model_name, payloads, remaining, request_id, wait),
+            timeout, False)
+
+    def _first_answer(self, call, timeout: float, wait_for_ready: bool):
+        """``call(client, remaining_s, wait_for_ready)`` on the first node that answers within
+        ``timeout``, breakers told of every outcome; OffloadError otherwise."""
         deadline = time.monotonic() + timeout
         with self._lock:
             start = self._preferred
@@ -144,8 +167,7 @@ class FailoverClient:
             with self._lock:
                 self.attempts[self._target(i)] += 1
             try:
-                result = self.clients[i].infer(model_name, tensors, remaining, request_id,
-                                               wait_for_ready=wait_for_ready or probe, expect=expect)
+                result = call(self.clients[i], remaining, wait_for_ready or probe)
             except OffloadError as exc:
                 last = exc
                 # RESOURCE_EXHAUSTED without the node's pushback is gRPC's own message-size
@@ -171,3 +193,23 @@ class FailoverClient:
             close = getattr(c, "close", None)
             if close:
                 close()
+
+
+def send_train(client: Offloader, model_name: str, payloads: Sequence[codec.EncodedTensor], timeout: float,
+               request_id: str = "", wait_for_ready: bool = False) -> list[OffloadResult]:
+    """``payloads`` to one node client, back to back when it can start a call without waiting
+    (``infer_async``), else one after another; the answers in order, OffloadError on any failure."""
+    deadline = time.monotonic() + timeout
+    start = getattr(client, "infer_async", None)
+    if start is None:
+        return [client.infer(model_name, p, max(0.0, deadline - time.monotonic()), request_id,
+                             wait_for_ready=wait_for_ready) for p in payloads]
+    pending = []
+    try:
+        for p in payloads:
+            pending.append(start(model_name, p, timeout, request_id, wait_for_ready=wait_for_ready))
+        return [p.result() for p in pending]
+    except BaseException:
+        for p in pending:
+            p.cancel()  # nothing to wait for once one failed (a finished call ignores it)
+        raise

@@ -106,7 +106,8 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             req = parse_infer_request(request, self.limits, context.time_remaining())
             received = sum(inp.nbytes for inp in req.inputs)
             result = await self.plane.infer(req)
-            response = build_infer_response(result, request.id, raw=bool(request.raw_input_contents))
+            response = build_infer_response(result, request.id, raw=bool(request.raw_input_contents),
+                                            arrived_s=started)
             sent = sum(len(out.data) for out in result.outputs)
             return response
 

@@ -131,11 +131,13 @@ class EdgeClient:
         tensors: codec.EncodedTensor | Mapping[str, codec.EncodedTensor],
         timeout: float,
         request_id: str = "",
+        wait_for_ready: bool = False,
     ) -> PendingOffload:
         """Start ``infer`` without waiting; the :class:`PendingOffload` gives the result or the error."""
         request, sent = _request(model_name, tensors, request_id)
         cold = not self.connected
-        future = self.stub.ModelInfer.future(request, timeout=timeout, metadata=self.metadata)
+        future = self.stub.ModelInfer.future(request, timeout=timeout, metadata=self.metadata,
+                                             wait_for_ready=wait_for_ready)
         return PendingOffload(future, time.perf_counter(), sent, cold)
 
     def served(self, timeout: float = 10.0) -> tuple[list[str], list[str]]:
@@ -226,13 +228,16 @@ def _offload_result(response, round_trip: float, sent: int, expect: tuple[int, .
         batch = int(params.get("edge_batch_size") or 1)
         if not (math.isfinite(edge) and edge >= 0 and batch >= 1):
             raise ValueError(f"implausible parameters edge_compute_seconds={edge}, edge_batch_size={batch}")
+        arrival = params.get("edge_arrival_seconds")
+        arrival = (float(arrival) if isinstance(arrival, (int, float)) and not isinstance(arrival, bool)
+                   and math.isfinite(arrival) else None)
     except (TypeError, ValueError, OverflowError, codec.CodecError) as exc:
         raise OffloadError("INTERNAL", f"node answered a malformed response: {exc}") from None
     if expect is not None and tuple(logits.shape) != tuple(expect):
         raise OffloadError("INVALID_ANSWER", f"node answered a {list(logits.shape)} tensor, expected {list(expect)}")
     if not bool(torch.isfinite(logits).all()):  # e.g. an input that overflowed inside the model
         raise OffloadError("INVALID_ANSWER", "node answered NaN or infinite values")
-    return OffloadResult(logits, min(edge, round_trip), round_trip, sent, batch)
+    return OffloadResult(logits, min(edge, round_trip), round_trip, sent, batch, edge_arrival_s=arrival)
 
 
 def fetch_graph_profile(target: str, graph_name: str, repeats: int = 9, batch: int = 1, timeout: float = 600.0,

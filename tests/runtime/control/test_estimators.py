@@ -11,6 +11,13 @@ def feed(est, mbit, n, start=0.0, step=0.05, nbytes=125_000, rtt=0.02):
         est.observe(nbytes, nbytes * 8 / (mbit * 1e6) + rtt, 0.0, at=start + i * step)
 
 
+def probe(est, mbit, at, overhead=0.004, lead=8_000, second=32_000):
+    """A probe at ``mbit``: the lead's round trip, the second's gap behind it, its own round trip."""
+    lead_s = overhead + 8 * lead / (mbit * 1e6)
+    gap_s = 8 * second / (mbit * 1e6)
+    return est.observe_train(lead, lead_s, second, gap_s, lead_s + gap_s, at=at)
+
+
 def test_one_fast_outlier_barely_moves_the_estimate():
     est = LinkEstimator(window=16, initial_mbit=5.0, initial_rtt_s=0.02)
     feed(est, 5.0, 15)
@@ -44,29 +51,29 @@ def test_rtt_comes_from_the_overhead_and_edge_time_is_not_transfer():
         LinkEstimator(window=2, drop_samples=3)
 
 
-def test_a_probe_pair_measures_bandwidth_free_of_the_fixed_costs():
+def test_a_probe_train_measures_bandwidth_free_of_the_fixed_costs():
     est = LinkEstimator(initial_mbit=100.0, initial_rtt_s=0.0)
-    # 8 kB and 32 kB at 2 Mbit/s behind 30 ms of fixed cost (RTT, serving, the answer)
-    est.observe_pair(8_000, 0.030 + 8_000 * 8 / 2e6, 32_000, 0.030 + 32_000 * 8 / 2e6, at=0.0)
+    # 8 kB, then 32 kB right behind it, at 2 Mbit/s behind 30 ms of fixed cost (RTT, serving, the answer)
+    probe(est, 2.0, at=0.0, overhead=0.030)
     assert est.bandwidth_mbit == pytest.approx(2.0) and est.rtt_s == pytest.approx(0.030)
     before = est.estimate
-    # indistinguishable: only "at least 32 kB in 50 ms" (5.1 Mbit/s), not 24 kB in 0.1 ms
-    est.observe_pair(8_000, 0.05, 32_000, 0.05, at=1.0)
-    assert before.bandwidth_mbit < est.bandwidth_mbit < 5.2 and est.samples == before.samples + 1
-    est.observe_pair(8_000, 0.06, 32_000, 0.059, at=2.0)  # the large one first: jitter, still bounded
-    assert est.bandwidth_mbit < 5.2
+    # arrivals too close to tell apart: only "at least 40 kB in 50 ms" (6.4 Mbit/s), not 32 kB in 50 us
+    est.observe_train(8_000, 0.05, 32_000, 0.00005, 0.05, at=1.0)
+    assert before.bandwidth_mbit < est.bandwidth_mbit < 6.5 and est.samples == before.samples + 1
+    est.observe_train(8_000, 0.06, 32_000, -0.001, 0.059, at=2.0)  # the second stamped first: still bounded
+    assert est.bandwidth_mbit < 6.5
 
 
 def test_a_link_that_comes_back_is_seen_after_two_sparse_probes_not_a_window():
     est = LinkEstimator(window=16, initial_mbit=0.3)
     feed(est, 0.3, 16, nbytes=10_000)
     assert est.bandwidth_mbit == pytest.approx(0.3, rel=0.05)
-    # probe pairs a second apart at 2 Mbit/s: 30 kB more in the large one
+    # probes a second apart at 2 Mbit/s
     assert not est.unconfirmed
-    est.observe_pair(8_000, 0.004 + 8 * 8_000 / 2e6, 32_000, 0.004 + 8 * 32_000 / 2e6, at=10.0)
+    probe(est, 2.0, at=10.0)
     assert est.rises == 0 and est.bandwidth_mbit < 0.5  # one fast probe may be an outlier
     assert est.unconfirmed  # ... which the controller's prober confirms without backing off
-    est.observe_pair(8_000, 0.004 + 8 * 8_000 / 2e6, 32_000, 0.004 + 8 * 32_000 / 2e6, at=11.0)
+    probe(est, 2.0, at=11.0)
     assert est.rises == 1 and est.bandwidth_mbit == pytest.approx(2.0, rel=0.05) and not est.unconfirmed
     # dense requests need three in a row; a normal one in between resets the count
     est2 = LinkEstimator(window=16, initial_mbit=1.0)
@@ -80,11 +87,11 @@ def test_a_link_that_comes_back_is_seen_after_two_sparse_probes_not_a_window():
 
 
 def test_the_rtt_is_never_below_the_least_overhead_seen():
-    # Probe pairs at 2 Mbit/s behind 1, 30 and 30 ms of fixed cost: an extrapolating 10th
+    # Probes at 2 Mbit/s behind 1, 30 and 30 ms of fixed cost: an extrapolating 10th
     # percentile of those overheads is -16 ms.
     est = LinkEstimator(window=16, initial_mbit=2.0, initial_rtt_s=0.0)
     for i, overhead in enumerate((0.001, 0.03, 0.03)):
-        est.observe_pair(8_000, overhead + 8 * 8_000 / 2e6, 32_000, overhead + 8 * 32_000 / 2e6, at=i)
+        probe(est, 2.0, at=i, overhead=overhead)
         assert 0.001 - 1e-9 <= est.rtt_s <= 0.03, est.rtt_s
 
 
@@ -99,10 +106,10 @@ def test_an_offload_that_missed_its_deadline_bounds_the_rate_and_can_start_a_dro
 
 def test_a_first_sample_far_above_the_guess_is_not_taken_alone():
     est = LinkEstimator(initial_mbit=1.0, initial_rtt_s=0.0)
-    est.observe_pair(8_000, 0.001, 32_000, 0.00235, at=1.0)  # 142 Mbit/s: one probe through a buffer
+    est.observe_train(8_000, 0.001, 32_000, 0.0018, 0.0028, at=1.0)  # 142 Mbit/s: through a buffer
     assert est.bandwidth_mbit == 1.0 and est.rises == 0
     est2 = LinkEstimator(initial_mbit=1.0, initial_rtt_s=0.0)
-    est2.observe_pair(8_000, 0.001 + 8 * 8_000 / 0.2e6, 32_000, 0.001 + 8 * 32_000 / 0.2e6, at=1.0)
+    probe(est2, 0.2, at=1.0, overhead=0.001)
     assert est2.bandwidth_mbit == pytest.approx(0.2) and est2.drops == 1  # far below: taken at once
 
 
@@ -153,12 +160,12 @@ def test_rates_older_than_max_age_leave_the_window():
     # a whole window of probes.
     est = LinkEstimator(window=16, initial_mbit=1.0, max_age_s=10.0)
     feed(est, 1.0, 16)
-    est.observe_pair(8_000, 0.004 + 8 * 8_000 / 1.6e6, 32_000, 0.004 + 8 * 32_000 / 1.6e6, at=5.0)
+    probe(est, 1.6, at=5.0)
     assert est.bandwidth_mbit < 1.1  # within max_age: one rate among sixteen
-    est.observe_pair(8_000, 0.004 + 8 * 8_000 / 1.6e6, 32_000, 0.004 + 8 * 32_000 / 1.6e6, at=14.0)
+    probe(est, 1.6, at=14.0)
     assert est.bandwidth_mbit == pytest.approx(1.6, rel=0.02)  # the rates of t < 4 s are gone
     # A rate far above an estimate whose window aged out still waits for a second one.
-    est.observe_pair(8_000, 0.004 + 8 * 8_000 / 20e6, 32_000, 0.004 + 8 * 32_000 / 20e6, at=40.0)
+    probe(est, 20.0, at=40.0)
     assert est.bandwidth_mbit == pytest.approx(1.6, rel=0.02) and est.unconfirmed
     with pytest.raises(ValueError, match="max_age_s"):
         LinkEstimator(max_age_s=0)

@@ -229,3 +229,64 @@ def test_a_plan_with_its_own_offload_deadline_shortens_the_runners_never_lengthe
     for bad in (0, -1.0, float("inf"), float("nan"), "1", True):
         with pytest.raises(ValueError, match="offload_deadline_s"):
             Plan(cut=4, offload_deadline_s=bad)
+
+
+class TrainNode:
+    """A node client that records when each call starts and when its answer is asked for."""
+
+    def __init__(self, name, events, fail=None, can_start=True):
+        self.target, self.events, self.fail = name, events, fail
+        if not can_start:
+            self.infer_async = None
+
+    def infer(self, model_name, tensors, timeout, request_id="", wait_for_ready=False, expect=None):
+        self.events.append((self.target, "send", len(tensors.data)))
+        if self.fail:
+            raise OffloadError(self.fail, "down")
+        self.events.append((self.target, "answer", len(tensors.data)))
+        return len(tensors.data)
+
+    def infer_async(self, model_name, tensors, timeout, request_id="", wait_for_ready=False):
+        self.events.append((self.target, "send", len(tensors.data)))
+        node = self
+
+        class Pending:
+            cancelled = False
+
+            def result(self):
+                node.events.append((node.target, "answer", len(tensors.data)))
+                if node.fail:
+                    raise OffloadError(node.fail, "down")
+                return len(tensors.data)
+
+            def cancel(self):
+                node.events.append((node.target, "cancel", len(tensors.data)))
+
+        return Pending()
+
+
+def test_a_train_is_sent_back_to_back_and_answered_in_order_and_fails_over_like_a_call():
+    """A probe times the gap between two requests at the node: the second must leave
+    without waiting for the first's answer, or the gap is the device's own round trip."""
+    small, large = encode(torch.zeros(1, 4), "int8"), encode(torch.zeros(1, 4), "fp32")
+    events = []
+    client = FailoverClient([TrainNode("a", events)])
+    assert client.infer_train("m", [small, large], timeout=5) == [4, 16]
+    assert events == [("a", "send", 4), ("a", "send", 16), ("a", "answer", 4), ("a", "answer", 16)]
+    # a node client that cannot start a call without waiting gets them one after another
+    events.clear()
+    assert FailoverClient([TrainNode("s", events, can_start=False)]).infer_train("m", [small, large], 5) == [4, 16]
+    assert events == [("s", "send", 4), ("s", "answer", 4), ("s", "send", 16), ("s", "answer", 16)]
+    # a node that fails: what it was sent is cancelled, its breaker told, the next node answers
+    events.clear()
+    client = FailoverClient([TrainNode("down", events, fail="UNAVAILABLE"), TrainNode("up", events)],
+                            failure_threshold=1)
+    assert client.infer_train("m", [small, large], timeout=5) == [4, 16]
+    assert ("down", "cancel", 16) in events and events[-2:] == [("up", "answer", 4), ("up", "answer", 16)]
+    assert client.breakers[0].state == CircuitBreaker.OPEN and client.attempts == {"down": 1, "up": 1}
+    # a refusal that every node would give is not retried
+    events.clear()
+    client = FailoverClient([TrainNode("x", events, fail="INVALID_ARGUMENT"), TrainNode("y", events)])
+    with pytest.raises(OffloadError, match="INVALID_ARGUMENT"):
+        client.infer_train("m", [small, large], timeout=5)
+    assert not any(e[0] == "y" for e in events)

@@ -41,6 +41,7 @@ def valid_call_works(stub, model):
 
 def test_tail_from_every_cut_matches_the_full_model(stub, trained_model):
     x = torch.randn(2, 1, 28, 28)
+    last_arrival = 0.0
     with torch.inference_mode():
         full = trained_model(x).numpy()
         for cut in range(trained_model.num_blocks):
@@ -51,6 +52,9 @@ def test_tail_from_every_cut_matches_the_full_model(stub, trained_model):
             out = np.frombuffer(resp.raw_output_contents[0], dtype="<f4").reshape(2, 10)
             assert np.abs(out - full).max() <= 1e-5, cut
             assert resp.parameters["edge_compute_seconds"].double_param > 0
+            arrived = resp.parameters["edge_arrival_seconds"].double_param  # the node's clock, rising
+            assert arrived > last_arrival
+            last_arrival = arrived
 
 
 def test_typed_contents_are_answered_with_typed_contents(stub, trained_model):

@@ -82,6 +82,17 @@ def test_the_nodes_compute_time_is_capped_by_the_measured_round_trip():
     assert _offload_result(response(compute=1e300), 0.01, 10).edge_seconds == 0.01
 
 
+@pytest.mark.parametrize(("value", "read"), [(12.5, 12.5), (3, 3.0), (float("nan"), None), (float("inf"), None),
+                                             ("soon", None), (True, None), (None, None)])
+def test_the_nodes_arrival_stamp_is_read_when_it_is_a_finite_number(value, read):
+    """A probe times the link by the gap between two arrival stamps: one that is not a
+    finite number is no stamp (the probe then falls back to the answers' own timing)."""
+    r = response()
+    if value is not None:
+        set_parameter(r.parameters["edge_arrival_seconds"], value)
+    assert _offload_result(r, 0.01, 10).edge_arrival_s == read
+
+
 def test_a_cancelled_offload_reports_cancelled():
     from edgesplit.runtime import codec
     from tests.helpers import gated_model, start_in_thread, stop_in_thread
