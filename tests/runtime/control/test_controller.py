@@ -171,23 +171,26 @@ def test_probing_measures_the_link_while_everything_runs_on_the_device(node, spa
 
 class LateReader(EdgeClient):
     """A node client on a device too busy to read the second answer of a probe on time (its
-    round trip reads ``late_s`` longer); ``stamps=False``: the node's arrival stamps dropped
-    too, as from a server that sends none."""
+    round trip reads ``late_s`` longer). ``stamps``: "keep" the node's arrival stamps, "drop"
+    them (as from a server that sends none), or "lie" (the second stamped 1000 s late)."""
 
-    def __init__(self, target, late_s, stamps=True):
+    def __init__(self, target, late_s, stamps="keep"):
         super().__init__(target)
         self.late_s, self.stamps, self.calls = late_s, stamps, 0
 
     def infer_async(self, *args, **kwargs):
         pending = super().infer_async(*args, **kwargs)
         self.calls += 1
-        late = self.late_s if self.calls % 2 == 0 else 0.0
+        second = self.calls % 2 == 0
         answer = pending.result
 
         def result():
             r = answer()
-            r.round_trip_seconds += late
-            if not self.stamps:
+            if second:
+                r.round_trip_seconds += self.late_s
+                if self.stamps == "lie":
+                    r.edge_arrival_s += 1000.0
+            if self.stamps == "drop":
                 r.edge_arrival_s = None
             return r
 
@@ -198,15 +201,16 @@ class LateReader(EdgeClient):
 def test_a_probe_times_the_link_by_the_nodes_arrival_stamps_not_when_the_device_reads_the_answers(node, space):
     """Under a CPU quota a device reads an answer late when its own request is computing:
     probes timed from the answers read 0.5-0.75 of a 2-6 Mbit/s link and held the controller
-    on the device. Timed from when the node saw the two requests arrive, they read the link."""
+    on the device. Timed from when the node saw the two requests arrive, they read the link;
+    a node's stamps cannot make it look slower than the device's own round trips show."""
     from edgesplit.linksim import LinkEmulatorThread, LinkSettings
 
     model, running = node
     host, port = running.address.rsplit(":", 1)
     readings = {}
     with LinkEmulatorThread(host, int(port), settings=LinkSettings(rate_mbps=4.0)) as link:
-        for stamps in (True, False):
-            client = LateReader(f"127.0.0.1:{link.port}", late_s=0.15, stamps=stamps)
+        for stamps, late_s in (("keep", 0.15), ("drop", 0.15), ("lie", 0.0)):
+            client = LateReader(f"127.0.0.1:{link.port}", late_s=late_s, stamps=stamps)
             runner = DeviceRunner(model, plan=Plan(cut=model.num_blocks), client=client, deadline_s=5.0)
             controller = EmbeddedController(runner, space, LeastLatency(),
                                             estimator=LinkEstimator(initial_mbit=4.0, initial_rtt_s=0.001))
@@ -220,9 +224,12 @@ def test_a_probe_times_the_link_by_the_nodes_arrival_stamps_not_when_the_device_
             finally:
                 controller.close()
                 client.close()
-    # the fp32 probe is 50 kB: 100 ms at 4 Mbit/s, 250 ms when read 150 ms late
-    assert 3.0 < readings[True] < 4.4, readings
-    assert readings[False] < 2.0, readings
+    # the fp32 probe is 25 kB: 50 ms at 4 Mbit/s, 200 ms when read 150 ms late
+    assert 3.0 < readings["keep"] < 4.4, readings
+    assert readings["drop"] < 2.0, readings
+    # a gap no longer than the second's round trip (both probes, about 65 ms): over 3 Mbit/s,
+    # where the lie taken whole would read 0.0002
+    assert readings["lie"] > 2.5, readings
 
 
 def test_offloads_that_miss_their_deadline_on_a_collapsed_link_move_the_plan_to_the_device(node, space):
