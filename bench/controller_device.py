@@ -133,7 +133,7 @@ class Device:
         Probes back off to 2 s at most while they change nothing, not the default 8 times the
         interval: a rise after a long flat stretch is only seen by the next probe, and on an
         amazon trace the controller offloaded 8 s after the link went from 0.9 to 4.5 Mbit/s
-        (a probe pair costs this device a few ms of CPU)."""
+        (a probe costs this device a few ms of CPU)."""
         runner = self.runner(Plan(cut=self.model.num_blocks, codec="int8"))
         controller = EmbeddedController(runner, self.space, Hysteresis(LeastLatency(), margin=0.1, hold=2),
                                         estimator=LinkEstimator(initial_mbit=1.0, initial_rtt_s=0.01),

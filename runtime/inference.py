@@ -150,5 +150,7 @@ class OffloadResult:
     # its round trip holds the TCP and HTTP/2 handshakes and says nothing of the link's rate.
     cold: bool = False
     # When the request reached the node, on the node's own monotonic clock (None if it did not
-    # say): the gap between two requests sent back to back is the second's time on the link.
+    # say), and a name for that clock: the gap between two requests sent back to back and
+    # stamped by the same clock is the second's time on the link.
     edge_arrival_s: float | None = None
+    edge_clock: str | None = None

@@ -458,7 +458,8 @@ class EmbeddedController:
         waiting for its answer: the second reached the node one fp32 tensor's time on the
         link after the first. The node says when each arrived; from a node that does not,
         the gap between the answers (with its compute taken out) is used, which a device
-        busy with its own work reads late.
+        busy with its own work reads late. (Keep the two small: together within HTTP/2's
+        first 64 kB window, so that neither waits for the node to open it.)
         """
         client = self.runner.client
         if client is None:
@@ -471,23 +472,29 @@ class EmbeddedController:
             # requests went in any order: it is sent again (once) over the connection it opened.
             for _attempt in range(2):
                 try:
-                    first, second = client.infer_train(name, payloads, timeout, "probe")
+                    train = client.infer_train(name, payloads, timeout, "probe")
                 except OffloadError:
                     return False
+                first, second = train.answers
                 if not (first.cold or second.cold):
                     break
             else:
                 return False
         at = self.clock()
+        small, large = (len(p.data) for p in payloads)
         lead_s = first.round_trip_seconds - first.edge_seconds
         total_s = second.round_trip_seconds - second.edge_seconds
-        if first.edge_arrival_s is not None and second.edge_arrival_s is not None:
+        if not train.back_to_back:
+            # one after the other: the fp32 call's extra bytes took its extra time
+            gap_bytes, gap_s = large - small, total_s - lead_s
+        elif first.edge_arrival_s is not None and first.edge_clock is not None \
+                and first.edge_clock == second.edge_clock:
             # no later than the second's own round trip: a node cannot make the link look slower
-            gap_s = min(second.edge_arrival_s - first.edge_arrival_s, total_s)
+            gap_bytes, gap_s = large, min(second.edge_arrival_s - first.edge_arrival_s, total_s)
         else:
-            gap_s = total_s - lead_s
+            gap_bytes, gap_s = large, total_s - lead_s
         with self._lock:
-            self.estimator.observe_train(len(payloads[0].data), lead_s, len(payloads[1].data), gap_s, total_s, at)
+            self.estimator.observe_train(small, lead_s, gap_bytes, gap_s, total_s, at)
             self._last_offload_at = at
         return True
 
@@ -546,7 +553,11 @@ class EmbeddedController:
                         break
                     if not self._unoffloaded:  # that answer offloaded: it measured the link
                         continue
-                measured = self.probe()
+                try:
+                    measured = self.probe()
+                except Exception:  # a client's own fault must not end probing for good
+                    log.exception("probe failed")
+                    measured = False
                 # once: not after a failed probe, nor again after a confirming one
                 self._confirming = measured and self.estimator.unconfirmed and not self._confirming
                 if measured and self.deciding:

@@ -13,7 +13,9 @@ turns them into a bandwidth and an RTT estimate:
   rates from long ago (sparse probes while everything runs on the device) do not hold it
   where the link was (a harmonic mean clings to its low rates: over 10 s of probes a
   second or two apart, a link climbing from 1.3 to 3.5 Mbit/s in steps under 2x was read
-  at 1.3-1.9 for 8 s in a benchmark run; 4 s, the default, holds two or three probes);
+  at 1.3-1.9 for 8 s in a benchmark run; 4 s, the default, holds two or three such probes,
+  and probes further apart than that are each the estimate alone, as accurate as one probe
+  timed at the node is, a few percent, while one far above it still waits for a second);
 - a **sharp drop** (``drop_samples`` consecutive rates below ``drop_ratio`` of the
   estimate, or one below it when the last sample is older than ``drop_after_s``) restarts
   the window from those samples, so the estimate follows a cut in bandwidth within a few
@@ -140,27 +142,28 @@ class LinkEstimator:
         self._add_rate(bound, at)
         return self._seen(at)
 
-    def observe_train(self, lead_bytes: int, lead_s: float, bytes_: int, gap_s: float, total_s: float,
+    def observe_train(self, lead_bytes: int, lead_s: float, gap_bytes: int, gap_s: float, total_s: float,
                       at: float = 0.0) -> LinkEstimate:
         """Two requests sent back to back, without waiting between them (a probe).
 
-        The second's ``bytes_`` went onto the link right behind the first's, so it arrived
+        The second's ``gap_bytes`` went onto the link right behind the first's, so it arrived
         ``gap_s`` after it (best timed by the node, from the arrivals it saw): its time on the
         link, whatever the fixed costs (RTT, serving, the answers) and whenever the device got
         round to reading the answers (a device busy with its own work reads them late: timed
         there, from the answers, a probe beside a head's compute read 0.5-0.75 of a 2-6 Mbit/s
         link). ``lead_s``, the first's round trip with the node's compute taken out, gives an
         RTT sample; ``total_s``, the second's, bounds the rate from below when the gap is too
-        short to time.
+        short to time. (Sent one after the other instead, ``gap_bytes`` is how many more the
+        second carried and ``gap_s`` how much longer it took.)
         """
-        bits = 8 * bytes_
+        bits = 8 * gap_bytes
         if bits <= 0:
             return self.estimate
         if gap_s < MIN_TRANSFER_S:
             # Too close to tell apart (a buffer took both, or jitter): the link is at least as
             # fast as the pair's whole round trip shows, and that is all. (Not bits / 0.1 ms:
             # under jitter that would read as gigabits.)
-            floor = 8 * (lead_bytes + bytes_) / total_s if total_s > 0 else 0.0
+            floor = 8 * (lead_bytes + gap_bytes) / total_s if total_s > 0 else 0.0
             if floor <= self.bandwidth_mbit * 1e6:
                 return self.estimate
             self._add_rate(floor, at)

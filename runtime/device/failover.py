@@ -32,8 +32,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from typing import Protocol
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from edgesplit.runtime import codec
 from edgesplit.runtime.inference import OffloadError, OffloadResult
@@ -53,6 +54,7 @@ COUNTS_AS_FAILURE = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "
                                "INVALID_ANSWER"}) | NODE_SETTINGS
 # Below this, a further attempt cannot finish in time; fail fast and complete locally.
 MIN_ATTEMPT_SECONDS = 0.005
+T = TypeVar("T")
 
 
 class Offloader(Protocol):
@@ -138,16 +140,17 @@ class FailoverClient:
         payloads: Sequence[codec.EncodedTensor],
         timeout: float,
         request_id: str = "",
-    ) -> list[OffloadResult]:
+    ) -> Train:
         """Send ``payloads`` to ``model_name`` on one node back to back, each without waiting
         for the answer to the one before (a train, for timing the link), and give the answers
-        in order; the node is chosen, and failures move on, as for :meth:`infer`. A node
-        client without ``infer_async`` gets them one after another."""
+        in order; the node is chosen, and failures move on, as for :meth:`infer` (a node
+        that refuses one of them, full say, gives no train). A node client without
+        ``infer_async`` gets them one after another, and the train says so."""
         return self._first_answer(
             lambda client, remaining, wait: send_train(client, model_name, payloads, remaining, request_id, wait),
             timeout, False)
 
-    def _first_answer(self, call, timeout: float, wait_for_ready: bool):
+    def _first_answer(self, call: Callable[[Offloader, float, bool], T], timeout: float, wait_for_ready: bool) -> T:
         """``call(client, remaining_s, wait_for_ready)`` on the first node that answers within
         ``timeout``, breakers told of every outcome; OffloadError otherwise."""
         deadline = time.monotonic() + timeout
@@ -195,20 +198,36 @@ class FailoverClient:
                 close()
 
 
+@dataclass
+class Train:
+    """The answers to a train of requests, in order; ``back_to_back``: whether each left
+    without waiting for the answer to the one before (else one after another)."""
+
+    answers: list[OffloadResult]
+    back_to_back: bool
+
+
 def send_train(client: Offloader, model_name: str, payloads: Sequence[codec.EncodedTensor], timeout: float,
-               request_id: str = "", wait_for_ready: bool = False) -> list[OffloadResult]:
+               request_id: str = "", wait_for_ready: bool = False) -> Train:
     """``payloads`` to one node client, back to back when it can start a call without waiting
-    (``infer_async``), else one after another; the answers in order, OffloadError on any failure."""
+    (``infer_async``), else one after another; OffloadError on any failure."""
     deadline = time.monotonic() + timeout
     start = getattr(client, "infer_async", None)
     if start is None:
-        return [client.infer(model_name, p, max(0.0, deadline - time.monotonic()), request_id,
-                             wait_for_ready=wait_for_ready) for p in payloads]
+        answers = []
+        for p in payloads:
+            remaining = deadline - time.monotonic()
+            if remaining < MIN_ATTEMPT_SECONDS:
+                raise OffloadError("DEADLINE_EXCEEDED", f"no time left after {len(answers)} of the train")
+            answers.append(client.infer(model_name, p, remaining, request_id, wait_for_ready=wait_for_ready))
+        return Train(answers, back_to_back=False)
+    # the keyword only when wanted: an offloader's infer_async need not take it
+    extra = {"wait_for_ready": True} if wait_for_ready else {}
     pending = []
     try:
         for p in payloads:
-            pending.append(start(model_name, p, timeout, request_id, wait_for_ready=wait_for_ready))
-        return [p.result() for p in pending]
+            pending.append(start(model_name, p, timeout, request_id, **extra))
+        return Train([p.result() for p in pending], back_to_back=True)
     except BaseException:
         for p in pending:
             p.cancel()  # nothing to wait for once one failed (a finished call ignores it)

@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,6 +63,11 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
         self.ready = ready
         self.limits = limits
         self.draining = False  # set by NodeServer.stop: new inference requests are refused
+        # Arrival stamps are seconds since this servicer began, with a token naming its clock:
+        # two answers from different nodes (behind one address, say) are not compared, and
+        # the host's uptime is not told to every client.
+        self.clock_zero = time.perf_counter()
+        self.clock_id = secrets.token_hex(8)
 
     async def ServerLive(self, request, context):
         return inference_pb2.ServerLiveResponse(live=True)
@@ -107,7 +113,7 @@ class InferenceServicer(inference_pb2_grpc.GRPCInferenceServiceServicer):
             received = sum(inp.nbytes for inp in req.inputs)
             result = await self.plane.infer(req)
             response = build_infer_response(result, request.id, raw=bool(request.raw_input_contents),
-                                            arrived_s=started)
+                                            arrived_s=started - self.clock_zero, clock_id=self.clock_id)
             sent = sum(len(out.data) for out in result.outputs)
             return response
 

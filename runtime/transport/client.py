@@ -216,8 +216,11 @@ def _offload_result(response, round_trip: float, sent: int, expect: tuple[int, .
     """An OffloadResult from a node's response; OffloadError(INTERNAL) if the response is
     malformed, INVALID_ANSWER if its values are not finite or its shape is not ``expect``.
 
-    The node's own ``edge_compute_seconds`` is capped at the measured round trip: a node
-    cannot make the device believe its link is faster (or slower) than it was measured."""
+    The node's own ``edge_compute_seconds`` is capped at the measured round trip (a node
+    claiming more made the device's latency absurd and its transfer time negative). A node
+    can still say it computed longer than it did, and so make the link look faster; and its
+    arrival stamps (``edge_arrival_seconds``), which a probe's gap is taken from, can too:
+    the probe caps a gap at the round trip it measured, so they cannot make it look slower."""
     try:
         outputs, params = parse_infer_response(response)
         if len(outputs) != 1:
@@ -231,13 +234,16 @@ def _offload_result(response, round_trip: float, sent: int, expect: tuple[int, .
         arrival = params.get("edge_arrival_seconds")
         arrival = (float(arrival) if isinstance(arrival, (int, float)) and not isinstance(arrival, bool)
                    and math.isfinite(arrival) else None)
+        clock = params.get("edge_clock")
+        clock = clock if isinstance(clock, str) and clock else None
     except (TypeError, ValueError, OverflowError, codec.CodecError) as exc:
         raise OffloadError("INTERNAL", f"node answered a malformed response: {exc}") from None
     if expect is not None and tuple(logits.shape) != tuple(expect):
         raise OffloadError("INVALID_ANSWER", f"node answered a {list(logits.shape)} tensor, expected {list(expect)}")
     if not bool(torch.isfinite(logits).all()):  # e.g. an input that overflowed inside the model
         raise OffloadError("INVALID_ANSWER", "node answered NaN or infinite values")
-    return OffloadResult(logits, min(edge, round_trip), round_trip, sent, batch, edge_arrival_s=arrival)
+    return OffloadResult(logits, min(edge, round_trip), round_trip, sent, batch, edge_arrival_s=arrival,
+                         edge_clock=clock)
 
 
 def fetch_graph_profile(target: str, graph_name: str, repeats: int = 9, batch: int = 1, timeout: float = 600.0,

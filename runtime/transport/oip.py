@@ -136,17 +136,19 @@ def parse_infer_request(
     )
 
 
-def build_infer_response(result: InferResult, request_id: str, raw: bool = True,
-                         arrived_s: float | None = None) -> inference_pb2.ModelInferResponse:
+def build_infer_response(result: InferResult, request_id: str, raw: bool = True, arrived_s: float | None = None,
+                         clock_id: str = "") -> inference_pb2.ModelInferResponse:
     """An answer in raw contents (when the request used them) or typed contents.
 
-    ``arrived_s``: when the request reached the node, on the node's monotonic clock (sent as
-    ``edge_arrival_seconds``; only the difference between two answers means anything)."""
+    ``arrived_s``: when the request reached the node, in seconds on a monotonic clock named
+    by ``clock_id`` (sent as ``edge_arrival_seconds`` and ``edge_clock``; only the difference
+    between two answers stamped by the same clock means anything)."""
     response = inference_pb2.ModelInferResponse(
         model_name=result.model_name, model_version=result.model_version, id=request_id
     )
     if arrived_s is not None:
         set_parameter(response.parameters["edge_arrival_seconds"], float(arrived_s))
+        set_parameter(response.parameters["edge_clock"], str(clock_id))
     set_parameter(response.parameters["edge_compute_seconds"], float(result.compute_seconds))
     set_parameter(response.parameters["edge_queue_seconds"], float(result.queue_seconds))
     set_parameter(response.parameters["edge_batch_size"], int(result.batch_size))

@@ -232,7 +232,8 @@ def test_a_plan_with_its_own_offload_deadline_shortens_the_runners_never_lengthe
 
 
 class TrainNode:
-    """A node client that records when each call starts and when its answer is asked for."""
+    """A node client that records when each call starts (and whether it waits for the
+    connection) and when its answer is asked for."""
 
     def __init__(self, name, events, fail=None, can_start=True):
         self.target, self.events, self.fail = name, events, fail
@@ -246,13 +247,11 @@ class TrainNode:
         self.events.append((self.target, "answer", len(tensors.data)))
         return len(tensors.data)
 
-    def infer_async(self, model_name, tensors, timeout, request_id="", wait_for_ready=False):
-        self.events.append((self.target, "send", len(tensors.data)))
+    def infer_async(self, model_name, tensors, timeout, request_id="", **kwargs):
+        self.events.append((self.target, "send", len(tensors.data), *kwargs))
         node = self
 
         class Pending:
-            cancelled = False
-
             def result(self):
                 node.events.append((node.target, "answer", len(tensors.data)))
                 if node.fail:
@@ -271,19 +270,31 @@ def test_a_train_is_sent_back_to_back_and_answered_in_order_and_fails_over_like_
     small, large = encode(torch.zeros(1, 4), "int8"), encode(torch.zeros(1, 4), "fp32")
     events = []
     client = FailoverClient([TrainNode("a", events)])
-    assert client.infer_train("m", [small, large], timeout=5) == [4, 16]
+    train = client.infer_train("m", [small, large], timeout=5)
+    assert train.answers == [4, 16] and train.back_to_back
     assert events == [("a", "send", 4), ("a", "send", 16), ("a", "answer", 4), ("a", "answer", 16)]
     # a node client that cannot start a call without waiting gets them one after another
     events.clear()
-    assert FailoverClient([TrainNode("s", events, can_start=False)]).infer_train("m", [small, large], 5) == [4, 16]
+    train = FailoverClient([TrainNode("s", events, can_start=False)]).infer_train("m", [small, large], 5)
+    assert train.answers == [4, 16] and not train.back_to_back
     assert events == [("s", "send", 4), ("s", "answer", 4), ("s", "send", 16), ("s", "answer", 16)]
-    # a node that fails: what it was sent is cancelled, its breaker told, the next node answers
+    # a node that fails: what it was sent is cancelled, its breaker told once, the next node
+    # answers and is preferred from then on
     events.clear()
     client = FailoverClient([TrainNode("down", events, fail="UNAVAILABLE"), TrainNode("up", events)],
-                            failure_threshold=1)
-    assert client.infer_train("m", [small, large], timeout=5) == [4, 16]
+                            failure_threshold=2)
+    assert client.infer_train("m", [small, large], timeout=5).answers == [4, 16]
     assert ("down", "cancel", 16) in events and events[-2:] == [("up", "answer", 4), ("up", "answer", 16)]
-    assert client.breakers[0].state == CircuitBreaker.OPEN and client.attempts == {"down": 1, "up": 1}
+    assert client.breakers[0].state == CircuitBreaker.CLOSED and client.attempts == {"down": 1, "up": 1}
+    events.clear()
+    client.infer_train("m", [small, large], timeout=5)
+    assert {e[0] for e in events} == {"up"}
+    # a half-open breaker's train waits for the connection, as its call would
+    events.clear()
+    client = FailoverClient([TrainNode("back", events)], failure_threshold=1, reset_seconds=0.0)
+    client.breakers[0].failure()
+    assert client.infer_train("m", [small, large], timeout=5).answers == [4, 16]
+    assert events[:2] == [("back", "send", 4, "wait_for_ready"), ("back", "send", 16, "wait_for_ready")]
     # a refusal that every node would give is not retried
     events.clear()
     client = FailoverClient([TrainNode("x", events, fail="INVALID_ARGUMENT"), TrainNode("y", events)])

@@ -41,7 +41,7 @@ def valid_call_works(stub, model):
 
 def test_tail_from_every_cut_matches_the_full_model(stub, trained_model):
     x = torch.randn(2, 1, 28, 28)
-    last_arrival = 0.0
+    last_arrival, clocks = 0.0, set()
     with torch.inference_mode():
         full = trained_model(x).numpy()
         for cut in range(trained_model.num_blocks):
@@ -55,6 +55,8 @@ def test_tail_from_every_cut_matches_the_full_model(stub, trained_model):
             arrived = resp.parameters["edge_arrival_seconds"].double_param  # the node's clock, rising
             assert arrived > last_arrival
             last_arrival = arrived
+            clocks.add(resp.parameters["edge_clock"].string_param)
+    assert len(clocks) == 1 and "" not in clocks  # one clock, named
 
 
 def test_typed_contents_are_answered_with_typed_contents(stub, trained_model):

@@ -90,7 +90,12 @@ def test_the_nodes_arrival_stamp_is_read_when_it_is_a_finite_number(value, read)
     r = response()
     if value is not None:
         set_parameter(r.parameters["edge_arrival_seconds"], value)
-    assert _offload_result(r, 0.01, 10).edge_arrival_s == read
+        set_parameter(r.parameters["edge_clock"], "c1")
+    result = _offload_result(r, 0.01, 10)
+    assert result.edge_arrival_s == read and result.edge_clock == (None if value is None else "c1")
+    for clock in ("", 7):  # no clock named: nothing to compare stamps by
+        set_parameter(r.parameters["edge_clock"], clock)
+        assert _offload_result(r, 0.01, 10).edge_clock is None
 
 
 def test_a_cancelled_offload_reports_cancelled():
