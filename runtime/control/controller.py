@@ -487,7 +487,7 @@ class EmbeddedController:
         if not train.back_to_back:
             # one after the other: the fp32 call's extra bytes took its extra time
             gap_bytes, gap_s = large - small, total_s - lead_s
-        elif first.edge_arrival_s is not None and first.edge_clock is not None \
+        elif None not in (first.edge_arrival_s, second.edge_arrival_s, first.edge_clock) \
                 and first.edge_clock == second.edge_clock:
             # no later than the second's own round trip: a node cannot make the link look slower
             gap_bytes, gap_s = large, min(second.edge_arrival_s - first.edge_arrival_s, total_s)

@@ -150,8 +150,8 @@ class LinkEstimator:
         ``gap_s`` after it (best timed by the node, from the arrivals it saw): its time on the
         link, whatever the fixed costs (RTT, serving, the answers) and whenever the device got
         round to reading the answers (a device busy with its own work reads them late: timed
-        there, from the answers, a probe beside a head's compute read 0.5-0.75 of a 2-6 Mbit/s
-        link). ``lead_s``, the first's round trip with the node's compute taken out, gives an
+        there, from the answers, a probe beside a head's compute read 0.45-0.88 of a 1.5-6
+        Mbit/s link). ``lead_s``, the first's round trip with the node's compute taken out, gives an
         RTT sample; ``total_s``, the second's, bounds the rate from below when the gap is too
         short to time. (Sent one after the other instead, ``gap_bytes`` is how many more the
         second carried and ``gap_s`` how much longer it took.)
