@@ -41,19 +41,15 @@ def device_side(target: str) -> None:
     import torch
 
     from edgesplit.models import build_model
-    from edgesplit.runtime import codec
-    from edgesplit.runtime.device.runner import DeviceRunner
+    from edgesplit.runtime.control.controller import probe_payloads
+    from edgesplit.runtime.device.failover import send_train
     from edgesplit.runtime.transport.client import EdgeClient
 
     torch.manual_seed(0)
     model = build_model("mobilenet_v2").eval()
     client = EdgeClient(target)
     x = torch.randn(1, *model.input_shape)
-    points = model.cut_points()
-    cut = min(range(1, model.num_blocks), key=lambda k: abs(points[k].numel - 8192))
-    zeros = torch.zeros(1, *points[cut].shape)
-    name = DeviceRunner.tail_model_name_for(model, cut)
-    small, large = (codec.encode(zeros, c) for c in ("int8", "fp32"))
+    name, (small, large) = probe_payloads(model)  # what the embedded controller sends
     gain_bits = {"pair": 8 * (len(large.data) - len(small.data)), "train_answers": 8 * len(large.data),
                  "train_stamps": 8 * len(large.data)}
 
@@ -65,7 +61,7 @@ def device_side(target: str) -> None:
         if method == "pair":
             a, b = (client.infer(name, p, 10.0, "probe") for p in (small, large))
             return (b.round_trip_seconds - b.edge_seconds) - (a.round_trip_seconds - a.edge_seconds)
-        a, b = (p.result() for p in [client.infer_async(name, q, 10.0, "probe") for q in (small, large)])
+        a, b = send_train(client, name, [small, large], 10.0, "probe").answers
         if method == "train_answers":
             return (b.round_trip_seconds - b.edge_seconds) - (a.round_trip_seconds - a.edge_seconds)
         return b.edge_arrival_s - a.edge_arrival_s

@@ -77,6 +77,7 @@ from dataclasses import dataclass
 
 import torch
 
+from edgesplit.models.split_model import SplitModel
 from edgesplit.partitioner.cost import PI4, DevicePower, Link
 from edgesplit.runtime import codec as codecs
 from edgesplit.runtime.device.runner import WHERE_EDGE, WHERE_FALLBACK, Answer, DeviceRunner
@@ -125,6 +126,16 @@ class _Trial:
     epoch: int  # of the trial plan
     cut: int
     left: int  # answers it still needs
+
+
+def probe_payloads(model: SplitModel, elements: int = 8192) -> tuple[str, list[codecs.EncodedTensor]]:
+    """The tail a link probe of about ``elements`` goes to (the cut whose tensor is nearest
+    that size) and its zeros encoded as int8 and as fp32, the two requests of a probe."""
+    points = model.cut_points()
+    cut = min(range(1, model.num_blocks), key=lambda k: abs(points[k].numel - elements))
+    tensor = torch.zeros(1, *points[cut].shape)
+    return (DeviceRunner.tail_model_name_for(model, cut),
+            [codecs.encode(tensor, codec_name) for codec_name in ("int8", "fp32")])
 
 
 class EmbeddedController:
@@ -484,15 +495,13 @@ class EmbeddedController:
         small, large = (len(p.data) for p in payloads)
         lead_s = first.round_trip_seconds - first.edge_seconds
         total_s = second.round_trip_seconds - second.edge_seconds
-        if not train.back_to_back:
-            # one after the other: the fp32 call's extra bytes took its extra time
-            gap_bytes, gap_s = large - small, total_s - lead_s
-        elif None not in (first.edge_arrival_s, second.edge_arrival_s, first.edge_clock) \
+        # Timed from the answers: back to back, the fp32 bytes took the gap between them; one
+        # after the other, its extra bytes took its extra time.
+        gap_bytes, gap_s = (large if train.back_to_back else large - small), total_s - lead_s
+        if train.back_to_back and None not in (first.edge_arrival_s, second.edge_arrival_s, first.edge_clock) \
                 and first.edge_clock == second.edge_clock:
             # no later than the second's own round trip: a node cannot make the link look slower
-            gap_bytes, gap_s = large, min(second.edge_arrival_s - first.edge_arrival_s, total_s)
-        else:
-            gap_bytes, gap_s = large, total_s - lead_s
+            gap_s = min(second.edge_arrival_s - first.edge_arrival_s, total_s)
         with self._lock:
             self.estimator.observe_train(small, lead_s, gap_bytes, gap_s, total_s, at)
             self._last_offload_at = at
@@ -503,13 +512,7 @@ class EmbeddedController:
         encoded once (the same bytes every time: no device CPU spent remaking them)."""
         cached = self._probe_payloads.get(elements)
         if cached is None:
-            model = self.runner.model
-            points = model.cut_points()
-            cut = min(range(1, model.num_blocks), key=lambda k: abs(points[k].numel - elements))
-            tensor = torch.zeros(1, *points[cut].shape)
-            cached = (DeviceRunner.tail_model_name_for(model, cut),
-                      [codecs.encode(tensor, codec_name) for codec_name in ("int8", "fp32")])
-            self._probe_payloads[elements] = cached
+            cached = self._probe_payloads[elements] = probe_payloads(self.runner.model, elements)
         return cached
 
     def _await_answer(self) -> None:

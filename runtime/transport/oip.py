@@ -148,7 +148,7 @@ def build_infer_response(result: InferResult, request_id: str, raw: bool = True,
     )
     if arrived_s is not None:
         set_parameter(response.parameters["edge_arrival_seconds"], float(arrived_s))
-        set_parameter(response.parameters["edge_clock"], str(clock_id))
+        set_parameter(response.parameters["edge_clock"], clock_id)
     set_parameter(response.parameters["edge_compute_seconds"], float(result.compute_seconds))
     set_parameter(response.parameters["edge_queue_seconds"], float(result.queue_seconds))
     set_parameter(response.parameters["edge_batch_size"], int(result.batch_size))
