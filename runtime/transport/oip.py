@@ -117,6 +117,9 @@ def parse_infer_request(
         own = _parameters(tensor.parameters, limits, f"input {name!r}")
         params: Mapping[str, object] = ChainMap(own, shared) if shared else own
         if n_raw:
+            if tensor.HasField("contents"):  # the protocol allows one or the other (Triton refuses both too)
+                raise _invalid(f"input {name!r} has typed contents while the request uses raw_input_contents; "
+                               "send its data one way")
             inputs.append(InferInput(name, tensor.datatype, shape, request.raw_input_contents[i], params))
             continue
         field = _TYPED_FIELD.get(tensor.datatype)

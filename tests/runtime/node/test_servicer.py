@@ -132,7 +132,9 @@ def test_structural_mistakes_are_invalid_argument(stub, trained_model):
     no_data.inputs.add(name="input", datatype="FP32", shape=[1, 1, 28, 28])
     int8_without_scale = infer_request("resnet_fm.from.4", torch.zeros(1, 16, 28, 28), codec="int8")
     del int8_without_scale.inputs[0].parameters["scale"]
-    for req in (two_inputs, no_data, int8_without_scale):
+    raw_and_typed = infer_request("resnet_fm.from.4", torch.zeros(1, 16, 28, 28))
+    raw_and_typed.inputs[0].contents.fp32_contents.extend([0.0] * (16 * 28 * 28))
+    for req in (two_inputs, no_data, int8_without_scale, raw_and_typed):
         with pytest.raises(grpc.RpcError) as err:
             stub.ModelInfer(req, timeout=10)
         assert err.value.code() == SC.INVALID_ARGUMENT, err.value.details()
