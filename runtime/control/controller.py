@@ -36,8 +36,9 @@ waits to see confirmed) is followed by one at the base interval, and a device fo
 cluster controller does not back off (its telemetry is what that controller decides on).
 
 The device's time is only learned at the cuts it runs; elsewhere the profile is scaled by
-the ratio seen overall where it says slower (never faster: see
-:class:`~.estimators.DeviceTimeEstimator`), which can be wrong for one cut (a quota splits some heads' work
+the ratio seen overall where it says slower, at most by the time it added spread over that
+cut's longer run (never faster: see :class:`~.estimators.DeviceTimeEstimator`), which can
+be wrong for one cut (a quota splits some heads' work
 across more scheduler periods than others). So the controller **explores**: when the plan
 in force stays, and another cut the device has not timed recently is predicted within
 ``explore_margin`` of it in the policy's objective (energy for a least-energy policy, else
@@ -246,8 +247,11 @@ class EmbeddedController:
         est = self.estimator.estimate
         scales = self.device_times.scales() if self.learn_device_time else {}
         unseen = self.device_times.unseen_scale() if self.learn_device_time else 1.0
+        carried = {cut: self.device_times.unseen_scale(self.space.device_seconds(cut))
+                   for cut in self.space.allowed_cuts if cut not in scales} if unseen > 1.0 else {}
         return State(est.bandwidth_mbit, est.rtt_s, reading.level, reading.on_battery,
-                     edge_wait_s=self._edge_extra_at(at), device_scale=unseen, device_scales=scales)
+                     edge_wait_s=self._edge_extra_at(at), device_scale=unseen, device_scales=scales,
+                     unseen_scales=carried)
 
     def edge_extra_s(self, at: float | None = None) -> float:
         """The median time recent offloads spent at the edge beyond its profile (those older

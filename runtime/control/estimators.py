@@ -257,16 +257,24 @@ class DeviceTimeEstimator:
     where it says the device is slower than profiled (a device that runs 30 % slow at one cut
     most likely does at the next; and a slowdown that moved the plan away from a cut must
     not keep it away once the device is back to speed), the profile itself where it says
-    faster. A speed-up is not carried to cuts that were not seen: under a CPU quota a short
-    head's time is mostly how its work fell across the scheduler's periods (a MobileNetV2
-    head profiled at 233 ms ran in one 100 ms period, 0.4 of it, in a benchmark run), which
-    says nothing about a longer run, and carried over it sent a controller all on the device
-    at 1.1 Mbit/s on a predicted 266 ms that took 650-790. Exploring a cut measures it. Ratios are
-    clamped to ``[low, high]`` so one stalled request cannot swing a plan (a cut seen again
-    after going stale starts its window afresh), and answers
-    predicted to take less than ``min_predicted_s`` are skipped: there the fixed cost of
-    any request (the interpreter, an exit's softmax) is most of what is observed, and its
-    ratio says nothing about how fast the device computes.
+    faster. Given the unseen cut's predicted time, a slowdown is carried as the smaller of
+    that ratio and the time it added (the median of the recent answers' observed minus
+    predicted seconds) spread over the longer run: under a quota a short head waits out part
+    of a scheduler period, which a longer run pays about once, not in proportion (in a
+    benchmark run heads of 38-59 ms ran 1.65x their profile while the whole model ran
+    1.2x, and carried as 1.65x the whole model was predicted at 185 ms against 137: the
+    controller kept offloading over a 1.3 Mbit/s link for 12 s). Either way the carried
+    scale is never below 1; a cut predicted too fast is soon run and learned, while one
+    predicted too slow may never be run again. A speed-up is not carried to cuts that were
+    not seen: under a CPU quota a short head's time is mostly how its work fell across the
+    scheduler's periods (a MobileNetV2 head profiled at 233 ms ran in one 100 ms period, 0.4
+    of it, in a benchmark run), which says nothing about a longer run, and carried over it
+    sent a controller all on the device at 1.1 Mbit/s on a predicted 266 ms that took
+    650-790. Exploring a cut measures it. Ratios are clamped to ``[low, high]`` so one
+    stalled request cannot swing a plan (a cut seen again after going stale starts its
+    window afresh), and answers predicted to take less than ``min_predicted_s`` are
+    skipped: there the fixed cost of any request (the interpreter, an exit's softmax) is
+    most of what is observed, and its ratio says nothing about how fast the device computes.
 
     Example::
 
@@ -275,6 +283,8 @@ class DeviceTimeEstimator:
         ...     est.observe(cut=20, observed_s=s, predicted_s=0.37)
         >>> round(est.scale(20), 2), round(est.scale(8), 2)   # cut 8 not seen: the overall ratio (at least 1)
         (1.35, 1.35)
+        >>> round(est.unseen_scale(predicted_s=0.74), 2)   # a run twice as long: the 0.13 s added, spread
+        1.18
     """
 
     def __init__(self, window: int = 8, min_samples: int = 2, low: float = 0.25, high: float = 8.0,
@@ -290,6 +300,7 @@ class DeviceTimeEstimator:
         self._by_cut: dict[int, deque[float]] = {}
         self._last_at: dict[int, int] = {}  # cut -> the sample count when it was last observed
         self._recent: deque[float] = deque(maxlen=window)
+        self._recent_excess: deque[float] = deque(maxlen=window)  # observed - predicted seconds (clamped as the ratio)
         self.samples = 0
 
     def observe(self, cut: int, observed_s: float, predicted_s: float) -> None:
@@ -301,6 +312,7 @@ class DeviceTimeEstimator:
             self._by_cut[cut].clear()  # stale: what it measured then says nothing about now
         self._by_cut.setdefault(cut, deque(maxlen=self.window)).append(ratio)
         self._recent.append(ratio)
+        self._recent_excess.append((ratio - 1.0) * predicted_s)
         self.samples += 1
         self._last_at[cut] = self.samples
 
@@ -308,13 +320,18 @@ class DeviceTimeEstimator:
         """The median ratio over the last ``window`` answers (1.0 before any)."""
         return statistics.median(self._recent) if self._recent else 1.0
 
-    def scale(self, cut: int) -> float:
-        """What to multiply the profile's device time at ``cut`` by."""
-        return statistics.median(self._by_cut[cut]) if self._learned(cut) else self.unseen_scale()
+    def scale(self, cut: int, predicted_s: float | None = None) -> float:
+        """What to multiply the profile's device time at ``cut`` (``predicted_s``, where known) by."""
+        return statistics.median(self._by_cut[cut]) if self._learned(cut) else self.unseen_scale(predicted_s)
 
-    def unseen_scale(self) -> float:
-        """The scale of a cut without enough ratios of its own: the overall ratio, at least 1."""
-        return max(1.0, self.overall())
+    def unseen_scale(self, predicted_s: float | None = None) -> float:
+        """The scale of a cut without enough ratios of its own: the overall ratio, at least 1;
+        for a cut predicted to take ``predicted_s``, at most 1 plus the recent answers' median
+        added time over ``predicted_s`` (see the class docstring)."""
+        ratio = max(1.0, self.overall())
+        if ratio == 1.0 or predicted_s is None or not predicted_s > 0:
+            return ratio
+        return max(1.0, min(ratio, 1.0 + statistics.median(self._recent_excess) / predicted_s))
 
     def scales(self) -> dict[int, float]:
         """The learned ratio of every cut with enough recent answers of its own."""

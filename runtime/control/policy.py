@@ -61,12 +61,15 @@ class State:
     on_battery: bool = False
     edge_wait_s: float = 0.0  # expected wait in the edge's queue (from nodes' telemetry)
     # Observed over predicted device time (estimators.DeviceTimeEstimator): per cut where
-    # learned, ``device_scale`` for the others.
+    # learned; for the others ``unseen_scales`` where given (what was learned elsewhere,
+    # carried to that cut), else ``device_scale``.
     device_scale: float = 1.0
     device_scales: Mapping[int, float] = field(default_factory=dict)
+    unseen_scales: Mapping[int, float] = field(default_factory=dict)
 
     def device_scale_at(self, cut: int) -> float:
-        return self.device_scales.get(cut, self.device_scale)
+        learned = self.device_scales.get(cut)
+        return learned if learned is not None else self.unseen_scales.get(cut, self.device_scale)
 
 
 @dataclass(frozen=True)

@@ -199,3 +199,31 @@ def test_a_slowdown_is_carried_to_cuts_not_seen_but_a_speed_up_is_not():
     for _ in range(4):  # other work on the CPU: everything 1.5x slower
         est.observe(cut=5, observed_s=1.5 * 0.233, predicted_s=0.233)
     assert est.scale(20) == pytest.approx(1.5) == est.unseen_scale()
+
+
+def test_a_short_heads_slowdown_is_carried_to_a_longer_run_as_the_time_it_added():
+    """Under a quota a 38 ms head waiting out part of a period ran 1.65x its profile; the
+    whole model (112 ms) pays that wait about once, not 1.65x over."""
+    from edgesplit.runtime.control.estimators import DeviceTimeEstimator
+
+    est = DeviceTimeEstimator(window=8, min_samples=2)
+    for _ in range(4):
+        est.observe(cut=5, observed_s=1.65 * 0.038, predicted_s=0.038)
+    added = 0.65 * 0.038
+    assert est.scale(20, predicted_s=0.112) == pytest.approx(1 + added / 0.112)
+    assert est.unseen_scale(0.112) < est.unseen_scale() == pytest.approx(1.65)
+    # a shorter run than the one seen: the ratio (spreading the added time would exceed it)
+    assert est.unseen_scale(0.010) == pytest.approx(1.65)
+    assert est.scale(5, predicted_s=0.5) == pytest.approx(1.65)  # a learned cut keeps its own ratio
+    # a speed-up is still not carried, whatever the length
+    fast = DeviceTimeEstimator(window=4, min_samples=2)
+    for _ in range(3):
+        fast.observe(cut=5, observed_s=0.02, predicted_s=0.038)
+    assert fast.unseen_scale(0.112) == 1.0 == fast.unseen_scale(0.001)
+
+
+def test_state_prefers_learned_then_carried_then_overall_scale():
+    from edgesplit.runtime.control.policy import State
+
+    state = State(1.0, 0.01, device_scale=1.6, device_scales={8: 1.1}, unseen_scales={8: 1.3, 20: 1.2})
+    assert (state.device_scale_at(8), state.device_scale_at(20), state.device_scale_at(3)) == (1.1, 1.2, 1.6)
