@@ -534,6 +534,42 @@ def test_a_cut_the_profile_gets_wrong_is_explored_and_the_plan_moves_to_it(node,
         client.close()
 
 
+def test_a_move_of_the_link_already_decided_on_does_not_end_the_trial_it_started(node):
+    """The probe thread saw the link move and decided, starting a trial; the next answer (a
+    request of the plan before, in flight meanwhile) must not count that move again and put
+    the policy's plan back before the trial had an answer."""
+    from edgesplit.partitioner.profile import Profile
+
+    model, running = node
+    last, cut = model.num_blocks, model.num_blocks - 1
+    block_s = 0.002
+    device = stretched_model(model, block_s, 10 * block_s, cut)
+    names = list(model.block_names)
+    profile = Profile(model.name, "device", torch.__version__, 1, 1, names, {1: [block_s] * len(names)})
+    edge = Profile(model.name, "edge", torch.__version__, 1, 1, names, {1: [0.0001] * len(names)})
+    shapes = [c.shape for c in model.cut_points()[:-1]] + [(model.num_classes,)]
+    space = PlanSpace(profile, edge, shapes, codecs=("int8",), allowed_cuts=[cut, last])
+    runner, client = runner_for(device, running, Plan(cut=last, codec="int8"))
+    controller = EmbeddedController(runner, space, LeastLatency(), every=1000, explore_every=1,
+                                    estimator=LinkEstimator(initial_mbit=4.0, initial_rtt_s=0.002))
+    try:
+        x = torch.randn(1, 1, 28, 28)
+        answers = [runner.infer(x) for _ in range(3)]  # all on the device: its ratio learned, no decision
+        assert not controller.decisions and last in controller.device_times.scales()
+        controller.estimator.rises += 1  # what a probe's reading of a risen link counts
+        controller.decide()  # the probe thread's decision: a trial of cut 10
+        (trial,) = controller.decisions
+        assert trial.explore and trial.cut == cut and runner.plan.epoch == trial.epoch
+        controller.observe(answers[-1])  # an answer of the plan before, in flight meanwhile
+        assert runner.plan.epoch == trial.epoch and len(controller.decisions) == 1  # the trial goes on
+        trial_answers = [runner.infer(x) for _ in range(controller.device_times.min_samples)]
+        assert all(a.epoch == trial.epoch and a.cut == cut for a in trial_answers)
+        assert controller._trial is None and cut in controller.device_times.scales()  # ended by its answers
+    finally:
+        controller.close()
+        client.close()
+
+
 def test_a_trial_that_teaches_nothing_is_not_repeated_at_that_cut(node):
     """The device sleeps a fixed time per block (2 ms each up to cut 8, 0.5 ms after) and its
     profile says so, so the plans compare the same whatever this host's speed: on a link
