@@ -21,8 +21,10 @@ matter).
 
 - **adaptive**, **best static** and the **oracle's plans**, in turns: the embedded
   controller's runner (least latency with hysteresis, probing while idle, starting all on
-  the device, choosing among the same candidate plans as the table: cut 0, every cut
-  sending fewer bytes than all before it, all on the device), a runner of the best fixed
+  the device, choosing among the plans the table makes fastest at some bandwidth in the
+  traces' range, :func:`envelope_plans`; until 2026-12-07 20:00 UTC among all the table's
+  candidates: cut 0, every cut sending fewer bytes than all before it, all on the device),
+  a runner of the best fixed
   plan by the table and one of the plan the table makes best at the most other moments of
   the window, or else puts near the best at the most (:func:`turn_plans`) take turns
   request by request, so within a round they all see the same link and the same host;
@@ -262,6 +264,19 @@ def table_at(fits: dict[str, tuple[float, float]], plan: str, mbit: float) -> fl
     """A fixed plan's fitted latency at ``mbit``."""
     fixed, per_inverse_mbit = fits[plan]
     return max(0.0, fixed + per_inverse_mbit / mbit)
+
+
+def envelope_plans(fits: dict[str, tuple[float, float]], low_mbit: float, high_mbit: float,
+                   steps: int = 400) -> list[str]:
+    """The plans the fitted table makes fastest at some bandwidth from ``low_mbit`` to
+    ``high_mbit`` (``steps`` log-spaced rates): the lower envelope of the measured plans, in
+    the order of their cuts. Each is best somewhere; every other plan is beaten everywhere in
+    that range by one of them."""
+    if not 0 < low_mbit <= high_mbit or steps < 1:
+        raise ValueError(f"need 0 < low_mbit <= high_mbit and steps >= 1, not {low_mbit}, {high_mbit}, {steps}")
+    best = {min(fits, key=lambda p: table_at(fits, p, low_mbit * (high_mbit / low_mbit) ** (i / steps)))
+            for i in range(steps + 1)}
+    return sorted(best, key=lambda p: (int(p.split(":")[0]), p))
 
 
 def window_times(duration_s: float, step_s: float = 0.1) -> list[dict]:
@@ -580,6 +595,10 @@ def _run(config, folder, chosen, work, q, pause_s, progress) -> dict:
                         print(f"controller: table at {mbit:g} Mbit/s: " + ", ".join(
                             f"{k} {statistics.fmean(v):.0f} ms" for k, v in samples_ms[mbit].items()), flush=True)
                 fits = fit_table(samples_ms, local=(f"{last}:int8",))
+                # The controller chooses among the plans the measured table makes best somewhere
+                # in the traces' range, as the oracle does among the plans in turns.
+                envelope = envelope_plans(fits, MIN_RATE_MBIT, max(config["grid"]))
+                device.ask(op="restrict", cuts=[int(p.split(":")[0]) for p in envelope])
                 modes = {"adaptive": "adaptive", "all_device": [last, "int8"], "all_edge": [0, "int8"]}
                 for path in chosen:
                     whole = load_trace(path)
@@ -622,7 +641,7 @@ def _run(config, folder, chosen, work, q, pause_s, progress) -> dict:
                 bed.unshape("device")
     return {"config": {**config, "grid": list(config["grid"]), "traces_folder": str(folder), "cpu_quota": q,
                        "pause_s": pause_s},
-            "device_heads_ms": heads, "edge_blocks_ms": [1000 * t for t in edge],
+            "device_heads_ms": heads, "edge_blocks_ms": [1000 * t for t in edge], "controller_plans": envelope,
             "table_ms": {mbit: {p: statistics.fmean(v) for p, v in row.items()} for mbit, row in samples_ms.items()},
             "table_samples_ms": samples_ms,
             "table_fit": {p: {"fixed_ms": a, "ms_per_inverse_mbit": b} for p, (a, b) in fits.items()},
@@ -667,6 +686,9 @@ def render(result: dict) -> str:
     c = result.get("config")
     heading = [] if c is None else [f"{c['model']} on the {c['device']} device class ({c['cpu_quota']:g} of a "
                                     f"core), {c['duration_s']:g} s of each trace"]
+    if result.get("controller_plans"):
+        heading.append("the controller chooses among " + ", ".join(result["controller_plans"])
+                       + " (the plans the table makes fastest somewhere in the traces' range)")
     return "\n".join([*heading, table(headers, body), "",
                       f"adaptive / oracle: {s['adaptive_over_oracle']:.2f} (goal <= 1.10)",
                       f"gain captured: {gain} (goal >= 0.8)",

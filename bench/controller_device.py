@@ -7,6 +7,8 @@ JSON commands on stdin, one JSON answer per line on stdout:
   time the device's own work at each of ``cuts`` (blocks, encoding int8, building the
   request), idling ``P`` before each run; build the controller's plan space from it and
   the edge's per-block times, choosing among ``cuts``; answer the milliseconds per cut;
+- ``{"op": "restrict", "cuts": [...]}``: the controller's plan space chooses among these
+  cuts only (after ``profile``);
 - ``{"op": "static", "plans": [[cut, codec], ...], "repeats": R, "pause_s": P}``: the
   milliseconds of ``R`` requests under each fixed plan over the current link (the table
   the oracle reads);
@@ -57,6 +59,7 @@ class Device:
         self.client = EdgeClient(target)
         self.x = torch.randn(1, *self.model.input_shape)
         self.space: PlanSpace | None = None
+        self._profiles: tuple | None = None  # (device, edge, shapes) of the last profile
         self._rng = random.Random(0)
 
     def idle(self, pause_s: float) -> None:
@@ -108,8 +111,20 @@ class Device:
                          pause_s=pause_s, calibrated_at=cuts)
         edge = Profile(model.name, "edge", torch.__version__, 1, 1, names, {1: edge_block_s})
         shapes = [c.shape for c in model.cut_points()]
+        self._profiles = (device, edge, shapes)
         self.space = PlanSpace(device, edge, shapes, codecs=CODECS, allowed_cuts=cuts)
         return {str(c): round(1000 * t, 3) for c, t in zip(cuts, heads)}
+
+    def restrict(self, cuts: list[int]) -> list[int]:
+        """The controller's plans from now on: ``cuts`` only (each must have been profiled)."""
+        if self.space is None:
+            raise ValueError("restrict comes after profile")
+        unknown = set(cuts) - self.space.allowed_cuts
+        if not cuts or unknown:
+            raise ValueError(f"cuts {sorted(unknown) or cuts} are not among the profiled "
+                             f"{sorted(self.space.allowed_cuts)}")
+        self.space = PlanSpace(*self._profiles, codecs=CODECS, allowed_cuts=cuts)
+        return sorted(self.space.allowed_cuts)
 
     def static(self, plans: list[list], repeats: int, pause_s: float) -> dict[str, list[float]]:
         """Milliseconds of ``repeats`` requests (after one warm-up each) under each fixed plan.
@@ -247,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     hello = {"blocks": device.model.num_blocks, "bytes": [c.numel for c in device.model.cut_points()]}
     return answer_commands(hello, {
         "profile": lambda c: {"heads_ms": device.profile(c["repeats"], c["pause_s"], c["edge"], c["cuts"])},
+        "restrict": lambda c: {"cuts": device.restrict(c["cuts"])},
         "static": lambda c: {"samples_ms": device.static(c["plans"], c["repeats"], c["pause_s"])},
         "run": lambda c: device.run(c["mode"], c["duration_s"], c["pause_s"]),
         "turns": lambda c: device.turns(c["plans"], c["duration_s"], c["pause_s"]),

@@ -13,6 +13,7 @@ import pytest
 from edgesplit.bench.controller import (
     analyse,
     best_static_plan,
+    envelope_plans,
     fit_table,
     live_rounds,
     paired_deltas,
@@ -95,6 +96,18 @@ def test_the_live_best_static_run_anchors_the_oracle_at_its_level():
     assert edge["best_static_plan"] == "0:int8" and edge["best_static_plan_at_requests"] == "9:int8"
     assert edge["best_static_run_ms"] == 900.0 and edge["best_static_ms"] == pytest.approx(310.0 * level)
     assert edge["oracle_ms"] == pytest.approx(280.0 * level)
+
+
+def test_the_controller_chooses_among_the_plans_the_table_makes_best_somewhere():
+    fits = {"20:int8": (100.0, 0.0), "8:int8": (60.0, 100.0), "15:int8": (90.0, 50.0), "0:int8": (20.0, 1000.0),
+            "5:int8": (58.0, 200.0)}
+    # cut 8 beats the device above 2.5 Mbit/s; cut 15 is never best (above 5 Mbit/s it loses to
+    # cut 8, below to the device), cut 0 only beyond 17.5 Mbit/s, cut 5 never below 50 Mbit/s
+    assert envelope_plans(fits, 0.05, 8.0) == ["8:int8", "20:int8"]
+    assert envelope_plans(fits, 0.05, 30.0) == ["0:int8", "8:int8", "20:int8"]
+    assert envelope_plans(fits, 0.05, 2.0) == ["20:int8"]
+    with pytest.raises(ValueError):
+        envelope_plans(fits, 0.0, 8.0)
 
 
 def test_the_plans_in_turns_are_the_best_static_and_every_plan_near_the_best_at_some_moment():
@@ -304,6 +317,9 @@ def test_a_short_run_answers_every_request_and_the_controller_decides(tmp_path):
     (row,) = result["traces"]
     assert row["sent"] == row["answered"] > 0 and result["summary"]["lost"] == 0
     assert row["decisions"] >= 1  # it left the all-on-device start at 8 Mbit/s
+    # it chose only among the plans the measured table makes best somewhere
+    plans = {int(p.split(":")[0]) for p in result["controller_plans"]}
+    assert plans and {r["cut"] for r in row["adaptive_records"][1:]} <= plans | {row["adaptive_records"][0]["cut"]}
     # the best static plan ran in turns with the adaptive runner: their requests interleave
     static_t = [r["t"] for r in row["best_static_records"]]
     adaptive_t = [r["t"] for r in row["adaptive_records"]]

@@ -63,3 +63,21 @@ def test_the_probe_lock_is_held_from_the_adaptive_answer_until_its_next_turn():
     assert controller.heard_locked and all(controller.heard_locked)
     assert all(locked for name, locked in seen if name == "adaptive answered")
     assert not lock.locked() and len(adaptive.observers) == 1  # the driver's own observer is gone
+
+
+def test_restrict_leaves_the_controller_only_the_given_cuts():
+    import pytest
+
+    from edgesplit.runtime.control.policy import State
+
+    device = Device("resnet_fm", "127.0.0.1:1")  # no node needed: nothing is sent
+    blocks = device.model.num_blocks
+    with pytest.raises(ValueError):
+        device.restrict([blocks])  # before any profile
+    device.profile(repeats=1, pause_s=0.0, edge_block_s=[0.001] * blocks, cuts=[4, 8, blocks])
+    assert device.space.allowed_cuts == {0, 4, 8, blocks}
+    assert device.restrict([8, blocks]) == [8, blocks]
+    assert {o.cut for o in device.space.options(State(2.0, 0.01))} == {8, blocks}
+    with pytest.raises(ValueError):
+        device.restrict([5])  # not profiled
+    assert device.space.allowed_cuts == {8, blocks}
