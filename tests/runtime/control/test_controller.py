@@ -480,16 +480,10 @@ def stretched_model(model, head_extra_s: float, tail_extra_s: float, cut: int):
     return SplitModel(model.name, blocks, {}, model.input_shape, model.num_classes).eval()
 
 
-@pytest.mark.parametrize("margin, probe_decides", [(0.25, False), (0.0, False), (0.25, True)])
-def test_a_cut_the_profile_gets_wrong_is_explored_and_the_plan_moves_to_it(node, margin, probe_decides):
-    """The device is slow only in its last block, so the ratio learned all on the device
-    (about 1.8) wrongly inflates the head of cut 10, which then looks a little worse than
-    staying; two trial requests at cut 10 learn its own ratio (about 1) and the plan moves.
-
-    ``probe_decides``: a decision from outside the answers (the probe thread decides after
-    each probe) while the trial runs leaves the trial plan in force. It used to put the
-    policy's plan back before the trial had an answer: in a benchmark run 9 of 17 trials
-    got 0 or 1 of their 2 answers, and taught nothing."""
+def slow_tail_device(node):
+    """A runner all on the device of a model slow only in its last block (10x its 2 ms
+    profile), a space choosing between cut 10 (the block before) and all on the device, and
+    its client: (runner, client, space, cut, last)."""
     from edgesplit.partitioner.profile import Profile
 
     model, running = node
@@ -502,6 +496,20 @@ def test_a_cut_the_profile_gets_wrong_is_explored_and_the_plan_moves_to_it(node,
     shapes = [c.shape for c in model.cut_points()[:-1]] + [(model.num_classes,)]
     space = PlanSpace(profile, edge, shapes, codecs=("int8",), allowed_cuts=[cut, last])
     runner, client = runner_for(device, running, Plan(cut=last, codec="int8"))
+    return runner, client, space, cut, last
+
+
+@pytest.mark.parametrize("margin, probe_decides", [(0.25, False), (0.0, False), (0.25, True)])
+def test_a_cut_the_profile_gets_wrong_is_explored_and_the_plan_moves_to_it(node, margin, probe_decides):
+    """The device is slow only in its last block, so the ratio learned all on the device
+    (about 1.8) wrongly inflates the head of cut 10, which then looks a little worse than
+    staying; two trial requests at cut 10 learn its own ratio (about 1) and the plan moves.
+
+    ``probe_decides``: a decision from outside the answers (the probe thread decides after
+    each probe) while the trial runs leaves the trial plan in force. It used to put the
+    policy's plan back before the trial had an answer: in a benchmark run 9 of 17 trials
+    got 0 or 1 of their 2 answers, and taught nothing."""
+    runner, client, space, cut, last = slow_tail_device(node)
     # 4 Mbit/s and 2 ms: cut 10's 3,136 bytes cost about 8 ms, so with the head scaled by
     # the ratio learned all on the device cut 10 is predicted about 10 % slower than staying.
     controller = EmbeddedController(runner, space, LeastLatency(), every=1, explore_margin=margin,
@@ -538,18 +546,7 @@ def test_a_move_of_the_link_already_decided_on_does_not_end_the_trial_it_started
     """The probe thread saw the link move and decided, starting a trial; the next answer (a
     request of the plan before, in flight meanwhile) must not count that move again and put
     the policy's plan back before the trial had an answer."""
-    from edgesplit.partitioner.profile import Profile
-
-    model, running = node
-    last, cut = model.num_blocks, model.num_blocks - 1
-    block_s = 0.002
-    device = stretched_model(model, block_s, 10 * block_s, cut)
-    names = list(model.block_names)
-    profile = Profile(model.name, "device", torch.__version__, 1, 1, names, {1: [block_s] * len(names)})
-    edge = Profile(model.name, "edge", torch.__version__, 1, 1, names, {1: [0.0001] * len(names)})
-    shapes = [c.shape for c in model.cut_points()[:-1]] + [(model.num_classes,)]
-    space = PlanSpace(profile, edge, shapes, codecs=("int8",), allowed_cuts=[cut, last])
-    runner, client = runner_for(device, running, Plan(cut=last, codec="int8"))
+    runner, client, space, cut, last = slow_tail_device(node)
     controller = EmbeddedController(runner, space, LeastLatency(), every=1000, explore_every=1,
                                     estimator=LinkEstimator(initial_mbit=4.0, initial_rtt_s=0.002))
     try:
