@@ -268,10 +268,9 @@ def table_at(fits: dict[str, tuple[float, float]], plan: str, mbit: float) -> fl
 
 def envelope_plans(fits: dict[str, tuple[float, float]], low_mbit: float, high_mbit: float,
                    steps: int = 400) -> list[str]:
-    """The plans the fitted table makes fastest at some bandwidth from ``low_mbit`` to
-    ``high_mbit`` (``steps`` log-spaced rates): the lower envelope of the measured plans, in
-    the order of their cuts. Each is best somewhere; every other plan is beaten everywhere in
-    that range by one of them."""
+    """The plans the fitted table makes fastest at one of ``steps + 1`` log-spaced bandwidths
+    from ``low_mbit`` to ``high_mbit``: the lower envelope of the measured plans, sampled, in
+    the order of their cuts (a plan best only between two samples, or tied, may be left out)."""
     if not 0 < low_mbit <= high_mbit or steps < 1:
         raise ValueError(f"need 0 < low_mbit <= high_mbit and steps >= 1, not {low_mbit}, {high_mbit}, {steps}")
     best = {min(fits, key=lambda p: table_at(fits, p, low_mbit * (high_mbit / low_mbit) ** (i / steps)))
@@ -596,8 +595,10 @@ def _run(config, folder, chosen, work, q, pause_s, progress) -> dict:
                             f"{k} {statistics.fmean(v):.0f} ms" for k, v in samples_ms[mbit].items()), flush=True)
                 fits = fit_table(samples_ms, local=(f"{last}:int8",))
                 # The controller chooses among the plans the measured table makes best somewhere
-                # in the traces' range, as the oracle does among the plans in turns.
-                envelope = envelope_plans(fits, MIN_RATE_MBIT, max(config["grid"]))
+                # from the lowest rate shaped to the highest of the grid and the traces, as the
+                # oracle does among the plans in turns.
+                top = max(max(config["grid"]), *(rate for p in chosen for _, rate in load_trace(p)))
+                envelope = envelope_plans(fits, MIN_RATE_MBIT, top)
                 device.ask(op="restrict", cuts=[int(p.split(":")[0]) for p in envelope])
                 modes = {"adaptive": "adaptive", "all_device": [last, "int8"], "all_edge": [0, "int8"]}
                 for path in chosen:

@@ -338,7 +338,7 @@ class EmbeddedController:
         self.device_times.observe(answer.cut, answer.latency.device, predicted)
         metrics = self.runner.metrics
         if metrics:
-            metrics.device_time_scale.set(self.device_times.scale(answer.cut))
+            metrics.device_time_scale.set(self.device_times.scale(answer.cut, predicted))
 
     def decisions_since(self, count: int) -> list[Decision]:
         """The decisions made after the first ``count`` (those the history still holds), oldest first."""
@@ -424,9 +424,11 @@ class EmbeddedController:
         seconds = self.offload_patience * option.remote_s
         if not self.runner.races_late_offloads:
             # giving up forfeits the offload: wait as long again as completing here would take
-            # (the tail is not the head: the head's learned ratio says little about it, the
-            # scale of cuts not run does)
-            seconds += self.space.local_tail_seconds(option.cut, state.device_scale)
+            # (the tail is not the head: the head's learned ratio says little about it; a
+            # slowdown is carried to it as to a cut not run, for a run of the tail's length)
+            tail_s = self.space.local_tail_seconds(option.cut)
+            scale = self.device_times.unseen_scale(tail_s) if self.learn_device_time else state.device_scale
+            seconds += scale * tail_s
         return max(self.min_offload_deadline_s, seconds) if math.isfinite(seconds) else None
 
     def _deadline_stale(self, plan: Plan, wanted: float | None) -> bool:

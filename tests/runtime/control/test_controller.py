@@ -542,6 +542,36 @@ def test_a_cut_the_profile_gets_wrong_is_explored_and_the_plan_moves_to_it(node,
         client.close()
 
 
+def test_the_policy_sees_a_short_heads_slowdown_carried_to_longer_runs_as_the_time_it_added(node):
+    """Cut 10 (the short head) ran 1.65x its profile; all on the device, not run, is predicted
+    with that time added rather than 1.65x over, as is the local tail a non-racing offload
+    deadline allows for; a speed-up carries nothing."""
+    from edgesplit.runtime.control.estimators import DeviceTimeEstimator
+
+    runner, client, space, cut, last = slow_tail_device(node)
+    head_s, whole_s = space.device_seconds(cut), space.device_seconds(last)
+    slow = DeviceTimeEstimator()
+    for _ in range(4):
+        slow.observe(cut, 1.65 * head_s, head_s)
+    controller = EmbeddedController(runner, space, LeastLatency(), device_times=slow, explore_margin=0)
+    try:
+        state = controller.state()
+        assert state.device_scales == {cut: pytest.approx(1.65)} and cut not in state.unseen_scales
+        assert state.device_scale == pytest.approx(1.65)
+        assert state.device_scale_at(last) == pytest.approx(1 + 0.65 * head_s / whole_s)
+        assert state.device_scale_at(last) < 1.6
+        (device_only,) = [o for o in space.options(state) if o.cut == last]
+        assert device_only.latency_s == pytest.approx(whole_s + 0.65 * head_s)
+        fast = DeviceTimeEstimator()
+        for _ in range(4):
+            fast.observe(cut, 0.5 * head_s, head_s)
+        controller.device_times = fast
+        assert controller.state().unseen_scales == {} and controller.state().device_scale_at(last) == 1.0
+    finally:
+        controller.close()
+        client.close()
+
+
 def test_a_move_of_the_link_already_decided_on_does_not_end_the_trial_it_started(node):
     """The probe thread saw the link move and decided, starting a trial; the next answer (a
     request of the plan before, in flight meanwhile) must not count that move again and put
