@@ -597,12 +597,12 @@ def _run(config, folder, chosen, work, q, pause_s, progress) -> dict:
                 # The controller chooses among the plans the measured table makes best somewhere
                 # from the lowest rate shaped to the highest of the grid and the traces, as the
                 # oracle does among the plans in turns.
-                top = max(max(config["grid"]), *(rate for p in chosen for _, rate in load_trace(p)))
+                traces = {path: load_trace(path) for path in chosen}
+                top = max(max(config["grid"]), *(rate for samples in traces.values() for _, rate in samples))
                 envelope = envelope_plans(fits, MIN_RATE_MBIT, top)
                 device.ask(op="restrict", cuts=[int(p.split(":")[0]) for p in envelope])
                 modes = {"adaptive": "adaptive", "all_device": [last, "int8"], "all_edge": [0, "int8"]}
-                for path in chosen:
-                    whole = load_trace(path)
+                for path, whole in traces.items():
                     how = config.get("window", "start")
                     start_s = window_by_gain(whole, fits, config["duration_s"]) if how == "gain" \
                         else window_start(whole, config["duration_s"], how)

@@ -59,7 +59,6 @@ class Device:
         self.client = EdgeClient(target)
         self.x = torch.randn(1, *self.model.input_shape)
         self.space: PlanSpace | None = None
-        self._profiles: tuple | None = None  # (device, edge, shapes) of the last profile
         self._rng = random.Random(0)
 
     def idle(self, pause_s: float) -> None:
@@ -111,7 +110,6 @@ class Device:
                          pause_s=pause_s, calibrated_at=cuts)
         edge = Profile(model.name, "edge", torch.__version__, 1, 1, names, {1: edge_block_s})
         shapes = [c.shape for c in model.cut_points()]
-        self._profiles = (device, edge, shapes)
         self.space = PlanSpace(device, edge, shapes, codecs=CODECS, allowed_cuts=cuts)
         return {str(c): round(1000 * t, 3) for c, t in zip(cuts, heads)}
 
@@ -123,7 +121,8 @@ class Device:
         if not cuts or unknown:
             raise ValueError(f"cuts {sorted(unknown) or cuts} are not among the profiled "
                              f"{sorted(self.space.allowed_cuts)}")
-        self.space = PlanSpace(*self._profiles, codecs=CODECS, allowed_cuts=cuts)
+        space = self.space
+        self.space = PlanSpace(space.device, space.edge, space.shapes, codecs=CODECS, allowed_cuts=cuts)
         return sorted(self.space.allowed_cuts)
 
     def static(self, plans: list[list], repeats: int, pause_s: float) -> dict[str, list[float]]:

@@ -247,8 +247,9 @@ class EmbeddedController:
         est = self.estimator.estimate
         scales = self.device_times.scales() if self.learn_device_time else {}
         unseen = self.device_times.unseen_scale() if self.learn_device_time else 1.0
-        carried = {cut: self.device_times.unseen_scale(self.space.device_seconds(cut))
-                   for cut in self.space.allowed_cuts if cut not in scales} if unseen > 1.0 else {}
+        carried = self.device_times.carried_scales(
+            {cut: self.space.device_seconds(cut) for cut in self.space.allowed_cuts if cut not in scales}
+        ) if unseen > 1.0 else {}
         return State(est.bandwidth_mbit, est.rtt_s, reading.level, reading.on_battery,
                      edge_wait_s=self._edge_extra_at(at), device_scale=unseen, device_scales=scales,
                      unseen_scales=carried)

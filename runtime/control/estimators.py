@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 MIN_TRANSFER_S = 1e-4  # below this a request says nothing about the bandwidth
@@ -328,10 +328,18 @@ class DeviceTimeEstimator:
         """The scale of a cut without enough ratios of its own: the overall ratio, at least 1;
         for a cut predicted to take ``predicted_s``, at most 1 plus the recent answers' median
         added time over ``predicted_s`` (see the class docstring)."""
+        if predicted_s is None:
+            return max(1.0, self.overall())
+        return self.carried_scales({0: predicted_s})[0]
+
+    def carried_scales(self, predicted_s: Mapping[int, float]) -> dict[int, float]:
+        """:meth:`unseen_scale` for each cut of ``predicted_s`` (cut -> its predicted seconds),
+        the medians taken once."""
         ratio = max(1.0, self.overall())
-        if ratio == 1.0 or predicted_s is None or not predicted_s > 0:
-            return ratio
-        return max(1.0, min(ratio, 1.0 + statistics.median(self._recent_excess) / predicted_s))
+        if ratio == 1.0:
+            return dict.fromkeys(predicted_s, 1.0)
+        added = statistics.median(self._recent_excess)
+        return {cut: max(1.0, min(ratio, 1.0 + added / s)) if s > 0 else ratio for cut, s in predicted_s.items()}
 
     def scales(self) -> dict[int, float]:
         """The learned ratio of every cut with enough recent answers of its own."""
