@@ -37,19 +37,20 @@ cluster controller does not back off (its telemetry is what that controller deci
 
 The device's time is only learned at the cuts it runs; elsewhere the profile is scaled by
 the ratio seen overall where it says slower, at most by the time it added spread over that
-cut's longer run (never faster: see :class:`~.estimators.DeviceTimeEstimator`), which can
-be wrong for one cut (a quota splits some heads' work
-across more scheduler periods than others). So the controller **explores**: when the plan
-in force stays, and another cut the device has not timed recently is predicted within
-``explore_margin`` of it in the policy's objective (energy for a least-energy policy, else
-latency; and within the policy's latency SLO, if it has one), it runs that cut for
+cut's longer run, and where it says faster only by what runs at least as long as that
+cut's showed (see :class:`~.estimators.DeviceTimeEstimator`), which can be wrong for one
+cut (a quota splits some heads' work across more scheduler periods than others). So the
+controller **explores**: when the plan in force stays, and another cut the device has not
+timed recently is predicted within ``explore_margin`` of it in the policy's objective
+(energy for a least-energy policy, else latency; and within the policy's latency SLO, if it
+has one), it runs that cut for
 ``device_times.min_samples`` requests (a plan of its own, with its own epoch, recorded as a
 decision with ``explore=True``; the decision that follows it has ``ends_trial=True``), then
 decides again with that cut's own ratio learned. At most once every ``explore_every``
 answers, so a cut that stays close costs about ``min_samples / explore_every`` of the
 requests at most ``explore_margin`` slower; a trial that taught nothing (its requests failed
 over, left at an exit, or were too short to time) is not repeated at that cut until
-``device_times.stale_after`` answers later.
+``device_times.max_stale_after`` answers later.
 
 Every plan the controller makes carries an **offload deadline**: ``offload_patience`` times
 the predicted offload (sending, the edge's work, the answer), at least
@@ -249,7 +250,7 @@ class EmbeddedController:
         unseen = self.device_times.unseen_scale() if self.learn_device_time else 1.0
         carried = self.device_times.carried_scales(
             {cut: self.space.device_seconds(cut) for cut in self.space.allowed_cuts if cut not in scales}
-        ) if unseen > 1.0 else {}
+        ) if self.learn_device_time else {}
         return State(est.bandwidth_mbit, est.rtt_s, reading.level, reading.on_battery,
                      edge_wait_s=self._edge_extra_at(at), device_scale=unseen, device_scales=scales,
                      unseen_scales=carried)
@@ -464,7 +465,7 @@ class EmbeddedController:
         slo_s = getattr(rule, "slo_s", math.inf)
         objective = "energy_j" if isinstance(rule, LeastEnergy) else "latency_s"
         bound = 1 + self.explore_margin
-        barren_for = self.device_times.stale_after
+        barren_for = self.device_times.max_stale_after
         close = [o for o in options
                  if o.cut != chosen.cut and o.cut not in state.device_scales and o.exits == chosen.exits
                  and self._seen - self._barren.get(o.cut, -barren_for) >= barren_for

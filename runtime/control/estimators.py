@@ -252,29 +252,45 @@ class DeviceTimeEstimator:
     share the CPU, a clock governor steps. The device sees the time of every request it
     runs, so each answer gives one ratio of observed to predicted device time for the cut
     it ran. :meth:`scale` is the median of the last ``window`` ratios at that cut, or, for a
-    cut with fewer than ``min_samples`` ratios or none among the last ``stale_after``
-    answers, :meth:`unseen_scale`: the median over the last ``window`` answers at any cut
+    cut with fewer than ``min_samples`` ratios or no recent one (see ``stale_after``
+    below), :meth:`unseen_scale`: the median over the last ``window`` answers at any cut
     where it says the device is slower than profiled (a device that runs 30 % slow at one cut
     most likely does at the next; and a slowdown that moved the plan away from a cut must
-    not keep it away once the device is back to speed), the profile itself where it says
-    faster. Given the unseen cut's predicted time, a slowdown is carried as the smaller of
+    not keep it away once the device is back to speed); where it says faster, see below.
+    Given the unseen cut's predicted time, a slowdown is carried as the smaller of
     that ratio and the time it added (the median of the recent answers' observed minus
     predicted seconds) spread over the longer run: under a quota a short head waits out part
     of a scheduler period, which a longer run pays about once, not in proportion (in a
     benchmark run heads of 38-59 ms ran 1.65x their profile while the whole model ran
     1.2x, and carried as 1.65x the whole model was predicted at 185 ms against 137: the
-    controller kept offloading over a 1.3 Mbit/s link for 12 s). Either way the carried
-    scale is never below 1; a cut predicted too fast is soon run and learned, while one
-    predicted too slow may never be run again. A speed-up is not carried to cuts that were
-    not seen: under a CPU quota a short head's time is mostly how its work fell across the
-    scheduler's periods (a MobileNetV2 head profiled at 233 ms ran in one 100 ms period, 0.4
-    of it, in a benchmark run), which says nothing about a longer run, and carried over it
-    sent a controller all on the device at 1.1 Mbit/s on a predicted 266 ms that took
-    650-790. Exploring a cut measures it. Ratios are clamped to ``[low, high]`` so one
+    controller kept offloading over a 1.3 Mbit/s link for 12 s). Either way a slowdown is
+    carried as at least 1; a cut predicted too fast is soon run and learned, while one
+    predicted too slow may never be run again. A speed-up is carried only from answers whose
+    runs were at least as long as the unseen cut's (their median ratio, where the last
+    ``window`` answers hold ``min_samples`` such): under a CPU quota a short head's time is
+    mostly how its work fell across the scheduler's periods (a MobileNetV2 head profiled at
+    233 ms ran in one 100 ms period, 0.4 of it, in a benchmark run), which says nothing
+    about a longer run, and carried over it sent a controller all on the device at 1.1
+    Mbit/s on a predicted 266 ms that took 650-790. A longer run spans more periods and
+    averages that out, so its speed-up says the device is faster than when it was profiled,
+    for shorter runs too (in a benchmark run profiled during a slow spell of the host, all
+    on the device ran at 0.84 of its profile, cut 8's head at 0.79-0.96 of its own once
+    tried; predicted at its full profile in between, cut 8 lost every comparison and the
+    controller kept off it where the oracle took it in 40 rounds of 66). Exploring a cut
+    measures it. Ratios are clamped to ``[low, high]`` so one
     stalled request cannot swing a plan (a cut seen again after going stale starts its
     window afresh), and answers predicted to take less than ``min_predicted_s`` are
     skipped: there the fixed cost of any request (the interpreter, an exit's softmax) is
     most of what is observed, and its ratio says nothing about how fast the device computes.
+
+    How long a cut's own ratio holds once the plan has left it: ``stale_after`` answers at
+    first, doubled (up to ``max_stale_after``) each time the cut, run again after going
+    stale, measures within ``confirm_tolerance`` of the ratio it had, and back to
+    ``stale_after`` when it does not. A ratio learned during a slow spell of the host, or
+    from a two-answer trial that ran slow, keeps the plan away from that cut only for a
+    short while (in a benchmark run a cut learned at 1.2x during a 6 s slow spell, held for
+    32 answers, kept the controller on the device for 17 s after the host was back to
+    speed); a ratio that keeps being confirmed is not re-checked ever more often.
 
     Example::
 
@@ -288,19 +304,28 @@ class DeviceTimeEstimator:
     """
 
     def __init__(self, window: int = 8, min_samples: int = 2, low: float = 0.25, high: float = 8.0,
-                 stale_after: int | None = None, min_predicted_s: float = 0.0005) -> None:
+                 stale_after: int | None = None, min_predicted_s: float = 0.0005,
+                 max_stale_after: int | None = None, confirm_tolerance: float = 0.15) -> None:
         if window < 1 or min_samples < 1 or not 0 < low <= 1 <= high:
             raise ValueError(f"need window >= 1, min_samples >= 1 and 0 < low <= 1 <= high, "
                              f"not {window}, {min_samples}, {low}, {high}")
         self.window = window
         self.min_samples = min_samples
         self.low, self.high = low, high
-        self.stale_after = 4 * window if stale_after is None else stale_after
+        self.stale_after = window + window // 2 if stale_after is None else stale_after
+        self.max_stale_after = max(4 * window, self.stale_after) if max_stale_after is None else max_stale_after
+        if not 1 <= self.stale_after <= self.max_stale_after or not confirm_tolerance >= 0:
+            raise ValueError(f"need 1 <= stale_after <= max_stale_after and confirm_tolerance >= 0, not "
+                             f"{self.stale_after}, {self.max_stale_after}, {confirm_tolerance}")
+        self.confirm_tolerance = confirm_tolerance
         self.min_predicted_s = min_predicted_s
         self._by_cut: dict[int, deque[float]] = {}
         self._last_at: dict[int, int] = {}  # cut -> the sample count when it was last observed
+        self._stale_for: dict[int, int] = {}  # cut -> answers its ratio holds once left (default stale_after)
+        self._before: dict[int, float] = {}  # cut -> its ratio when it went stale, until run again enough
         self._recent: deque[float] = deque(maxlen=window)
         self._recent_excess: deque[float] = deque(maxlen=window)  # observed - predicted seconds (clamped as the ratio)
+        self._recent_predicted: deque[float] = deque(maxlen=window)  # the predicted seconds of each
         self.samples = 0
 
     def observe(self, cut: int, observed_s: float, predicted_s: float) -> None:
@@ -308,11 +333,20 @@ class DeviceTimeEstimator:
         if not (predicted_s >= self.min_predicted_s and predicted_s > 0 and observed_s > 0):
             return
         ratio = min(self.high, max(self.low, observed_s / predicted_s))
-        if cut in self._last_at and self.samples - self._last_at[cut] >= self.stale_after:
-            self._by_cut[cut].clear()  # stale: what it measured then says nothing about now
-        self._by_cut.setdefault(cut, deque(maxlen=self.window)).append(ratio)
+        if cut in self._last_at and self.samples - self._last_at[cut] >= self.stale_for(cut):
+            seen = self._by_cut[cut]
+            if len(seen) >= self.min_samples:
+                self._before[cut] = statistics.median(seen)
+            seen.clear()  # stale: what it measured then says nothing about now
+        seen = self._by_cut.setdefault(cut, deque(maxlen=self.window))
+        seen.append(ratio)
+        if cut in self._before and len(seen) >= self.min_samples:
+            before, now = self._before.pop(cut), statistics.median(seen)
+            confirmed = abs(now / before - 1.0) <= self.confirm_tolerance
+            self._stale_for[cut] = min(self.max_stale_after, 2 * self.stale_for(cut)) if confirmed else self.stale_after
         self._recent.append(ratio)
         self._recent_excess.append((ratio - 1.0) * predicted_s)
+        self._recent_predicted.append(predicted_s)
         self.samples += 1
         self._last_at[cut] = self.samples
 
@@ -326,8 +360,9 @@ class DeviceTimeEstimator:
 
     def unseen_scale(self, predicted_s: float | None = None) -> float:
         """The scale of a cut without enough ratios of its own: the overall ratio, at least 1;
-        for a cut predicted to take ``predicted_s``, at most 1 plus the recent answers' median
-        added time over ``predicted_s`` (see the class docstring)."""
+        for a cut predicted to take ``predicted_s``, a slowdown at most 1 plus the recent
+        answers' median added time over ``predicted_s``, or a speed-up seen on runs at least
+        that long (see the class docstring)."""
         if predicted_s is None:
             return max(1.0, self.overall())
         return self.carried_scales({0: predicted_s})[0]
@@ -335,11 +370,19 @@ class DeviceTimeEstimator:
     def carried_scales(self, predicted_s: Mapping[int, float]) -> dict[int, float]:
         """:meth:`unseen_scale` for each cut of ``predicted_s`` (cut -> its predicted seconds),
         the medians taken once."""
-        ratio = max(1.0, self.overall())
+        ratio = self.overall()
+        if ratio > 1.0:
+            added = statistics.median(self._recent_excess)
+            return {cut: max(1.0, min(ratio, 1.0 + added / s)) if s > 0 else ratio for cut, s in predicted_s.items()}
         if ratio == 1.0:
             return dict.fromkeys(predicted_s, 1.0)
-        added = statistics.median(self._recent_excess)
-        return {cut: max(1.0, min(ratio, 1.0 + added / s)) if s > 0 else ratio for cut, s in predicted_s.items()}
+        return {cut: self._carried_speed_up(s) for cut, s in predicted_s.items()}
+
+    def _carried_speed_up(self, predicted_s: float) -> float:
+        """The median ratio of the recent answers that ran at least ``predicted_s`` (1 if
+        fewer than ``min_samples`` did; never above 1)."""
+        longer = [r for r, p in zip(self._recent, self._recent_predicted) if p >= predicted_s]
+        return min(1.0, statistics.median(longer)) if len(longer) >= self.min_samples else 1.0
 
     def scales(self) -> dict[int, float]:
         """The learned ratio of every cut with enough recent answers of its own."""
@@ -349,4 +392,8 @@ class DeviceTimeEstimator:
         """Whether ``cut`` has enough answers of its own, the last one recent."""
         seen = self._by_cut.get(cut)
         return (seen is not None and len(seen) >= self.min_samples
-                and self.samples - self._last_at[cut] < self.stale_after)
+                and self.samples - self._last_at[cut] < self.stale_for(cut))
+
+    def stale_for(self, cut: int) -> int:
+        """How many answers at other cuts ``cut``'s own ratio holds for now (see the class docstring)."""
+        return self._stale_for.get(cut, self.stale_after)

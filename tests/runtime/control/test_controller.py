@@ -545,7 +545,8 @@ def test_a_cut_the_profile_gets_wrong_is_explored_and_the_plan_moves_to_it(node,
 def test_the_policy_sees_a_short_heads_slowdown_carried_to_longer_runs_as_the_time_it_added(node):
     """Cut 10 (the short head) ran 1.65x its profile; all on the device, not run, is predicted
     with that time added rather than 1.65x over, as is the local tail a non-racing offload
-    deadline allows for; a speed-up carries nothing."""
+    deadline allows for; a speed-up at the short head carries nothing to the longer run, one
+    of the whole model carries to the head."""
     from edgesplit.runtime.control.estimators import DeviceTimeEstimator
 
     runner, client, space, cut, last = slow_tail_device(node)
@@ -566,7 +567,14 @@ def test_the_policy_sees_a_short_heads_slowdown_carried_to_longer_runs_as_the_ti
         for _ in range(4):
             fast.observe(cut, 0.5 * head_s, head_s)
         controller.device_times = fast
-        assert controller.state().unseen_scales == {} and controller.state().device_scale_at(last) == 1.0
+        state = controller.state()
+        assert state.device_scale_at(last) == 1.0 == state.device_scale
+        assert all(scale == 1.0 for c, scale in state.unseen_scales.items() if space.device_seconds(c) >= head_s)
+        whole_fast = DeviceTimeEstimator()  # the whole model at 0.8: the shorter head is predicted so too
+        for _ in range(4):
+            whole_fast.observe(last, 0.8 * whole_s, whole_s)
+        controller.device_times = whole_fast
+        assert controller.state().device_scale_at(cut) == pytest.approx(0.8)
     finally:
         controller.close()
         client.close()
@@ -634,7 +642,7 @@ def test_a_trial_that_teaches_nothing_is_not_repeated_at_that_cut(node):
     controller = EmbeddedController(runner, space, LeastLatency(), every=1, explore_every=2,
                                     estimator=LinkEstimator(initial_mbit=100.0, initial_rtt_s=rtt))
     try:
-        answers = [runner.infer(x) for _ in range(30)]  # a barren cut may be tried again after 32
+        answers = [runner.infer(x) for _ in range(30)]  # a barren cut may be tried again after 32 (max_stale_after)
         assert len(answers) == 30 and all(a.prediction is not None for a in answers)  # each answered once
         assert runner.plan.cut == model.num_blocks  # the policy never chose to offload
         trials = [d.cut for d in controller.decisions if d.explore]
@@ -755,11 +763,12 @@ def test_a_fast_head_does_not_shorten_the_tail_a_non_racing_runners_deadline_all
     period); the tail after it is a different, longer run, timed by the scale of cuts not run."""
     from edgesplit.runtime.control.estimators import DeviceTimeEstimator
 
+    space = send_image_space(trained_model)
+    head_s = space.local_tail_seconds(0) / 4  # a head shorter than the tail
     learned = DeviceTimeEstimator(min_predicted_s=0.0)
     for _ in range(3):
-        learned.observe(cut=0, observed_s=0.04, predicted_s=0.1)
+        learned.observe(cut=0, observed_s=0.4 * head_s, predicted_s=head_s)
     assert learned.scales() == {0: pytest.approx(0.4)} and learned.unseen_scale() == 1.0
-    space = send_image_space(trained_model)
     deadline, remote = send_image_plan(trained_model, space, race=False, device_times=learned)
     assert deadline == pytest.approx(2.0 * remote + space.local_tail_seconds(0))
 

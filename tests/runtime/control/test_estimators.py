@@ -215,11 +215,11 @@ def test_a_short_heads_slowdown_is_carried_to_a_longer_run_as_the_time_it_added(
     # a shorter run than the one seen: the ratio (spreading the added time would exceed it)
     assert est.unseen_scale(0.010) == pytest.approx(1.65)
     assert est.scale(5, predicted_s=0.5) == pytest.approx(1.65)  # a learned cut keeps its own ratio
-    # a speed-up is still not carried, whatever the length
+    # a speed-up is not carried to a longer run (to a shorter one it is: see the next test)
     fast = DeviceTimeEstimator(window=4, min_samples=2)
     for _ in range(3):
         fast.observe(cut=5, observed_s=0.02, predicted_s=0.038)
-    assert fast.unseen_scale(0.112) == 1.0 == fast.unseen_scale(0.001)
+    assert fast.unseen_scale(0.112) == 1.0 == fast.unseen_scale(0.039)
 
 
 def test_state_prefers_learned_then_carried_then_overall_scale():
@@ -227,3 +227,52 @@ def test_state_prefers_learned_then_carried_then_overall_scale():
 
     state = State(1.0, 0.01, device_scale=1.6, device_scales={8: 1.1}, unseen_scales={8: 1.3, 20: 1.2})
     assert (state.device_scale_at(8), state.device_scale_at(20), state.device_scale_at(3)) == (1.1, 1.2, 1.6)
+
+
+def test_a_ratio_that_runs_again_confirmed_holds_longer_and_one_that_changed_holds_briefly():
+    from edgesplit.runtime.control.estimators import DeviceTimeEstimator
+
+    est = DeviceTimeEstimator(window=4, min_samples=2, stale_after=3, max_stale_after=10)
+
+    def run(cut: int, ratio: float, answers: int) -> None:
+        for _ in range(answers):
+            est.observe(cut=cut, observed_s=ratio * 0.1, predicted_s=0.1)
+
+    run(8, 1.5, 2)  # a trial that ran slow
+    run(20, 1.0, 2)
+    assert est.scale(8) == pytest.approx(1.5) and est.stale_for(8) == 3
+    run(20, 1.0, 1)
+    assert 8 not in est.scales()  # 3 answers elsewhere: stale
+    run(8, 1.55, 2)  # run again: the same ratio, within the tolerance
+    assert est.stale_for(8) == 6 and est.scale(8) == pytest.approx(1.55)
+    run(20, 1.0, 5)
+    assert est.scale(8) == pytest.approx(1.55)  # holds for 6 answers now, not 3
+    run(20, 1.0, 1)
+    assert 8 not in est.scales()
+    run(8, 1.5, 2)
+    assert est.stale_for(8) == 10  # doubled again, up to max_stale_after
+    run(20, 1.0, 10)
+    run(8, 1.0, 1)
+    assert est.stale_for(8) == 10  # one answer: not enough to compare yet
+    run(8, 1.0, 1)
+    assert est.stale_for(8) == 3 and est.scale(8) == pytest.approx(1.0)  # it changed: back to the base
+    with pytest.raises(ValueError, match="stale_after"):
+        DeviceTimeEstimator(stale_after=12, max_stale_after=6)
+
+
+def test_a_speed_up_is_carried_from_longer_runs_to_shorter_ones_only():
+    """Profiled during a slow spell, the whole model (167 ms) runs at 0.84 of its profile: a
+    head of 81 ms is predicted at 0.84 too; a run longer than any seen is not."""
+    from edgesplit.runtime.control.estimators import DeviceTimeEstimator
+
+    est = DeviceTimeEstimator(window=4, min_samples=2)
+    for _ in range(3):
+        est.observe(cut=20, observed_s=0.84 * 0.167, predicted_s=0.167)
+    assert est.unseen_scale(0.081) == pytest.approx(0.84)
+    assert est.unseen_scale(0.3) == 1.0 == est.unseen_scale()  # longer than any seen, or not known
+    assert est.carried_scales({8: 0.081, 30: 0.3}) == pytest.approx({8: 0.84, 30: 1.0})
+    est.observe(cut=5, observed_s=0.5 * 0.04, predicted_s=0.04)
+    assert est.unseen_scale(0.081) == pytest.approx(0.84)  # the short head's 0.5 is not counted for 81 ms
+    one = DeviceTimeEstimator(window=4, min_samples=2)
+    one.observe(cut=20, observed_s=0.8 * 0.167, predicted_s=0.167)
+    assert one.unseen_scale(0.081) == 1.0  # one long answer is not enough
